@@ -1,0 +1,874 @@
+"""U-DiT and DiT: class-conditional diffusion transformers, one registry.
+
+U-DiT ("U-DiTs: Downsample Tokens in U-Shaped Diffusion Transformers", NeurIPS 2024)
+is a three-level U-Net whose blocks are adaLN-Zero transformer layers with
+downsampled-token self-attention and a re-parameterisable convolutional FFN. DiT
+(Peebles & Xie) is the isotropic patch transformer it is compared against.
+
+Module and parameter names follow the published checkpoints exactly (see
+../shared/SPEC.md and the golden state-dict manifest): they are the checkpoint format.
+
+Run `python models.py` for the parameter and GMAC table of every registered model.
+"""
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+#################################################################################
+#                         Shared embedding layers                               #
+#################################################################################
+
+def modulate(x, shift, scale):
+    """adaLN modulation. x: (N, L, C) or (N, C, H, W); shift, scale: (N, C)."""
+    if x.dim() == 4:
+        shift, scale = shift[:, :, None, None], scale[:, :, None, None]
+    else:
+        shift, scale = shift[:, None], scale[:, None]
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps (N,) -> sinusoidal features (N, 256) -> MLP -> (N, hidden_size)."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        """(N,) timesteps, possibly fractional -> (N, dim) features, cos half first."""
+        half = dim // 2
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
+        args = t[:, None].float() * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t):
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels (N,) -> (N, hidden_size); the extra row `num_classes` is the null label.
+
+    The null row exists only when dropout_prob > 0 at construction (as in DiT), so
+    released checkpoints keep their exact table shape. Setting `dropout_prob` to 0
+    afterwards turns dropout off and keeps the row.
+    """
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        use_cfg_embedding = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels, force_drop_ids=None):
+        """Replace dropped labels by the null label; one uniform draw per sample."""
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, self.num_classes, labels)
+
+    def forward(self, labels, train, force_drop_ids=None):
+        if (train and self.dropout_prob > 0) or (force_drop_ids is not None):
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+def guided_output(model_out, cfg_scale, cfg_channels=3):
+    """Classifier-free guidance on a batch [cond; uncond] of model outputs (2B, C, H, W).
+
+    Guidance is applied to the first `cfg_channels` channels (3, the DiT reproduction
+    convention; None for all channels); the rest pass through. Both halves of the
+    result carry the guided value.
+    """
+    if cfg_channels is None:
+        cfg_channels = model_out.shape[1]
+    eps, rest = model_out[:, :cfg_channels], model_out[:, cfg_channels:]
+    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    eps = torch.cat([half_eps, half_eps], dim=0)
+    return torch.cat([eps, rest], dim=1)
+
+
+#################################################################################
+#                 U-DiT: 2D rotary embedding and attention                      #
+#################################################################################
+
+# The reference clamps the learned log temperature at 4.6052 (~ln 100); the released
+# weights were trained against that exact constant.
+LOGIT_SCALE_MAX = 4.6052
+
+
+@lru_cache(maxsize=None)
+def rope_2d_tables(grid_h, grid_w, head_dim, device):
+    """cos, sin tables (L, head_dim // 2) in float32 for tokens on a grid_h x grid_w grid.
+
+    Token n sits at column n % grid_w and row n // grid_w. Channel pair p rotates by
+    column * f[p // 2] when p is even and row * f[p // 2] when p is odd, with
+    f[i] = 10000 ** (-4 i / head_dim).
+    """
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs a head dimension divisible by 4, got {head_dim}")
+    n = torch.arange(grid_h * grid_w, device=device)
+    col, row = (n % grid_w).float(), torch.div(n, grid_w, rounding_mode="floor").float()
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 4, device=device).float() / head_dim))
+    angles = torch.stack([torch.outer(col, freqs), torch.outer(row, freqs)], dim=-1)  # L, d/4, 2
+    angles = angles.flatten(1)  # L, d/2: x and y frequencies interleaved pair by pair
+    return angles.cos(), angles.sin()
+
+
+def apply_rope_2d(x, cos, sin):
+    """Rotate consecutive channel pairs of x (..., L, d) by the tables (L, d/2), in float32."""
+    x_pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = x_pairs[..., 0], x_pairs[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class TokenDownsampler(nn.Module):
+    """Depthwise KxK conv with optional identity shortcut, applied before token splitting.
+
+    State-dict name `downsampler.layer` (reference layout).
+    """
+
+    def __init__(self, dim, kernel_size, shortcut):
+        super().__init__()
+        self.layer = nn.Conv2d(dim, dim, kernel_size, padding=(kernel_size - 1) // 2, groups=dim)
+        self.shortcut = bool(shortcut)
+
+    def forward(self, x):
+        return self.layer(x) + x if self.shortcut else self.layer(x)
+
+
+class DownsampledTokenAttention(nn.Module):
+    """Self-attention over down_factor**2 interleaved sub-maps of an NCHW feature map.
+
+    Pixel (f*i + a, f*j + b) joins group a*f + b as token i*(W/f) + j; tokens attend only
+    within their group, then return to their pixels. Input and output: (N, dim, H, W).
+
+    attn_type 'v2': cosine attention with a learned per-head temperature
+    (`logit_scale`); None: scaled dot product. posemb_type 'rope2d': 2D rotary
+    embedding on q and k; None: no positional signal inside attention.
+    downsampler 'dwconvK': depthwise KxK conv (+ identity if down_shortcut) before
+    splitting; None: split the raw map.
+    """
+
+    def __init__(self, dim, num_heads, down_factor=2, attn_type="v2", posemb_type="rope2d",
+                 downsampler="dwconv5", down_shortcut=1):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by num_heads={num_heads}")
+        if attn_type not in ("v2", None):
+            raise ValueError(f"attn_type must be 'v2' (cosine) or None, got {attn_type!r}")
+        if posemb_type not in ("rope2d", None):
+            raise ValueError(f"posemb_type must be 'rope2d' or None, got {posemb_type!r}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.down_factor = down_factor
+        self.attn_type = attn_type
+        self.posemb_type = posemb_type
+        if posemb_type == "rope2d" and self.head_dim % 4:
+            raise ValueError(f"2D RoPE needs head_dim divisible by 4; width {dim} with "
+                             f"{num_heads} heads gives {self.head_dim}")
+
+        if attn_type == "v2":
+            self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(num_heads, 1, 1)))
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.to_out = nn.Conv2d(dim, dim, 1)
+        if downsampler is None:
+            self.downsampler = None
+        else:
+            if not (isinstance(downsampler, str) and downsampler.startswith("dwconv")
+                    and downsampler[6:].isdigit() and int(downsampler[6:]) % 2 == 1):
+                raise ValueError(f"downsampler must be 'dwconvK' with odd K (e.g. 'dwconv5') "
+                                 f"or None, got {downsampler!r}")
+            self.downsampler = TokenDownsampler(dim, int(downsampler[6:]), down_shortcut)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        f = self.down_factor
+        gh, gw = h // f, w // f
+        if self.downsampler is not None:
+            x = self.downsampler(x)
+        # (N, C, gh, f, gw, f) -> (N, f, f, gh, gw, C) -> (N * f * f, L, C)
+        tokens = x.view(n, c, gh, f, gw, f).permute(0, 3, 5, 2, 4, 1).reshape(n * f * f, gh * gw, c)
+        qkv = self.to_qkv(tokens).view(n * f * f, gh * gw, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N f f, heads, L, head_dim)
+
+        if self.posemb_type == "rope2d":
+            cos, sin = rope_2d_tables(gh, gw, self.head_dim, x.device)
+            q, k = apply_rope_2d(q, cos, sin), apply_rope_2d(k, cos, sin)
+        if self.attn_type == "v2":
+            temperature = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
+            q = F.normalize(q, dim=-1) * temperature.to(q.dtype)
+            k = F.normalize(k, dim=-1)
+            out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+
+        # (N f f, heads, L, d) -> (N, f, f, gh, gw, C) -> (N, C, gh, f, gw, f)
+        out = out.transpose(1, 2).reshape(n, f, f, gh, gw, c).permute(0, 5, 3, 1, 4, 2)
+        return self.to_out(out.reshape(n, c, h, w))
+
+
+#################################################################################
+#                      U-DiT: feed-forward networks                             #
+#################################################################################
+
+class RepFFN(nn.Module):
+    """Re-parameterised convolutional FFN, (N, dim, H, W) -> (N, dim, H, W).
+
+    Training form: 1x1 dim->h/2, 1x1 h/2->h, exact GELU, u + dw5(u) + dw3(u) + dw1(u),
+    1x1 h->h/2, 1x1 h/2->dim. In eval mode the same function runs folded (one 1x1, one
+    5x5 depthwise, one 1x1). The folded kernels are derived from the current parameters
+    and cached against their version counters: parameters are never written, and any
+    change to them (optimizer step, load_state_dict, EMA update) refolds.
+    """
+
+    def __init__(self, dim, mlp_ratio):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.hidden = hidden
+        self.project_in = nn.Sequential(nn.Conv2d(dim, hidden // 2, 1), nn.Conv2d(hidden // 2, hidden, 1))
+        self.dwconv = nn.ModuleList([
+            nn.Conv2d(hidden, hidden, 5, padding=2, groups=hidden),
+            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden),
+            nn.Conv2d(hidden, hidden, 1, groups=hidden),
+        ])
+        self.project_out = nn.Sequential(nn.Conv2d(hidden, hidden // 2, 1), nn.Conv2d(hidden // 2, dim, 1))
+        self._folded = None
+        self._folded_key = None
+
+    def train(self, mode=True):
+        # Writes through `.data` bypass the version counters; a mode switch always refolds.
+        self._folded, self._folded_key = None, None
+        return super().train(mode)
+
+    def fold(self):
+        """Folded (w_in, b_in, k, b_k, w_out, b_out) as differentiable functions of the parameters.
+
+        w_in (h, dim, 1, 1), k (h, 1, 5, 5), w_out (dim, h, 1, 1).
+        """
+        def fold_pair(first, second):
+            w0, w1 = first.weight.flatten(1), second.weight.flatten(1)
+            return (w1 @ w0)[:, :, None, None], w1 @ first.bias + second.bias
+
+        w_in, b_in = fold_pair(*self.project_in)
+        w_out, b_out = fold_pair(*self.project_out)
+        k5, k3, k1 = (conv.weight for conv in self.dwconv)
+        identity = torch.ones_like(k1)
+        k = k5 + F.pad(k3, (1, 1, 1, 1)) + F.pad(k1 + identity, (2, 2, 2, 2))
+        b_k = sum(conv.bias for conv in self.dwconv)
+        return w_in, b_in, k, b_k, w_out, b_out
+
+    def _cached_fold(self):
+        key = tuple((p._version, p.data_ptr(), p.dtype) for p in self.parameters())
+        if self._folded_key != key:
+            with torch.no_grad():
+                self._folded = self.fold()
+            self._folded_key = key
+        return self._folded
+
+    def forward(self, x):
+        if self.training:
+            u = F.gelu(self.project_in(x))
+            out = u
+            for conv in self.dwconv:
+                out = out + conv(u)
+            return self.project_out(out)
+        if torch.compiler.is_compiling():
+            w_in, b_in, k, b_k, w_out, b_out = self.fold()
+        else:
+            w_in, b_in, k, b_k, w_out, b_out = self._cached_fold()
+        x = F.gelu(F.conv2d(x, w_in, b_in))
+        x = F.conv2d(x, k, b_k, padding=2, groups=self.hidden)
+        return F.conv2d(x, w_out, b_out)
+
+    def folded_module(self):
+        """A ConvFFN holding this FFN's folded weights (same function, fewer parameters)."""
+        dim = self.project_in[0].in_channels
+        ffn = ConvFFN(dim, self.hidden / dim).to(self.project_in[0].weight)
+        with torch.no_grad():
+            w_in, b_in, k, b_k, w_out, b_out = self.fold()
+            ffn.project_in.weight.copy_(w_in)
+            ffn.project_in.bias.copy_(b_in)
+            ffn.dwconv.weight.copy_(k)
+            ffn.dwconv.bias.copy_(b_k)
+            ffn.project_out.weight.copy_(w_out)
+            ffn.project_out.bias.copy_(b_out)
+        return ffn
+
+
+class ConvFFN(nn.Module):
+    """Plain convolutional FFN (reference `rep=0`, and the permanent fold of RepFFN).
+
+    1x1 dim->h, exact GELU, depthwise 5x5, 1x1 h->dim. (N, dim, H, W) -> same.
+    """
+
+    def __init__(self, dim, mlp_ratio):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.project_in = nn.Conv2d(dim, hidden, 1)
+        self.dwconv = nn.Conv2d(hidden, hidden, 5, padding=2, groups=hidden)
+        self.project_out = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x):
+        return self.project_out(self.dwconv(F.gelu(self.project_in(x))))
+
+
+class PointwiseMlp(nn.Module):
+    """The 'basic' FFN of the ablations: 1x1 conv, tanh-GELU, 1x1 conv. NCHW in and out."""
+
+    def __init__(self, dim, mlp_ratio):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def make_ffn(dim, mlp_ratio, ffn_type, rep):
+    if ffn_type == "rep":
+        return RepFFN(dim, mlp_ratio) if rep else ConvFFN(dim, mlp_ratio)
+    if ffn_type == "basic":
+        return PointwiseMlp(dim, mlp_ratio)
+    raise ValueError(f"ffn_type must be 'rep' or 'basic', got {ffn_type!r}")
+
+
+#################################################################################
+#                             U-DiT: the network                                #
+#################################################################################
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of an NCHW map, no affine, eps 1e-6."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), (self.dim,), eps=self.eps).permute(0, 3, 1, 2)
+
+
+class U_DiTBlock(nn.Module):
+    """Two adaLN-Zero transformer layers at width `dim`. x: (N, dim, H, W); c: (N, dim)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, ffn_type, rep, **attn_kwargs):
+        super().__init__()
+        for k in (1, 2):
+            self.add_module(f"norm1{k}", LayerNorm2d(dim))
+            self.add_module(f"attn{k}", DownsampledTokenAttention(dim, num_heads, **attn_kwargs))
+            self.add_module(f"norm2{k}", LayerNorm2d(dim))
+            self.add_module(f"mlp{k}", make_ffn(dim, mlp_ratio, ffn_type, rep))
+            self.add_module(f"adaLN_modulation{k}", nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim)))
+
+    def _layer(self, x, c, norm1, attn, norm2, mlp, modulation):
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation(c)[:, :, None, None].chunk(6, dim=1)
+        x = x + gate_a * attn(norm1(x) * (1 + scale_a) + shift_a)
+        return x + gate_m * mlp(norm2(x) * (1 + scale_m) + shift_m)
+
+    def forward(self, x, c):
+        x = self._layer(x, c, self.norm11, self.attn1, self.norm21, self.mlp1, self.adaLN_modulation1)
+        return self._layer(x, c, self.norm12, self.attn2, self.norm22, self.mlp2, self.adaLN_modulation2)
+
+
+class Downsample(nn.Module):
+    """3x3 conv dim -> dim/2 (no bias), PixelUnshuffle(2): (N, dim, H, W) -> (N, 2 dim, H/2, W/2)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(dim, dim // 2, 3, padding=1, bias=False), nn.PixelUnshuffle(2))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Upsample(nn.Module):
+    """3x3 conv dim -> 2 dim (no bias), PixelShuffle(2): (N, dim, H, W) -> (N, dim/2, 2H, 2W)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(dim, dim * 2, 3, padding=1, bias=False), nn.PixelShuffle(2))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class U_DiTFinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm then 3x3 conv: (N, dim, H, W) -> (N, out_channels, H, W)."""
+
+    def __init__(self, dim, out_channels):
+        super().__init__()
+        self.norm_final = LayerNorm2d(dim)
+        self.out_proj = nn.Conv2d(dim, out_channels, 3, padding=1)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.out_proj(modulate(self.norm_final(x), shift, scale))
+
+
+class PatchEmbed3x3(nn.Module):
+    """3x3 conv, stride 1: (N, in_channels, H, W) -> (N, dim, H, W)."""
+
+    def __init__(self, in_channels, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, 3, padding=1, bias=True)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class U_DiT(nn.Module):
+    """U-shaped diffusion transformer.
+
+    Levels of widths D, 2D, 4D at resolutions H, H/2, H/4; the last decoder level runs
+    at width 2D on full resolution. forward(x (N, C, H, W), t (N,), y (N,)) ->
+    (N, 2C or C, H, W).
+
+    Keywords are the reference ones (the paper's ablation switches): down_factor (int
+    or list of 5, one per level), hidden_size, num_heads, depth (5 ints), ffn_type
+    ('rep' | 'basic'), rep (1: re-parameterised branches, 0: plain conv FFN),
+    mlp_ratio, attn_type ('v2' | None), posemb_type ('rope2d' | None), downsampler
+    ('dwconvK' | None), down_shortcut. label_dropout: 'shared' (one drop decision per
+    sample for all three label embedders, what guidance needs) or 'per-level' (the
+    reference: each embedder drops on its own).
+    """
+
+    def __init__(self, input_size=32, in_channels=4, hidden_size=96, depth=(2, 5, 8, 5, 2),
+                 num_heads=4, mlp_ratio=2, down_factor=2, ffn_type="rep", rep=1, attn_type="v2",
+                 posemb_type="rope2d", downsampler="dwconv5", down_shortcut=1,
+                 class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, label_dropout="shared"):
+        super().__init__()
+        depth = list(depth)
+        if len(depth) != 5:
+            raise ValueError(f"depth must list 5 block counts (enc1, enc2, latent, dec2, dec1), got {depth}")
+        factors = list(down_factor) if isinstance(down_factor, (list, tuple)) else [down_factor] * 5
+        if len(factors) != 5:
+            raise ValueError(f"down_factor must be an int or a list of 5, got {down_factor}")
+        if hidden_size % 2:
+            raise ValueError(f"hidden_size must be even (the first downsample halves it), got {hidden_size}")
+        if label_dropout not in ("shared", "per-level"):
+            raise ValueError(f"label_dropout must be 'shared' or 'per-level', got {label_dropout!r}")
+        self.input_size = input_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.num_classes = num_classes
+        self.num_heads = num_heads
+        self.label_dropout = label_dropout
+        # Resolution divisor of each level (enc1, enc2, latent, dec2, dec1) and the token
+        # downsampling factor used inside it.
+        self.level_strides = [1, 2, 4, 2, 1]
+        self.down_factors = factors
+        self.check_input_size(input_size)
+
+        D = hidden_size
+        self.x_embedder = PatchEmbed3x3(in_channels, D)
+        for level, width in ((1, D), (2, 2 * D), (3, 4 * D)):
+            self.add_module(f"t_embedder_{level}", TimestepEmbedder(width))
+            self.add_module(f"y_embedder_{level}", LabelEmbedder(num_classes, width, class_dropout_prob))
+
+        def blocks(width, count, factor):
+            return nn.ModuleList([
+                U_DiTBlock(width, num_heads, mlp_ratio, ffn_type, rep, down_factor=factor,
+                           attn_type=attn_type, posemb_type=posemb_type,
+                           downsampler=downsampler, down_shortcut=down_shortcut)
+                for _ in range(count)
+            ])
+
+        self.encoder_level_1 = blocks(D, depth[0], factors[0])
+        self.down1_2 = Downsample(D)
+        self.encoder_level_2 = blocks(2 * D, depth[1], factors[1])
+        self.down2_3 = Downsample(2 * D)
+        self.latent = blocks(4 * D, depth[2], factors[2])
+        self.up3_2 = Upsample(4 * D)
+        self.reduce_chan_level2 = nn.Conv2d(4 * D, 2 * D, 1, bias=True)
+        self.decoder_level_2 = blocks(2 * D, depth[3], factors[3])
+        self.up2_1 = Upsample(2 * D)
+        self.reduce_chan_level1 = nn.Conv2d(2 * D, 2 * D, 1, bias=True)
+        self.decoder_level_1 = blocks(2 * D, depth[4], factors[4])
+        self.output = nn.Conv2d(2 * D, 2 * D, 3, padding=1, bias=True)
+        self.final_layer = U_DiTFinalLayer(2 * D, self.out_channels)
+        self.initialize_weights()
+
+    def check_input_size(self, size):
+        """Raise ValueError unless a size x size input fits both shuffles and every level's token split."""
+        for stride, factor in zip(self.level_strides, self.down_factors):
+            if size % (stride * factor):
+                valid = math.lcm(*(s * f for s, f in zip(self.level_strides, self.down_factors)))
+                raise ValueError(
+                    f"input size {size} does not fit this U-DiT: a level at 1/{stride} resolution "
+                    f"with token down_factor {factor} needs a multiple of {stride * factor}; "
+                    f"use a latent side that is a multiple of {valid} (e.g. 32 for 256 px, 64 for 512 px)")
+
+    def initialize_weights(self):
+        def basic_init(module):
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        self.apply(basic_init)
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for level in (1, 2, 3):
+            nn.init.normal_(getattr(self, f"y_embedder_{level}").embedding_table.weight, std=0.02)
+            mlp = getattr(self, f"t_embedder_{level}").mlp
+            nn.init.normal_(mlp[0].weight, std=0.02)
+            nn.init.normal_(mlp[2].weight, std=0.02)
+        for block in self.blocks():
+            for modulation in (block.adaLN_modulation1, block.adaLN_modulation2):
+                nn.init.zeros_(modulation[-1].weight)
+                nn.init.zeros_(modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.out_proj.weight)
+        nn.init.zeros_(self.final_layer.out_proj.bias)
+
+    def blocks(self):
+        return [*self.encoder_level_1, *self.encoder_level_2, *self.latent,
+                *self.decoder_level_2, *self.decoder_level_1]
+
+    def label_embedders(self):
+        return [self.y_embedder_1, self.y_embedder_2, self.y_embedder_3]
+
+    def conditioning(self, t, y):
+        """(N,) timesteps and labels -> c1 (N, D), c2 (N, 2D), c3 (N, 4D)."""
+        force_drop_ids = None
+        if self.training and self.label_dropout == "shared" and self.y_embedder_1.dropout_prob > 0:
+            force_drop_ids = (torch.rand(y.shape[0], device=y.device) < self.y_embedder_1.dropout_prob).long()
+        return [
+            getattr(self, f"t_embedder_{level}")(t)
+            + getattr(self, f"y_embedder_{level}")(y, self.training, force_drop_ids)
+            for level in (1, 2, 3)
+        ]
+
+    def forward(self, x, t, y):
+        """x: (N, C, H, W) latents; t: (N,) timesteps; y: (N,) labels -> (N, out_channels, H, W)."""
+        if x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"U-DiT expects square inputs, got {tuple(x.shape[-2:])}")
+        self.check_input_size(x.shape[-1])
+        c1, c2, c3 = self.conditioning(t, y)
+
+        x = self.x_embedder(x)
+        for block in self.encoder_level_1:
+            x = block(x, c1)
+        skip1 = x
+        x = self.down1_2(x)
+        for block in self.encoder_level_2:
+            x = block(x, c2)
+        skip2 = x
+        x = self.down2_3(x)
+        for block in self.latent:
+            x = block(x, c3)
+
+        x = self.reduce_chan_level2(torch.cat([self.up3_2(x), skip2], dim=1))
+        for block in self.decoder_level_2:
+            x = block(x, c2)
+        x = self.reduce_chan_level1(torch.cat([self.up2_1(x), skip1], dim=1))
+        for block in self.decoder_level_1:
+            x = block(x, c2)
+        return self.final_layer(self.output(x), c2)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=3):
+        """Guided forward on [cond; uncond] batches; the first half of x is used for both."""
+        half = x[: len(x) // 2]
+        model_out = self.forward(torch.cat([half, half], dim=0), t, y)
+        return guided_output(model_out, cfg_scale, cfg_channels)
+
+    @torch.no_grad()
+    def fold_ffn_(self):
+        """Replace every re-parameterised FFN by its folded ConvFFN, in place; returns self.
+
+        For deployment: the same function with the paper's parameter count. The folded
+        state dict is the layout of `rep=0`, so it loads into U_DiT(..., rep=0).
+        """
+        for block in self.blocks():
+            for name in ("mlp1", "mlp2"):
+                ffn = getattr(block, name)
+                if isinstance(ffn, RepFFN):
+                    setattr(block, name, ffn.folded_module())
+        return self
+
+
+#################################################################################
+#                                   DiT                                         #
+#################################################################################
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size):
+    """Fixed 2D sin-cos position embedding (MAE/DiT): (grid_size**2, embed_dim) float64 array."""
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape(2, 1, grid_size, grid_size)
+
+    def embed_1d(dim, pos):
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([embed_1d(embed_dim // 2, grid[0]), embed_1d(embed_dim // 2, grid[1])], axis=1)
+
+
+class PatchEmbed(nn.Module):
+    """p x p patches, stride p: (N, C, H, W) -> (N, (H/p)(W/p), dim)."""
+
+    def __init__(self, patch_size, in_channels, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through SDPA: (N, L, dim) -> (N, L, dim)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n, length, dim = x.shape
+        q, k, v = self.qkv(x).view(n, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(n, length, dim))
+
+
+class Mlp(nn.Module):
+    """Linear, tanh-GELU, Linear: (N, L, dim) -> (N, L, dim)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block. x: (N, L, dim); c: (N, dim)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c):
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        x = x + gate_a * self.attn(self.norm1(x) * (1 + scale_a) + shift_a)
+        return x + gate_m * self.mlp(self.norm2(x) * (1 + scale_m) + shift_m)
+
+
+class DiTFinalLayer(nn.Module):
+    """Modulated LayerNorm then Linear: (N, L, dim) -> (N, L, p*p*out_channels)."""
+
+    def __init__(self, dim, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Diffusion transformer on p x p patches (Peebles & Xie), reference state-dict layout.
+
+    forward(x (N, C, H, W), t (N,), y (N,)) -> (N, 2C or C, H, W).
+    """
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
+                 num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input size {input_size} is not a multiple of the patch size {patch_size}")
+        self.input_size = input_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = (input_size // patch_size) ** 2
+        # Frozen: fixed sin-cos values, stored in the checkpoints as a parameter.
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = DiTFinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        self.apply(basic_init)
+        grid = self.input_size // self.patch_size
+        self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid)).float()[None])
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def label_embedders(self):
+        return [self.y_embedder]
+
+    def unpatchify(self, x):
+        """(N, L, p*p*C) -> (N, C, H, W)."""
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x, t, y):
+        """x: (N, C, H, W); t: (N,); y: (N,) -> (N, out_channels, H, W)."""
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            raise ValueError(f"this DiT was built for {self.input_size}x{self.input_size} inputs "
+                             f"(its pos_embed is fixed), got {tuple(x.shape[-2:])}")
+        x = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        for block in self.blocks:
+            x = block(x, c)
+        return self.unpatchify(self.final_layer(x, c))
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=3):
+        """Guided forward on [cond; uncond] batches; the first half of x is used for both."""
+        half = x[: len(x) // 2]
+        model_out = self.forward(torch.cat([half, half], dim=0), t, y)
+        return guided_output(model_out, cfg_scale, cfg_channels)
+
+
+#################################################################################
+#                                  Registry                                     #
+#################################################################################
+
+U_DIT_PRESETS = {
+    "U-DiT-S": dict(hidden_size=96, num_heads=4),
+    "U-DiT-B": dict(hidden_size=192, num_heads=8),
+    "U-DiT-L": dict(hidden_size=384, num_heads=16),
+}
+U_DIT_COMMON = dict(down_factor=2, depth=[2, 5, 8, 5, 2], ffn_type="rep", rep=1, mlp_ratio=2,
+                    attn_type="v2", posemb_type="rope2d", downsampler="dwconv5", down_shortcut=1)
+DIT_SIZES = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+
+
+class ModelRegistry(dict):
+    """name -> constructor(**kwargs); an unknown name lists the available ones."""
+
+    def __missing__(self, name):
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(self)}")
+
+
+def _preset(cls, defaults):
+    def build(**kwargs):
+        return cls(**{**defaults, **kwargs})
+    return build
+
+
+DiT_models = ModelRegistry()
+for _name, _preset_kwargs in U_DIT_PRESETS.items():
+    DiT_models[_name] = _preset(U_DiT, {**U_DIT_COMMON, **_preset_kwargs})
+for _size, _size_kwargs in DIT_SIZES.items():
+    for _patch in (2, 4, 8):
+        DiT_models[f"DiT-{_size}/{_patch}"] = _preset(DiT, {**_size_kwargs, "patch_size": _patch})
+
+
+def create_model(name, **kwargs):
+    """Build a registered model; `kwargs` override any architecture keyword."""
+    if name not in DiT_models:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(DiT_models)}")
+    return DiT_models[name](**kwargs)
+
+
+#################################################################################
+#                           Parameter and MAC report                            #
+#################################################################################
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_gmacs(model, input_size=32, batch_size=1):
+    """Multiply-accumulates (x1e9) of one forward pass per image, from FlopCounterMode.
+
+    Attention runs on SDPA's math path while counting: the fused CPU kernel is not
+    registered with the counter and would drop its matmuls from the total.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(model.parameters()).device
+    x = torch.randn(batch_size, model.in_channels, input_size, input_size, device=device)
+    t = torch.zeros(batch_size, dtype=torch.long, device=device)
+    y = torch.zeros(batch_size, dtype=torch.long, device=device)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        model(x, t, y)
+    return counter.get_total_flops() / 2 / 1e9 / batch_size
+
+
+def model_report(names=None, input_size=32):
+    """Rows (name, params, params folded, GMACs of the folded model at `input_size`)."""
+    rows = []
+    for name in names or DiT_models:
+        with torch.device("meta"):
+            model = create_model(name, input_size=input_size)
+        params = count_params(model)
+        if isinstance(model, U_DiT):
+            model.eval().fold_ffn_()
+        rows.append((name, params, count_params(model), count_gmacs(model.eval(), input_size)))
+    return rows
+
+
+if __name__ == "__main__":
+    print(f"{'model':<10} {'params':>14} {'params folded':>14} {'GMACs @256px':>13}")
+    for name, params, folded, gmacs in model_report():
+        print(f"{name:<10} {params:>14,} {folded:>14,} {gmacs:>13.2f}")
