@@ -12,8 +12,6 @@ Run `python models.py` for the parameter and GMAC table of every registered mode
 """
 
 import math
-from functools import lru_cache
-
 import numpy as np
 import torch
 import torch.nn as nn
@@ -117,16 +115,26 @@ def guided_output(model_out, cfg_scale, cfg_channels=3):
 LOGIT_SCALE_MAX = 4.6052
 
 
-@lru_cache(maxsize=None)
+_ROPE_TABLES = {}
+
+
 def rope_2d_tables(grid_h, grid_w, head_dim, device):
     """cos, sin tables (L, head_dim // 2) in float32 for tokens on a grid_h x grid_w grid.
 
     Token n sits at column n % grid_w and row n // grid_w. Channel pair p rotates by
     column * f[p // 2] when p is even and row * f[p // 2] when p is odd, with
-    f[i] = 10000 ** (-4 i / head_dim).
+    f[i] = 10000 ** (-4 i / head_dim). Built once per (grid, head_dim, device) in eager
+    mode; under torch.compile they are traced into the graph as constants.
     """
-    if head_dim % 4:
-        raise ValueError(f"2D RoPE needs a head dimension divisible by 4, got {head_dim}")
+    if torch.compiler.is_compiling():
+        return _build_rope_2d_tables(grid_h, grid_w, head_dim, device)
+    key = (grid_h, grid_w, head_dim, torch.device(device))
+    if key not in _ROPE_TABLES:
+        _ROPE_TABLES[key] = _build_rope_2d_tables(grid_h, grid_w, head_dim, device)
+    return _ROPE_TABLES[key]
+
+
+def _build_rope_2d_tables(grid_h, grid_w, head_dim, device):
     n = torch.arange(grid_h * grid_w, device=device)
     col, row = (n % grid_w).float(), torch.div(n, grid_w, rounding_mode="floor").float()
     freqs = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 4, device=device).float() / head_dim))
@@ -282,7 +290,8 @@ class RepFFN(nn.Module):
     def _cached_fold(self):
         key = tuple((p._version, p.data_ptr(), p.dtype) for p in self.parameters())
         if self._folded_key != key:
-            with torch.no_grad():
+            # Folded in the parameters' precision; autocast, if active, casts at the convs.
+            with torch.no_grad(), torch.autocast(self.project_in[0].weight.device.type, enabled=False):
                 self._folded = self.fold()
             self._folded_key = key
         return self._folded

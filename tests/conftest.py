@@ -1,0 +1,59 @@
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = Path(os.environ.get("UDIT_SHARED", ROOT.parent / "shared"))
+GOLDEN = SHARED / "golden"
+
+# Tolerances from golden/README.md: one forward pass, and a chain of ten model calls.
+SINGLE_CALL_TOL = 1e-5
+SAMPLING_TOL = 1e-4
+
+
+def assert_rel_close(actual, expected, tol, what=""):
+    """max |actual - expected| <= tol * max |expected|."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().max().item()
+    assert err <= tol * scale, f"{what}: max abs error {err:.3e} exceeds {tol:g} x {scale:.3e}"
+
+
+@pytest.fixture(scope="session")
+def manifest():
+    path = GOLDEN / "state_dict_manifest.json"
+    assert path.exists(), f"golden manifest not found at {path}; set UDIT_SHARED to the shared/ folder"
+    return json.loads(path.read_text())
+
+
+def load_golden(kind):
+    path = GOLDEN / f"{kind}_tiny_golden.pt"
+    assert path.exists(), f"golden vectors not found at {path}; set UDIT_SHARED to the shared/ folder"
+    return torch.load(path, weights_only=True)
+
+
+def tiny_udit(**overrides):
+    """A small random U-DiT (16x16 input, 10 classes) with non-zero output layers."""
+    from models import U_DiT
+    kwargs = dict(input_size=16, hidden_size=32, num_heads=2, depth=[1, 1, 1, 1, 1], num_classes=10)
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    model = U_DiT(**kwargs)
+    randomize(model)
+    return model
+
+
+def randomize(model, seed=0):
+    """Replace the zero init by random weights so that every path reaches the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("logit_scale") or name == "pos_embed":
+                continue
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
