@@ -1,0 +1,390 @@
+"""ImageNet sample metrics (IS, FID, sFID, precision, recall), compatible with OpenAI's evaluator.
+
+    python evaluator.py VIRTUAL_imagenet256_labeled.npz samples.npz [--json metrics.json]
+
+Same network (the 2015 Inception graph, run through TensorFlow's v1 API), same features
+(pool_3 and the first 7 channels of mixed_6/conv), same statistics and the same
+float16-then-float32 distance computation as guided-diffusion's evaluations/evaluator.py,
+so the same inputs give the same numbers. In addition: image batches are streamed from
+the .npz instead of loaded whole, the reference batch's activations are cached, inputs
+are validated, and the graph is found or downloaded with clear messages.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import urllib.request
+import warnings
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from scipy import linalg
+from tqdm.auto import tqdm
+
+INCEPTION_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
+                 "classify_image_graph_def.pb")
+INCEPTION_ENV = "UDIT_INCEPTION_GRAPH"
+CACHE_ENV = "UDIT_CACHE_DIR"
+POOL_NAME = "pool_3:0"
+SPATIAL_NAME = "mixed_6/conv:0"
+SOFTMAX_MATMUL = "softmax/logits/MatMul"
+SPATIAL_CHANNELS = 7
+BATCH_SIZE = 64
+
+
+class EvaluatorInputError(ValueError):
+    """A bad input file or setting; the message names the file, the problem and the fix."""
+
+
+def cache_dir():
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "udit"))
+
+
+#################################################################################
+#                          Reading image batches                                #
+#################################################################################
+
+@contextmanager
+def open_npy_member(path, name="arr_0"):
+    """Yield (file object positioned at the data, shape, dtype) of `name` inside an .npz."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluatorInputError(f"{path}: no such file")
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise EvaluatorInputError(f"{path}: not an .npz file (not a zip archive); write it with "
+                                  f"numpy.savez(path, arr_0=images)") from None
+    with zf:
+        if f"{name}.npy" not in zf.namelist():
+            found = ", ".join(n[:-4] for n in zf.namelist() if n.endswith(".npy")) or "nothing"
+            raise EvaluatorInputError(f"{path}: no array '{name}' (found: {found}); "
+                                      f"expected the images as '{name}', uint8 (N, H, W, 3)")
+        with zf.open(f"{name}.npy") as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise EvaluatorInputError(f"{path}: '{name}' uses .npy format {version}, expected 1.0 or 2.0")
+            except ValueError as err:
+                if isinstance(err, EvaluatorInputError):
+                    raise
+                raise EvaluatorInputError(f"{path}: '{name}' is not a valid .npy array ({err})") from None
+            if fortran:
+                raise EvaluatorInputError(f"{path}: '{name}' is stored in Fortran order; "
+                                          f"save a C-contiguous array (numpy.ascontiguousarray)")
+            yield f, shape, dtype
+
+
+def check_images_header(path, shape, dtype):
+    """Raise EvaluatorInputError unless the header describes uint8 images (N >= 2, H, W, 3)."""
+    if dtype != np.uint8:
+        raise EvaluatorInputError(f"{path}: arr_0 has dtype {dtype}, expected uint8 images in 0..255 "
+                                  f"(convert with clip(127.5 * x + 128, 0, 255).astype(np.uint8))")
+    if len(shape) != 4:
+        raise EvaluatorInputError(f"{path}: arr_0 has shape {shape}, expected (N, H, W, 3)")
+    if shape[3] != 3:
+        raise EvaluatorInputError(f"{path}: arr_0 has {shape[3]} channels (shape {shape}), expected "
+                                  f"NHWC RGB images (N, H, W, 3)")
+    if shape[0] < 2:
+        raise EvaluatorInputError(f"{path}: arr_0 holds {shape[0]} image(s); at least 2 are needed for statistics")
+
+
+def iter_image_batches(path, batch_size=BATCH_SIZE):
+    """Yield uint8 (B, H, W, 3) batches of arr_0, read from the file as they are needed."""
+    with open_npy_member(path) as (f, shape, dtype):
+        check_images_header(path, shape, dtype)
+        image_bytes = int(np.prod(shape[1:]))
+        for start in range(0, shape[0], batch_size):
+            count = min(batch_size, shape[0] - start)
+            data = f.read(count * image_bytes)
+            if len(data) != count * image_bytes:
+                raise EvaluatorInputError(f"{path}: arr_0 is truncated (the header promises {shape[0]} "
+                                          f"images, the data ends at image {start + len(data) // image_bytes})")
+            yield np.frombuffer(data, dtype=np.uint8).reshape(count, *shape[1:])
+
+
+def count_images(path):
+    with open_npy_member(path) as (_, shape, dtype):
+        check_images_header(path, shape, dtype)
+        return shape[0]
+
+
+def read_precomputed_statistics(path):
+    """(mu, sigma, mu_s, sigma_s) stored in the .npz (the reference batch has them), or None."""
+    with np.load(path, allow_pickle=False) as data:
+        if "mu" not in data.files:
+            return None
+        missing = [k for k in ("sigma", "mu_s", "sigma_s") if k not in data.files]
+        if missing:
+            raise EvaluatorInputError(f"{path}: has 'mu' but not {', '.join(missing)}; precomputed statistics "
+                                      f"need mu, sigma, mu_s and sigma_s")
+        stats = tuple(np.asarray(data[k], dtype=np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s"))
+    for name, value in zip(("mu", "sigma", "mu_s", "sigma_s"), stats):
+        if not np.isfinite(value).all():
+            raise EvaluatorInputError(f"{path}: precomputed statistic '{name}' contains NaN or Inf; "
+                                      f"recompute it or remove it to use statistics of arr_0")
+    mu, sigma, mu_s, sigma_s = stats
+    for m, s, label in ((mu, sigma, "mu/sigma"), (mu_s, sigma_s, "mu_s/sigma_s")):
+        if m.ndim != 1 or s.shape != (m.shape[0], m.shape[0]):
+            raise EvaluatorInputError(f"{path}: {label} have shapes {m.shape} and {s.shape}, expected (D,) and (D, D)")
+    return stats
+
+
+def file_digest(path, chunk=1 << 24):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+#################################################################################
+#                                 Metrics                                       #
+#################################################################################
+
+def compute_statistics(activations):
+    """Gaussian fit of (N, D) features: mean (D,), covariance (D, D)."""
+    return np.mean(activations, axis=0), np.cov(activations, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2)."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise EvaluatorInputError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+    diff = mu1 - mu2
+    with warnings.catch_warnings():
+        # A singular product is handled below, as the original does with sqrtm(disp=False).
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(probs, split_size=5000):
+    """Mean over splits of exp(mean KL(p(y|x) || p(y))) for class probabilities (N, K)."""
+    scores = []
+    for i in range(0, len(probs), split_size):
+        part = probs[i:i + split_size]
+        kl = part * (np.log(part) - np.log(np.mean(part, axis=0, keepdims=True)))
+        scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
+    return float(np.mean(scores))
+
+
+def manifold_radii(features, distances, k=3, batch_size=10000):
+    """Distance of each feature to its k-th nearest neighbour within the set (self excluded)."""
+    n = len(features)
+    radii = np.zeros(n, dtype=np.float32)
+    for begin in range(0, n, batch_size):
+        rows = features[begin:begin + batch_size]
+        block = np.concatenate([distances(rows, features[c:c + batch_size]) for c in range(0, n, batch_size)], axis=1)
+        radii[begin:begin + len(rows)] = np.partition(block, k, axis=1)[:, k]
+    return radii
+
+
+def precision_recall(ref_features, sample_features, distances, k=3, batch_size=10000):
+    """Improved precision (samples inside some reference ball) and recall (the converse)."""
+    ref_radii = manifold_radii(ref_features, distances, k, batch_size)
+    sample_radii = manifold_radii(sample_features, distances, k, batch_size)
+    ref_covered = np.zeros(len(ref_features), dtype=bool)
+    sample_covered = np.zeros(len(sample_features), dtype=bool)
+    for r in range(0, len(ref_features), batch_size):
+        for s in range(0, len(sample_features), batch_size):
+            d = distances(ref_features[r:r + batch_size], sample_features[s:s + batch_size])
+            ref_covered[r:r + batch_size] |= (d <= sample_radii[None, s:s + batch_size]).any(axis=1)
+            sample_covered[s:s + batch_size] |= (d <= ref_radii[r:r + batch_size, None]).any(axis=0)
+    return float(sample_covered.mean()), float(ref_covered.mean())
+
+
+#################################################################################
+#                        The Inception network (TensorFlow)                     #
+#################################################################################
+
+def find_inception_graph(path=None, download=True):
+    """Path of classify_image_graph_def.pb: the argument, $UDIT_INCEPTION_GRAPH, or the cache."""
+    path = Path(path or os.environ.get(INCEPTION_ENV) or cache_dir() / "classify_image_graph_def.pb")
+    if path.is_file():
+        return path
+    if not download:
+        raise EvaluatorInputError(f"Inception graph not found at {path}; download {INCEPTION_URL} there "
+                                  f"or pass --inception-graph PATH")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    print(f"downloading the Inception graph to {path} ...")
+    try:
+        with urllib.request.urlopen(INCEPTION_URL, timeout=60) as response, open(tmp, "wb") as out:
+            total = int(response.headers.get("Content-Length", 0)) or None
+            with tqdm(total=total, unit="B", unit_scale=True) as bar:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise EvaluatorInputError(f"could not download the Inception graph ({err}); fetch {INCEPTION_URL} by "
+                                  f"hand and put it at {path}, or pass --inception-graph PATH") from None
+    os.replace(tmp, path)
+    return path
+
+
+class InceptionFeatures:
+    """pool_3 and spatial features, class probabilities and pairwise distances in one TF session."""
+
+    def __init__(self, graph_path):
+        import tensorflow as tf2
+        import tensorflow.compat.v1 as tf
+
+        for gpu in tf2.config.list_physical_devices("GPU"):
+            tf2.config.experimental.set_memory_growth(gpu, True)
+        self.graph_path = Path(graph_path)
+        graph_def = tf.GraphDef()
+        try:
+            graph_def.ParseFromString(self.graph_path.read_bytes())
+        except Exception as err:  # protobuf raises its own DecodeError
+            raise EvaluatorInputError(f"{graph_path}: not a TensorFlow GraphDef ({err}); download it again "
+                                      f"from {INCEPTION_URL}") from None
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            self.images = tf.placeholder(tf.float32, shape=[None, None, None, 3])
+            pool, spatial = tf.import_graph_def(graph_def, input_map={"ExpandDims:0": self.images},
+                                                return_elements=[POOL_NAME, SPATIAL_NAME], name="features")
+            self.pool = tf.reshape(pool, [tf.shape(pool)[0], -1])
+            spatial = spatial[..., :SPATIAL_CHANNELS]
+            self.spatial = tf.reshape(spatial, [tf.shape(spatial)[0], -1])  # H, W, C order
+
+            (matmul,) = tf.import_graph_def(graph_def, return_elements=[SOFTMAX_MATMUL], name="softmax")
+            self.pool_input = tf.placeholder(tf.float32, shape=[None, 2048])
+            self.softmax = tf.nn.softmax(tf.matmul(self.pool_input, matmul.inputs[1]))
+
+            self.u = tf.placeholder(tf.float32, shape=[None, None])
+            self.v = tf.placeholder(tf.float32, shape=[None, None])
+            d16 = _pairwise_sq_distances(tf, tf.cast(self.u, tf.float16), tf.cast(self.v, tf.float16))
+            self.dist = tf.cond(tf.reduce_all(tf.math.is_finite(d16)),
+                                lambda: tf.cast(d16, tf.float32),
+                                lambda: _pairwise_sq_distances(tf, self.u, self.v))
+        config = tf.ConfigProto(allow_soft_placement=True)
+        config.gpu_options.allow_growth = True
+        self.session = tf.Session(graph=self.graph, config=config)
+
+    def activations(self, batches, total=None, desc="activations"):
+        """(pool (N, 2048), spatial (N, 2023)) float32 for an iterable of uint8 NHWC batches."""
+        pools, spatials = [], []
+        for batch in tqdm(batches, total=total, desc=desc, unit="batch"):
+            pool, spatial = self.session.run([self.pool, self.spatial], {self.images: batch.astype(np.float32)})
+            pools.append(pool)
+            spatials.append(spatial)
+        return np.concatenate(pools), np.concatenate(spatials)
+
+    def class_probabilities(self, pool_features, batch_size=512):
+        return np.concatenate([self.session.run(self.softmax, {self.pool_input: pool_features[i:i + batch_size]})
+                               for i in range(0, len(pool_features), batch_size)])
+
+    def distances(self, u, v):
+        """Squared Euclidean distances (len(u), len(v)), float16 unless that overflows."""
+        return self.session.run(self.dist, {self.u: u, self.v: v})
+
+
+def _pairwise_sq_distances(tf, u, v):
+    norm_u = tf.reshape(tf.reduce_sum(tf.square(u), 1), [-1, 1])
+    norm_v = tf.reshape(tf.reduce_sum(tf.square(v), 1), [1, -1])
+    return tf.maximum(norm_u - 2 * tf.matmul(u, v, False, True) + norm_v, 0.0)
+
+
+#################################################################################
+#                                 Evaluation                                    #
+#################################################################################
+
+def batch_activations(net, path, batch_size=BATCH_SIZE, desc="activations"):
+    n = count_images(path)
+    return net.activations(iter_image_batches(path, batch_size), total=-(-n // batch_size), desc=desc)
+
+
+def reference_activations(net, path, use_cache=True, batch_size=BATCH_SIZE):
+    """Activations of the reference batch, cached by the file's and the graph's content hashes."""
+    if not use_cache:
+        return batch_activations(net, path, batch_size, "reference batch")
+    key = f"{file_digest(path)[:16]}-{file_digest(net.graph_path)[:16]}"
+    cached = cache_dir() / "evaluator" / f"ref-{key}.npz"
+    if cached.is_file():
+        with np.load(cached, allow_pickle=False) as data:
+            print(f"using cached reference activations {cached}")
+            return data["pool"], data["spatial"]
+    acts = batch_activations(net, path, batch_size, "reference batch")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(cached.stem + ".tmp.npz")
+    np.savez(tmp, pool=acts[0], spatial=acts[1])
+    os.replace(tmp, cached)
+    return acts
+
+
+def batch_statistics(path, activations):
+    """((mu, sigma), (mu_s, sigma_s)): precomputed ones stored in the file win."""
+    stored = read_precomputed_statistics(path)
+    if stored is not None:
+        return (stored[0], stored[1]), (stored[2], stored[3])
+    return compute_statistics(activations[0]), compute_statistics(activations[1])
+
+
+def evaluate(ref_path, sample_path, graph_path=None, use_cache=True, batch_size=BATCH_SIZE):
+    """All five metrics as a dict: inception_score, fid, sfid, precision, recall."""
+    count_images(ref_path), count_images(sample_path)  # fail fast, before TensorFlow starts
+    net = InceptionFeatures(find_inception_graph(graph_path))
+    print("computing reference batch activations...")
+    ref_acts = reference_activations(net, ref_path, use_cache, batch_size)
+    ref_stats, ref_stats_spatial = batch_statistics(ref_path, ref_acts)
+    print("computing sample batch activations...")
+    sample_acts = batch_activations(net, sample_path, batch_size, "sample batch")
+    sample_stats, sample_stats_spatial = batch_statistics(sample_path, sample_acts)
+    print("Computing evaluations...")
+    precision, recall = precision_recall(ref_acts[0], sample_acts[0], net.distances)
+    return {
+        "inception_score": inception_score(net.class_probabilities(sample_acts[0])),
+        "fid": frechet_distance(*sample_stats, *ref_stats),
+        "sfid": frechet_distance(*sample_stats_spatial, *ref_stats_spatial),
+        "precision": precision,
+        "recall": recall,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("ref_batch", help="reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz)")
+    parser.add_argument("sample_batch", help="sample batch .npz with arr_0 uint8 (N, H, W, 3)")
+    parser.add_argument("--json", metavar="PATH", help="also write the metrics to this JSON file")
+    parser.add_argument("--inception-graph", metavar="PATH",
+                        help=f"classify_image_graph_def.pb (default: ${INCEPTION_ENV}, else downloaded once "
+                             f"into {cache_dir()})")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the reference batch activations")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                        help="images per Inception batch (64, as the original)")
+    args = parser.parse_args(argv)
+    try:
+        metrics = evaluate(args.ref_batch, args.sample_batch, args.inception_graph, not args.no_cache, args.batch_size)
+    except EvaluatorInputError as err:
+        parser.exit(2, f"evaluator.py: error: {err}\n")
+    print("Inception Score:", metrics["inception_score"])
+    print("FID:", metrics["fid"])
+    print("sFID:", metrics["sfid"])
+    print("Precision:", metrics["precision"])
+    print("Recall:", metrics["recall"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
