@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 #################################################################################
@@ -88,6 +89,16 @@ class LabelEmbedder(nn.Module):
         if (train and self.dropout_prob > 0) or (force_drop_ids is not None):
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)
+
+
+def run_blocks(blocks, x, c, grad_checkpointing):
+    """Apply blocks in sequence; with grad_checkpointing (training only), recompute activations in backward."""
+    for block in blocks:
+        if grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(block, x, c, use_reentrant=False)
+        else:
+            x = block(x, c)
+    return x
 
 
 def guided_output(model_out, cfg_scale, cfg_channels=3):
@@ -519,6 +530,7 @@ class U_DiT(nn.Module):
         self.decoder_level_1 = blocks(2 * D, depth[4], factors[4])
         self.output = nn.Conv2d(2 * D, 2 * D, 3, padding=1, bias=True)
         self.final_layer = U_DiTFinalLayer(2 * D, self.out_channels)
+        self.grad_checkpointing = False
         self.initialize_weights()
 
     def check_input_size(self, size):
@@ -579,24 +591,14 @@ class U_DiT(nn.Module):
         self.check_input_size(x.shape[-1])
         c1, c2, c3 = self.conditioning(t, y)
 
-        x = self.x_embedder(x)
-        for block in self.encoder_level_1:
-            x = block(x, c1)
-        skip1 = x
-        x = self.down1_2(x)
-        for block in self.encoder_level_2:
-            x = block(x, c2)
-        skip2 = x
-        x = self.down2_3(x)
-        for block in self.latent:
-            x = block(x, c3)
-
+        ckpt = self.grad_checkpointing
+        skip1 = run_blocks(self.encoder_level_1, self.x_embedder(x), c1, ckpt)
+        skip2 = run_blocks(self.encoder_level_2, self.down1_2(skip1), c2, ckpt)
+        x = run_blocks(self.latent, self.down2_3(skip2), c3, ckpt)
         x = self.reduce_chan_level2(torch.cat([self.up3_2(x), skip2], dim=1))
-        for block in self.decoder_level_2:
-            x = block(x, c2)
+        x = run_blocks(self.decoder_level_2, x, c2, ckpt)
         x = self.reduce_chan_level1(torch.cat([self.up2_1(x), skip1], dim=1))
-        for block in self.decoder_level_1:
-            x = block(x, c2)
+        x = run_blocks(self.decoder_level_1, x, c2, ckpt)
         return self.final_layer(self.output(x), c2)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=3):
@@ -737,6 +739,7 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = DiTFinalLayer(hidden_size, patch_size, self.out_channels)
+        self.grad_checkpointing = False
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -779,8 +782,7 @@ class DiT(nn.Module):
                              f"(its pos_embed is fixed), got {tuple(x.shape[-2:])}")
         x = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
-        for block in self.blocks:
-            x = block(x, c)
+        x = run_blocks(self.blocks, x, c, self.grad_checkpointing)
         return self.unpatchify(self.final_layer(x, c))
 
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=3):

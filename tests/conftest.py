@@ -57,3 +57,32 @@ def randomize(model, seed=0):
                 continue
             p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     return model
+
+
+def make_image_folder(root, classes=2, per_class=8, size=40, seed=0):
+    """A small ImageFolder of random-coloured PNGs (sizes vary to exercise the centre crop)."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = Path(root) / f"class_{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            h, w = size + int(rng.integers(0, 9)), size + int(rng.integers(0, 9))
+            arr = np.clip(rng.normal(60 + 120 * c, 30, size=(h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(folder / f"img_{i}.png")
+    return Path(root)
+
+
+def make_tiny_vae(folder):
+    """A random diffusers AutoencoderKL with the SD VAE's interface (4 latent channels, factor 8)."""
+    from diffusers.models import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+                        block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    vae.save_pretrained(folder)
+    return Path(folder)
+
+
+TINY_UDIT_KWARGS = '{"hidden_size": 16, "num_heads": 2, "depth": [1, 1, 1, 1, 1]}'

@@ -1,0 +1,68 @@
+"""Train U-DiT or DiT through Hugging Face Accelerate (fp16 / bf16 mixed precision).
+
+    accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 train_accelerate.py \\
+        --feature-path imagenet_feature --model U-DiT-B
+
+The training loop is the one of train.py (udit/trainer.py); only the backend differs.
+"""
+
+import sys
+
+import torch
+from accelerate import Accelerator
+
+from udit.checkpoint import CheckpointError
+from udit.data import DataError
+from udit.trainer import NonFiniteLoss, check_args, train, training_parser
+from udit.vae import VAEUnavailable
+
+
+class AccelerateBackend:
+    """Accelerate's process group, model wrapping, autocast and gradient scaling."""
+
+    def __init__(self):
+        # Without a GPU, several launched processes train together on CPU (gloo).
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        self.rank = self.accelerator.process_index
+        self.world_size = self.accelerator.num_processes
+
+    def prepare(self, model, opt):
+        return self.accelerator.prepare(model, opt)
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def backward(self, loss):
+        self.accelerator.backward(loss)
+
+    def unwrap(self, model):
+        return self.accelerator.unwrap_model(model)
+
+    def extra_state(self):
+        scaler = self.accelerator.scaler
+        return {"scaler": scaler.state_dict()} if scaler is not None else {}
+
+    def load_extra_state(self, state):
+        if self.accelerator.scaler is not None and "scaler" in state:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+
+
+def main(argv=None):
+    parser = training_parser(__doc__.strip().splitlines()[0])
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    backend = AccelerateBackend()
+    args.precision = backend.accelerator.mixed_precision
+    try:
+        train(args, backend)
+    except (DataError, CheckpointError, VAEUnavailable, NonFiniteLoss, ValueError) as err:
+        print(f"train_accelerate.py: error: {err}", file=sys.stderr)
+        return 2 if not isinstance(err, NonFiniteLoss) else 1
+    finally:
+        backend.accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

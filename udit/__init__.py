@@ -1,0 +1,1 @@
+"""Helpers shared by the training, feature-extraction and sampling scripts."""

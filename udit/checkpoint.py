@@ -1,0 +1,101 @@
+"""Checkpoints: atomic writes, loads that can never run code, clear mismatch errors."""
+
+import errno
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file beside `path`, fsync, then rename over it.
+
+    A crash or a full disk leaves the previous file at `path` intact and no partial file
+    under a final name.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"disk full while writing {path}; the previous checkpoint is intact, "
+                                        f"free space and resume") from err
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True: plain tensors and containers, never code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path}: refused to load: the file holds objects other than tensors and plain "
+                              f"containers, which could run code ({str(err).splitlines()[0]}); only load "
+                              f"checkpoints you trust, re-saved as a state dict") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(err).splitlines()[0]})") from None
+
+
+def model_state_dict(checkpoint):
+    """The weights to sample with: `ema` of a training checkpoint, else `model`, else the dict itself."""
+    if isinstance(checkpoint, dict):
+        for key in ("ema", "model", "state_dict"):
+            if isinstance(checkpoint.get(key), dict):
+                return checkpoint[key]
+    return checkpoint
+
+
+def load_weights(model, state_dict, source):
+    """load_state_dict(strict) with an error that names missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mis_shaped = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+                  for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mis_shaped:
+        def show(keys):
+            return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+        parts = [f"{len(keys)} {what} ({show(keys)})" for what, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("with another shape", mis_shaped)) if keys]
+        raise CheckpointError(f"{source}: weights are for another architecture: {'; '.join(parts)}; "
+                              f"check --model, --image-size, --num-classes and --model-kwargs")
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def build_model(config):
+    """The network described by a checkpoint's `args` (or the trainer's config dict)."""
+    from models import U_DiT, create_model
+    kwargs = dict(input_size=config["latent_size"], num_classes=config["num_classes"],
+                  in_channels=config["in_channels"], **config.get("model_kwargs", {}))
+    if "class_dropout_prob" in config:
+        kwargs.setdefault("class_dropout_prob", config["class_dropout_prob"])
+    model = create_model(config["model"], **kwargs)
+    if isinstance(model, U_DiT) and "label_dropout" in config:
+        model.label_dropout = config["label_dropout"]
+    return model

@@ -1,0 +1,254 @@
+"""Training data: ImageNet-style folders, the public VAE-feature layouts and our compact layout.
+
+Every random choice of the data pipeline (the horizontal flip, the VAE posterior
+sample) is drawn from a generator seeded by (seed, epoch, index), so a sample is the
+same whatever the number of workers or processes, and a resumed run sees exactly the
+data an uninterrupted one would.
+"""
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+COMPACT_LAYOUT = "udit-compact-v1"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DataError(ValueError):
+    """Unusable training data; the message says what was found and what is expected."""
+
+
+#################################################################################
+#                                 Images                                        #
+#################################################################################
+
+def center_crop_arr(pil_image, image_size):
+    """ADM centre crop: halve with BOX while the short side >= 2x target, BICUBIC resize, crop."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
+
+
+def image_to_tensor(arr):
+    """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def list_image_folder(root):
+    """(samples [(path, class index)], class names) of root/<class>/<image>, sorted as torchvision does."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"--data-path {root}: no such directory; expected an ImageFolder root "
+                        f"(one sub-folder of images per class, e.g. imagenet/train)")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    samples = []
+    for index, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                samples.append((str(path), index))
+    if not samples:
+        raise DataError(f"--data-path {root}: no images found; expected one sub-folder of images per class")
+    return samples, classes
+
+
+class SeededDataset(Dataset):
+    """Base: a per-item generator seeded by (seed, epoch, index); call set_epoch each epoch."""
+
+    def __init__(self, seed):
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def rng(self, index):
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+
+class ImageDataset(SeededDataset):
+    """ImageFolder with the ADM centre crop and a random horizontal flip.
+
+    Items: (image (3, S, S) in [-1, 1], label, ok). An unreadable image is replaced by
+    the next readable one and reported with ok = False, so a corrupt file never stops a
+    long run; the trainer counts them in its log.
+    """
+
+    def __init__(self, root, image_size, seed=0, flip=True):
+        super().__init__(seed)
+        self.samples, self.classes = list_image_folder(root)
+        self.image_size = image_size
+        self.flip = flip
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, index):
+        path, label = self.samples[index]
+        with Image.open(path) as image:
+            return center_crop_arr(image.convert("RGB"), self.image_size), label
+
+    def __getitem__(self, index):
+        ok = True
+        for attempt in range(len(self.samples)):
+            try:
+                arr, label = self.load((index + attempt) % len(self.samples))
+                break
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                ok = False
+                log.warning("skipping unreadable image %s (%s)", self.samples[(index + attempt) % len(self.samples)][0], err)
+        else:
+            raise DataError("no readable image in the data folder")
+        if self.flip and self.rng(index).random() < 0.5:
+            arr = arr[:, ::-1]
+        return image_to_tensor(arr), label, ok
+
+
+#################################################################################
+#                               VAE features                                    #
+#################################################################################
+
+class PublicFeatureDataset(SeededDataset):
+    """The fast-DiT and U-DiT releases: one .npy (1, C, H, W) latent and one (1,) label per image."""
+
+    def __init__(self, feature_files, label_files, seed=0):
+        super().__init__(seed)
+        self.feature_files, self.label_files = feature_files, label_files
+
+    def __len__(self):
+        return len(self.feature_files)
+
+    def __getitem__(self, index):
+        features = np.load(self.feature_files[index], allow_pickle=False)
+        label = np.load(self.label_files[index], allow_pickle=False)
+        return torch.from_numpy(features.reshape(features.shape[-3:]).astype(np.float32)), int(label.reshape(-1)[0]), True
+
+
+class CompactFeatureDataset(SeededDataset):
+    """Our layout: memory-mapped VAE posterior moments of both flips.
+
+    features.npy (N, F, 2, C, H, W) float16: for each of F flips (2: as is and mirrored;
+    1 for converted public sets) the posterior mean and std, already times 0.18215.
+    A fresh flip and posterior sample mean + std * eps are drawn every epoch.
+    """
+
+    def __init__(self, root, seed=0):
+        super().__init__(seed)
+        self.root = Path(root)
+        self.meta = read_compact_meta(self.root)
+        if not self.meta.get("complete"):
+            raise DataError(f"--feature-path {root}: feature extraction did not finish; rerun "
+                            f"extract_features.py with the same arguments to complete it")
+        self.features = None  # opened lazily so that each worker maps the file itself
+        self.labels = np.load(self.root / "labels.npy", allow_pickle=False)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        if self.features is None:
+            self.features = np.load(self.root / "features.npy", mmap_mode="r", allow_pickle=False)
+        rng = self.rng(index)
+        moments = self.features[index]
+        flip = rng.integers(moments.shape[0])
+        mean, std = moments[flip].astype(np.float32)
+        eps = rng.standard_normal(mean.shape, dtype=np.float32)
+        return torch.from_numpy(mean + std * eps), int(self.labels[index]), True
+
+
+def read_compact_meta(root):
+    meta_path = Path(root) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    if meta.get("layout") != COMPACT_LAYOUT:
+        raise DataError(f"{meta_path}: layout {meta.get('layout')!r}, expected {COMPACT_LAYOUT!r}")
+    return meta
+
+
+def _numbered_files(folder, pattern):
+    found = {}
+    for entry in folder.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match:
+            found[tuple(int(g) for g in match.groups())] = entry
+    return found
+
+
+def open_feature_folder(root, seed=0):
+    """Dataset for a feature folder in any known layout, detected from its contents.
+
+    - ours (extract_features.py): meta.json, features.npy, labels.npy;
+    - fast-DiT: <name>_features/{i}.npy and <name>_labels/{i}.npy;
+    - U-DiT release: <name>_features/{i}_{r}.npy (r = extracting process), ordered by
+      i * R + r with the last entry (the padding duplicate) dropped, as the reference does.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"--feature-path {root}: no such directory")
+    if (root / "meta.json").is_file():
+        return CompactFeatureDataset(root, seed)
+    feature_dirs = sorted(d for d in root.iterdir() if d.is_dir() and d.name.endswith("_features"))
+    label_dirs = sorted(d for d in root.iterdir() if d.is_dir() and d.name.endswith("_labels"))
+    if len(feature_dirs) != 1 or len(label_dirs) != 1:
+        raise DataError(f"--feature-path {root}: unknown layout; expected meta.json (extract_features.py) or "
+                        f"exactly one *_features and one *_labels folder (fast-DiT / U-DiT releases), found "
+                        f"{[d.name for d in root.iterdir()][:6]}")
+    features_dir, labels_dir = feature_dirs[0], label_dirs[0]
+    for pattern, name in ((re.compile(r"(\d+)\.npy"), "fast-DiT"), (re.compile(r"(\d+)_(\d+)\.npy"), "U-DiT")):
+        features = _numbered_files(features_dir, pattern)
+        if features:
+            break
+    else:
+        raise DataError(f"{features_dir}: no feature files named {{i}}.npy (fast-DiT) or {{i}}_{{r}}.npy (U-DiT)")
+    labels = _numbered_files(labels_dir, pattern)
+    unpaired = set(features) ^ set(labels)
+    if unpaired:
+        raise DataError(f"{root}: {len(unpaired)} feature files have no label file or the reverse "
+                        f"(e.g. {sorted(unpaired)[:3]}); the folder is incomplete")
+    keys = sorted(features)
+    if name == "U-DiT":
+        processes = max(r for _, r in keys) + 1
+        keys = sorted(keys, key=lambda k: k[0] * processes + k[1])[:-1]
+    log.info("feature folder %s: %s layout, %d samples", root, name, len(keys))
+    return PublicFeatureDataset([features[k] for k in keys], [labels[k] for k in keys], seed)
+
+
+#################################################################################
+#                                 Sampling order                                #
+#################################################################################
+
+class ResumableDistributedSampler(Sampler):
+    """This rank's share of a seeded permutation per epoch, starting at any batch.
+
+    All ranks get the same number of indices (the tail that does not divide evenly is
+    dropped), so they stay in lockstep. `start_index` skips what an interrupted run of
+    the same epoch already consumed.
+    """
+
+    def __init__(self, size, rank, world_size, seed, epoch=0, start_index=0):
+        if size < world_size:
+            raise DataError(f"{size} samples cannot be shared by {world_size} processes")
+        self.size, self.rank, self.world_size, self.seed = size, rank, world_size, seed
+        self.epoch, self.start_index = epoch, start_index
+
+    def per_rank(self):
+        return self.size // self.world_size
+
+    def __len__(self):
+        return self.per_rank() - self.start_index
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=g)[: self.per_rank() * self.world_size]
+        return iter(order[self.rank::self.world_size][self.start_index:].tolist())

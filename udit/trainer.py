@@ -1,0 +1,400 @@
+"""The training loop shared by train.py (torchrun DDP) and train_accelerate.py (Accelerate).
+
+A backend supplies what differs (process group, wrapping, mixed precision, backward);
+everything else — data, model, EMA, logging, checkpoints, exact resume — lives here.
+"""
+
+import argparse
+import json
+import logging
+import math
+import re
+import sys
+import time
+from contextlib import nullcontext
+from copy import deepcopy
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from diffusion import create_diffusion
+from models import DiT_models
+from udit.checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_state_dict,
+                             save_atomic)
+from udit.data import DataError, ImageDataset, ResumableDistributedSampler, open_feature_folder
+from udit.distributed import all_gather_objects, all_reduce_mean, barrier, broadcast_object, init_distributed
+from udit.vae import encode, latent_channels, latent_factor, load_vae
+
+log = logging.getLogger("train")
+
+# Settings that --resume may change; everything else comes from the checkpoint.
+RESUMABLE_OVERRIDES = ("max_steps", "epochs", "log_every", "ckpt_every", "num_workers", "data_path",
+                       "feature_path", "vae_path", "compile", "grad_checkpointing", "skip_nonfinite")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+#################################################################################
+#                                 Arguments                                     #
+#################################################################################
+
+def json_object(text):
+    """argparse type for --model-kwargs: a JSON object, parsed, never evaluated."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err}); e.g. '{{\"depth\": [1, 2, 4, 2, 1]}}'")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"hidden_size\": 64}'")
+    return value
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def training_parser(description):
+    p = argparse.ArgumentParser(description=description)
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--data-path", help="ImageFolder root (e.g. imagenet/train): images encoded on the fly")
+    data.add_argument("--feature-path", help="VAE features: extract_features.py output, or a fast-DiT / U-DiT release folder")
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--model", choices=list(DiT_models), default="U-DiT-B")
+    p.add_argument("--model-kwargs", type=json_object, default={},
+                   help="architecture overrides as a JSON object, e.g. '{\"depth\": [1,2,4,2,1]}'")
+    p.add_argument("--image-size", type=positive_int, default=256)
+    p.add_argument("--num-classes", type=positive_int, default=1000)
+    p.add_argument("--epochs", type=positive_int, default=None, help="stop after this many epochs (default: no limit)")
+    p.add_argument("--max-steps", type=positive_int, default=400_000, help="iterations, as the paper counts them")
+    p.add_argument("--global-batch-size", type=positive_int, default=256)
+    p.add_argument("--global-seed", type=int, default=0)
+    p.add_argument("--vae", choices=["ema", "mse", "none"], default="ema", help="'none': pixel space")
+    p.add_argument("--vae-path", help="local diffusers VAE folder (default: the hub id stabilityai/sd-vae-ft-{ema,mse})")
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--log-every", type=positive_int, default=100)
+    p.add_argument("--ckpt-every", type=positive_int, default=50_000)
+    p.add_argument("--ckpt", help="initialise the weights from this checkpoint (fine-tuning), not a resume")
+    p.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue this experiment from its latest checkpoint")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--ema-warmup", action="store_true",
+                   help="EMA decay min(decay, (1 + step) / (10 + step)): useful for short runs")
+    p.add_argument("--label-dropout", choices=["shared", "per-level"], default="shared",
+                   help="U-DiT: one drop decision per sample for all levels (default) or the reference's per-level draws")
+    p.add_argument("--class-dropout-prob", type=float, default=0.1)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip (and count) steps whose loss is NaN/Inf instead of stopping")
+    return p
+
+
+def check_args(parser, args):
+    """Validate what argparse cannot; exits with status 2 and one line on a bad value."""
+    args.explicit = sorted(k for k, v in vars(args).items() if v != parser.get_default(k))
+    if not args.resume and not (args.data_path or args.feature_path):
+        parser.error("give --data-path (images) or --feature-path (VAE features), or --resume EXPERIMENT_DIR")
+    for flag in ("data_path", "feature_path", "vae_path", "resume", "ckpt"):
+        value = getattr(args, flag)
+        if value and not Path(value).exists():
+            parser.error(f"--{flag.replace('_', '-')} {value}: no such file or directory")
+    if not 0 <= args.class_dropout_prob < 1:
+        parser.error(f"--class-dropout-prob must be in [0, 1), got {args.class_dropout_prob}")
+    if not 0 <= args.ema_decay < 1:
+        parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if args.lr <= 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
+
+
+#################################################################################
+#                                  Backend                                      #
+#################################################################################
+
+class DDPBackend:
+    """torchrun / plain python: torch.distributed DDP, fp32, TF32 or bf16 autocast."""
+
+    def __init__(self, precision="fp32"):
+        self.ctx = init_distributed()
+        self.device, self.rank, self.world_size = self.ctx.device, self.ctx.rank, self.ctx.world_size
+        self.precision = precision
+        if self.device.type == "cuda":
+            tf32 = precision in ("tf32", "bf16")
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+
+    def prepare(self, model, opt):
+        if self.world_size > 1:
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return model, opt
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def backward(self, loss):
+        loss.backward()
+
+    def unwrap(self, model):
+        model = getattr(model, "_orig_mod", model)
+        return model.module if isinstance(model, DDP) else model
+
+    def extra_state(self):
+        return {}
+
+    def load_extra_state(self, state):
+        pass
+
+
+#################################################################################
+#                                 Helpers                                       #
+#################################################################################
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, over all parameters."""
+    ema_params = list(ema.parameters())
+    model_params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+
+
+def create_logger(exp_dir, is_main):
+    log.handlers.clear()
+    log.propagate = False
+    if is_main:
+        fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(Path(exp_dir) / "log.txt")):
+            handler.setFormatter(fmt)
+            log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    else:
+        log.addHandler(logging.NullHandler())
+        log.setLevel(logging.ERROR)
+    return log
+
+
+def latest_checkpoint(exp_dir):
+    ckpts = sorted(Path(exp_dir, "checkpoints").glob("[0-9][0-9][0-9][0-9][0-9][0-9][0-9].pt"))
+    if not ckpts:
+        raise CheckpointError(f"--resume {exp_dir}: no checkpoints/NNNNNNN.pt in this experiment folder")
+    return ckpts[-1]
+
+
+def new_experiment_dir(results_dir, model_name):
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    numbers = [int(m.group(1)) for d in results_dir.iterdir() if (m := re.match(r"(\d{3,})-", d.name))]
+    exp_dir = results_dir / f"{max(numbers, default=-1) + 1:03d}-{model_name.replace('/', '-')}"
+    (exp_dir / "checkpoints").mkdir(parents=True)
+    return exp_dir
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def all_finite(module):
+    return all(torch.isfinite(p).all() for p in module.parameters())
+
+
+#################################################################################
+#                                 Training                                      #
+#################################################################################
+
+def open_training_data(args, seed):
+    """(dataset, vae or None, model input channels, model input size)."""
+    if args.feature_path:
+        dataset = open_feature_folder(args.feature_path, seed)
+        sample = dataset[0][0]
+        expected = args.image_size // 8
+        if sample.shape[-1] != expected:
+            raise DataError(f"--feature-path {args.feature_path}: latents are {sample.shape[-1]}x{sample.shape[-2]}, "
+                            f"but --image-size {args.image_size} needs {expected}x{expected} (the SD VAE divides by 8)")
+        return dataset, None, sample.shape[0], sample.shape[-1]
+    dataset = ImageDataset(args.data_path, args.image_size, seed)
+    if len(dataset.classes) > args.num_classes:
+        raise DataError(f"--data-path {args.data_path}: {len(dataset.classes)} class folders, more than "
+                        f"--num-classes {args.num_classes}")
+    return dataset, "vae", None, None
+
+
+def model_config(args, in_channels, latent_size):
+    """What sampling needs to rebuild the network: stored as `args` in every checkpoint."""
+    return {"model": args.model, "model_kwargs": dict(args.model_kwargs), "image_size": args.image_size,
+            "latent_size": latent_size, "in_channels": in_channels, "num_classes": args.num_classes,
+            "vae": args.vae, "label_dropout": args.label_dropout, "class_dropout_prob": args.class_dropout_prob}
+
+
+def train(args, backend):
+    """Run (or resume) a training experiment. Returns the experiment folder."""
+    device, rank, world = backend.device, backend.rank, backend.world_size
+    resume_ckpt = None
+    if args.resume:
+        path = latest_checkpoint(args.resume)
+        resume_ckpt = load_checkpoint(path)
+        saved = dict(resume_ckpt["args"])
+        for key in RESUMABLE_OVERRIDES:
+            if key in args.explicit:
+                saved[key] = getattr(args, key)
+        saved["resume"] = args.resume
+        args = argparse.Namespace(**saved)
+        exp_dir = Path(args.resume)
+    else:
+        exp_dir = broadcast_object(str(new_experiment_dir(args.results_dir, args.model)) if rank == 0 else None)
+        exp_dir = Path(exp_dir)
+    barrier()
+    logger = create_logger(exp_dir, rank == 0)
+    if args.global_batch_size % world:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes")
+    local_batch = args.global_batch_size // world
+    torch.manual_seed(args.global_seed * world + rank)
+
+    dataset, vae, in_channels, latent_size = open_training_data(args, args.global_seed)
+    if vae is not None:
+        vae = load_vae(args.vae, args.vae_path, device)
+        in_channels, latent_size = latent_channels(vae), args.image_size // latent_factor(vae)
+    config = model_config(args, in_channels, latent_size)
+    model = build_model(config).to(device)
+    if args.ckpt and resume_ckpt is None:
+        load_weights(model, model_state_dict(load_checkpoint(args.ckpt)), args.ckpt)
+    model.grad_checkpointing = args.grad_checkpointing
+    ema = deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, fused=device.type == "cuda")
+
+    step, epoch, position = 0, 0, 0
+    if resume_ckpt is not None:
+        load_weights(model, resume_ckpt["model"], args.resume)
+        load_weights(ema, resume_ckpt["ema"], args.resume)
+        opt.load_state_dict(resume_ckpt["opt"])
+        step, epoch, position = resume_ckpt["step"], resume_ckpt["epoch"], resume_ckpt["position"]
+        states = resume_ckpt.get("rng", [])
+        if len(states) == world:
+            set_rng_state(states[rank], device)
+        else:
+            logger.info("resuming with %d processes instead of %d: random streams restart", world, len(states))
+        backend.load_extra_state(resume_ckpt.get("backend", {}))
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, step, epoch, position)
+    else:
+        update_ema(ema, model, 0.0)
+
+    model.train()
+    train_model, opt = backend.prepare(model, opt)
+    if args.compile:
+        train_model = torch.compile(train_model)
+    diffusion = create_diffusion(timestep_respacing="")
+
+    def model_fn(x, t, **kwargs):
+        with backend.autocast():
+            return train_model(x, t, **kwargs).float()
+
+    steps_per_epoch = (len(dataset) // world) // local_batch
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(dataset)} samples are fewer than one global batch of {args.global_batch_size}")
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("experiment %s: %s (%s params), %d samples, %d processes x batch %d, %d steps/epoch",
+                exp_dir, args.model, f"{n_params:,}", len(dataset), world, local_batch, steps_per_epoch)
+
+    def save_checkpoint():
+        states = all_gather_objects(rng_state(device))
+        if rank == 0:
+            unwrapped = backend.unwrap(train_model)
+            if not (all_finite(unwrapped) and all_finite(ema)):
+                raise NonFiniteLoss(f"non-finite weights at step {step}: checkpoint not written")
+            path = exp_dir / "checkpoints" / f"{step:07d}.pt"
+            save_atomic({"model": unwrapped.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                         "step": step, "epoch": epoch, "position": position, "rng": states,
+                         "backend": backend.extra_state(), "args": {**vars(args), **config}}, path)
+            logger.info("saved checkpoint %s", path)
+        barrier()
+
+    running_loss = torch.zeros((), device=device)
+    log_steps, skipped_images, skipped_steps = 0, 0, 0
+    start = time.time()
+    done = step >= args.max_steps or (args.epochs is not None and epoch >= args.epochs)
+    while not done:
+        dataset.set_epoch(epoch)
+        sampler = ResumableDistributedSampler(len(dataset), rank, world, args.global_seed, epoch,
+                                              start_index=position * local_batch)
+        # The loader gets its own generator: creating an iterator must not draw from the
+        # global RNG, whose state the checkpoints carry for exact resume.
+        loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
+                            pin_memory=device.type == "cuda", drop_last=True,
+                            generator=torch.Generator().manual_seed(args.global_seed + epoch))
+        for x, y, ok in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if vae is not None:
+                with backend.autocast():
+                    x = encode(vae, x).float()
+            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
+            loss = diffusion.training_losses(model_fn, x, t, {"y": y})["loss"].mean()
+            mean_loss = all_reduce_mean(loss.detach())
+            step += 1
+            position += 1
+            if not torch.isfinite(mean_loss):
+                if not args.skip_nonfinite:
+                    raise NonFiniteLoss(f"loss is {mean_loss.item()} at step {step}: stopping; the last checkpoint "
+                                        f"in {exp_dir / 'checkpoints'} is intact (resume with a lower --lr, or "
+                                        f"--skip-nonfinite)")
+                skipped_steps += 1
+                logger.info("step %d: non-finite loss, step skipped (%d so far)", step, skipped_steps)
+                opt.zero_grad(set_to_none=True)
+            else:
+                opt.zero_grad(set_to_none=True)
+                backend.backward(loss)
+                opt.step()
+                decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
+                update_ema(ema, backend.unwrap(train_model), decay)
+                running_loss += mean_loss
+                log_steps += 1
+            skipped_images += int((~ok).sum())
+
+            if step % args.log_every == 0 or step == args.max_steps:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                elapsed = time.time() - start
+                steps_per_sec = log_steps / elapsed if log_steps else 0.0
+                avg_loss = (running_loss / max(log_steps, 1)).item()
+                eta = (args.max_steps - step) / steps_per_sec if steps_per_sec else math.inf
+                extra = f", skipped images: {skipped_images}" if skipped_images else ""
+                logger.info("(step=%07d) Train Loss: %.4f, Train Steps/Sec: %.2f, Images/Sec: %.1f, ETA: %s%s",
+                            step, avg_loss, steps_per_sec, steps_per_sec * args.global_batch_size,
+                            format_seconds(eta), extra)
+                running_loss.zero_()
+                log_steps = 0
+                start = time.time()
+            if step % args.ckpt_every == 0 or step == args.max_steps:
+                save_checkpoint()
+            if step >= args.max_steps:
+                done = True
+                break
+        else:
+            epoch += 1
+            position = 0
+            done = args.epochs is not None and epoch >= args.epochs
+            if done and step % args.ckpt_every:
+                save_checkpoint()
+    logger.info("done: step %d, epoch %d", step, epoch)
+    return exp_dir
+
+
+def format_seconds(seconds):
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
