@@ -26,6 +26,7 @@ class AccelerateBackend:
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
+        self.local_rank = self.accelerator.local_process_index
 
     def prepare(self, model, opt):
         return self.accelerator.prepare(model, opt)

@@ -86,3 +86,28 @@ def make_tiny_vae(folder):
 
 
 TINY_UDIT_KWARGS = '{"hidden_size": 16, "num_heads": 2, "depth": [1, 1, 1, 1, 1]}'
+
+
+def run_script(args, timeout=300, expect=0, env=None):
+    """Run a command from the repository root; assert its exit status, return its output."""
+    import subprocess
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([str(a) for a in args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == expect, f"exit {proc.returncode} (expected {expect}) from {args}:\n{out[-4000:]}"
+    return out
+
+
+def torchrun(script, *args, nproc=2, **kwargs):
+    return run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                       script, *args], **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """Images (64 px, 2 classes), a 32-px copy for pixel space, and a tiny VAE folder."""
+    root = tmp_path_factory.mktemp("data")
+    return {"images": make_image_folder(root / "images", size=64),
+            "small_images": make_image_folder(root / "small_images", size=16),
+            "vae": make_tiny_vae(root / "vae")}

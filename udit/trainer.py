@@ -123,6 +123,7 @@ class DDPBackend:
     def __init__(self, precision="fp32"):
         self.ctx = init_distributed()
         self.device, self.rank, self.world_size = self.ctx.device, self.ctx.rank, self.ctx.world_size
+        self.local_rank = self.ctx.local_rank
         self.precision = precision
         if self.device.type == "cuda":
             tf32 = precision in ("tf32", "bf16")
@@ -260,6 +261,7 @@ def train(args, backend):
         exp_dir = Path(exp_dir)
     barrier()
     logger = create_logger(exp_dir, rank == 0)
+    print(f"[rank {rank}/{world}] local rank {backend.local_rank}, device {device}", flush=True)
     if args.global_batch_size % world:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes")
     local_batch = args.global_batch_size // world

@@ -1,0 +1,206 @@
+"""train.py, train_accelerate.py and extract_features.py on tiny data, as users launch them."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from conftest import TINY_UDIT_KWARGS, run_script, torchrun
+
+COMMON = ["--model", "U-DiT-S", "--model-kwargs", TINY_UDIT_KWARGS, "--num-classes", "2",
+          "--global-batch-size", "4", "--log-every", "2", "--num-workers", "0"]
+
+
+def checkpoints(results):
+    return sorted(results.glob("*/checkpoints/*.pt"))
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_torchrun_two_processes_images_with_vae(tiny_data, tmp_path):
+    out = torchrun("train.py", "--data-path", tiny_data["images"], "--vae-path", tiny_data["vae"],
+                   "--image-size", "64", "--max-steps", "4", "--ckpt-every", "2", "--results-dir", tmp_path, *COMMON)
+    assert "2 processes x batch 2" in out and "Train Loss" in out
+    assert [p.name for p in checkpoints(tmp_path)] == ["0000002.pt", "0000004.pt"]
+    ckpt = load(checkpoints(tmp_path)[-1])
+    assert {"model", "ema", "opt", "step", "epoch", "position", "rng", "args"} <= set(ckpt)
+    assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2
+    args = ckpt["args"]
+    assert (args["model"], args["image_size"], args["num_classes"], args["vae"], args["latent_size"]) == \
+        ("U-DiT-S", 64, 2, "ema", 8)
+    assert args["model_kwargs"] == json.loads(TINY_UDIT_KWARGS)
+    log = (checkpoints(tmp_path)[-1].parents[1] / "log.txt").read_text()
+    assert "(step=0000004) Train Loss" in log
+
+
+def test_torchrun_pixel_space(tiny_data, tmp_path):
+    out = torchrun("train.py", "--data-path", tiny_data["small_images"], "--vae", "none", "--image-size", "16",
+                   "--max-steps", "2", "--results-dir", tmp_path, *COMMON)
+    ckpt = load(checkpoints(tmp_path)[-1])
+    assert ckpt["args"]["in_channels"] == 3 and ckpt["model"]["x_embedder.proj.weight"].shape[1] == 3
+    assert "Train Loss" in out
+
+
+def write_public_features(root, layout, count=10, size=32):
+    rng = np.random.default_rng(0)
+    feats, labels = root / "imagenet256_features", root / "imagenet256_labels"
+    feats.mkdir(parents=True)
+    labels.mkdir()
+    for i in range(count):
+        name = f"{i}.npy" if layout == "fast-DiT" else f"{i // 2}_{i % 2}.npy"
+        np.save(feats / name, rng.normal(size=(1, 4, size, size)).astype(np.float32))
+        np.save(labels / name, np.array([i % 2]))
+    return root
+
+
+@pytest.mark.parametrize("layout", ["fast-DiT", "U-DiT", "compact"])
+def test_torchrun_two_processes_each_feature_layout(tiny_data, tmp_path, layout):
+    if layout == "compact":
+        features = tmp_path / "features"
+        torchrun("extract_features.py", "--data-path", tiny_data["images"], "--features-path", features,
+                 "--vae-path", tiny_data["vae"], "--batch-size", "3", "--num-workers", "0")
+        meta = json.loads((features / "meta.json").read_text())
+        assert meta["complete"] and meta["count"] == 16 and meta["flips"] == 2
+    else:
+        features = write_public_features(tmp_path / "features", layout)
+    results = tmp_path / "results"
+    out = torchrun("train.py", "--feature-path", features, "--max-steps", "2", "--results-dir", results, *COMMON)
+    expected = {"fast-DiT": 10, "U-DiT": 9, "compact": 16}[layout]  # U-DiT: the padding entry is dropped
+    assert f"{expected} samples" in out
+    assert load(checkpoints(results)[-1])["args"]["in_channels"] == 4
+
+
+def test_resume_is_bitwise_exact(tiny_data, tmp_path):
+    args = ["--data-path", str(tiny_data["images"]), "--vae-path", str(tiny_data["vae"]), "--image-size", "64",
+            "--ckpt-every", "100", *COMMON]
+    assert train.main([*args, "--max-steps", "6", "--results-dir", str(tmp_path / "a")]) == 0
+    assert train.main([*args, "--max-steps", "3", "--results-dir", str(tmp_path / "b")]) == 0
+    interrupted = next((tmp_path / "b").iterdir())
+    assert train.main(["--resume", str(interrupted), "--max-steps", "6"]) == 0
+    full, resumed = load(checkpoints(tmp_path / "a")[-1]), load(checkpoints(tmp_path / "b")[-1])
+    assert resumed["step"] == full["step"] == 6
+    for key in ("model", "ema"):
+        for name, value in full[key].items():
+            assert torch.equal(value, resumed[key][name]), f"{key}.{name} differs after resume"
+
+
+def test_two_nodes_on_localhost_use_local_rank(tiny_data, tmp_path):
+    import os
+    import socket
+    import subprocess
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}",
+               "train.py", "--data-path", str(tiny_data["images"]), "--vae-path", str(tiny_data["vae"]),
+               "--image-size", "64", "--max-steps", "2", "--results-dir", str(tmp_path), *COMMON]
+        procs.append(subprocess.Popen(cmd, cwd=os.path.dirname(train.__file__), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "2 processes x batch 2" in outs[0]
+    # One process per node: global ranks 0 and 1, each with local rank 0.
+    assert "[rank 0/2] local rank 0" in outs[0] and "[rank 1/2] local rank 0" in outs[1]
+    assert len(load(checkpoints(tmp_path)[-1])["rng"]) == 2
+
+
+def test_accelerate_launch_two_cpu_processes(tiny_data, tmp_path):
+    out = run_script([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                      "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
+                      "train_accelerate.py", "--data-path", tiny_data["images"], "--vae-path", tiny_data["vae"],
+                      "--image-size", "64", "--max-steps", "2", "--results-dir", tmp_path, *COMMON])
+    assert "2 processes x batch 2" in out
+    ckpt = load(checkpoints(tmp_path)[-1])
+    assert ckpt["step"] == 2 and ckpt["args"]["precision"] == "bf16"
+
+
+# ----------------------------------------------------------------- bad inputs
+
+def test_missing_and_empty_data_paths_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        train.main(["--data-path", str(tmp_path / "absent"), *COMMON])
+    assert info.value.code == 2 and "no such file or directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert train.main(["--data-path", str(tmp_path / "empty"), "--results-dir", str(tmp_path / "r"), *COMMON]) == 2
+    assert "no images found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "U-DiT-XXL"], "invalid choice"),
+    (["--model-kwargs", "{depth: 2}"], "not valid JSON"),
+    (["--model-kwargs", "[1, 2]"], "must be a JSON object"),
+    (["--global-batch-size", "0"], "positive integer"),
+    ([], "give --data-path"),
+])
+def test_bad_flags_exit_2_with_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        train.main(flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and message in err[-1]
+
+
+def test_image_size_the_model_cannot_divide(tiny_data, tmp_path, capsys):
+    code = train.main(["--data-path", str(tiny_data["small_images"]), "--vae", "none", "--image-size", "12",
+                       "--results-dir", str(tmp_path), *COMMON])
+    assert code == 2 and "input size 12" in capsys.readouterr().err
+
+
+def test_unreadable_image_is_skipped_and_counted(tiny_data, tmp_path):
+    import shutil
+    folder = tmp_path / "images"
+    shutil.copytree(tiny_data["small_images"], folder)
+    for path in list((folder / "class_0").iterdir())[:4]:
+        path.write_bytes(b"this is not a png")
+    assert train.main(["--data-path", str(folder), "--vae", "none", "--image-size", "16", "--max-steps", "4",
+                       "--results-dir", str(tmp_path / "r"), *COMMON]) == 0
+    log = next((tmp_path / "r").glob("*/log.txt")).read_text()
+    assert "skipped images:" in log
+
+
+def test_unknown_feature_layout(tmp_path, capsys):
+    (tmp_path / "features" / "stuff").mkdir(parents=True)
+    assert train.main(["--feature-path", str(tmp_path / "features"), "--results-dir", str(tmp_path / "r"), *COMMON]) == 2
+    assert "unknown layout" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_architecture_names_keys(tiny_data, tmp_path, capsys):
+    assert train.main(["--data-path", str(tiny_data["small_images"]), "--vae", "none", "--image-size", "16",
+                       "--max-steps", "1", "--results-dir", str(tmp_path / "a"), *COMMON]) == 0
+    ckpt = checkpoints(tmp_path / "a")[-1]
+    code = train.main(["--data-path", str(tiny_data["small_images"]), "--vae", "none", "--image-size", "16",
+                       "--max-steps", "1", "--results-dir", str(tmp_path / "b"), "--ckpt", str(ckpt),
+                       *COMMON[:2], "--model-kwargs", '{"hidden_size": 16, "num_heads": 2, "depth": [1, 2, 1, 1, 1]}',
+                       *COMMON[4:]])
+    err = capsys.readouterr().err
+    assert code == 2 and "another architecture" in err and "missing (encoder_level_2.1." in err
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, capsys):
+    features = write_public_features(tmp_path / "features", "fast-DiT", count=8)
+    common = ["--feature-path", str(features), "--results-dir", str(tmp_path / "r"), "--ckpt-every", "1", *COMMON]
+    assert train.main([*common, "--max-steps", "1"]) == 0
+    for f in (features / "imagenet256_features").iterdir():
+        np.save(f, np.full((1, 4, 32, 32), np.nan, dtype=np.float32))
+    run = next((tmp_path / "r").iterdir())
+    assert train.main(["--resume", str(run), "--max-steps", "3"]) == 1
+    assert "loss is nan at step 2" in capsys.readouterr().err
+    assert [p.name for p in checkpoints(tmp_path / "r")] == ["0000001.pt"]
+    assert all(torch.isfinite(v).all() for v in load(checkpoints(tmp_path / "r")[0])["model"].values())
+
+
+def test_skip_nonfinite_counts_and_continues(tmp_path):
+    features = write_public_features(tmp_path / "features", "fast-DiT", count=8)
+    for f in (features / "imagenet256_features").iterdir():
+        np.save(f, np.full((1, 4, 32, 32), np.nan, dtype=np.float32))
+    assert train.main(["--feature-path", str(features), "--results-dir", str(tmp_path / "r"), "--max-steps", "2",
+                       "--skip-nonfinite", *COMMON]) == 0
+    log = next((tmp_path / "r").glob("*/log.txt")).read_text()
+    assert "non-finite loss, step skipped (2 so far)" in log
