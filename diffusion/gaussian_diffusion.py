@@ -195,35 +195,40 @@ class GaussianDiffusion:
         return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t - pred_xstart)
                 / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape))
 
-    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None):
-        """One ancestral step x_t -> x_{t-1}; draws one standard normal like x after the model call."""
+    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, *, step_noise=None):
+        """One ancestral step x_t -> x_{t-1}; draws one standard normal like x after the model call.
+
+        step_noise: optional callable x -> noise like x (e.g. from per-sample generators);
+        torch.randn_like by default.
+        """
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        noise = torch.randn_like(x)
+        noise = (step_noise or torch.randn_like)(x)
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))  # no noise at t == 0
         sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                      model_kwargs=None, device=None, progress=False):
+                      model_kwargs=None, device=None, progress=False, *, step_noise=None):
         """DDPM ancestral sampling from noise (or a fresh draw of `shape`) to x_0."""
         final = None
         for final in self.p_sample_loop_progressive(model, shape, noise, clip_denoised, denoised_fn,
-                                                    model_kwargs, device, progress):
+                                                    model_kwargs, device, progress, step_noise=step_noise):
             pass
         return final["sample"]
 
     def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                                  model_kwargs=None, device=None, progress=False):
+                                  model_kwargs=None, device=None, progress=False, *, step_noise=None):
         """Yield the p_sample dict of every step, from t = T - 1 down to 0."""
         img, device = self._initial_noise(model, shape, noise, device)
         for i in self._timestep_indices(progress, "DDPM"):
             t = torch.tensor([i] * shape[0], device=device)
             with torch.no_grad():
-                out = self.p_sample(model, img, t, clip_denoised, denoised_fn, model_kwargs)
+                out = self.p_sample(model, img, t, clip_denoised, denoised_fn, model_kwargs, step_noise=step_noise)
             yield out
             img = out["sample"]
 
-    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0):
+    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0, *,
+                    step_noise=None):
         """One DDIM step x_t -> x_{t-1}; draws (and, with eta 0, ignores) one normal like x."""
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
@@ -231,7 +236,7 @@ class GaussianDiffusion:
         alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x.shape)
         sigma = (eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
                  * torch.sqrt(1 - alpha_bar / alpha_bar_prev))
-        noise = torch.randn_like(x)
+        noise = (step_noise or torch.randn_like)(x)
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
         return {"sample": mean_pred + nonzero_mask * sigma * noise, "pred_xstart": out["pred_xstart"]}
@@ -248,22 +253,23 @@ class GaussianDiffusion:
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
 
     def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                         model_kwargs=None, device=None, progress=False, eta=0.0):
+                         model_kwargs=None, device=None, progress=False, eta=0.0, *, step_noise=None):
         """DDIM sampling from noise (or a fresh draw of `shape`) to x_0."""
         final = None
         for final in self.ddim_sample_loop_progressive(model, shape, noise, clip_denoised, denoised_fn,
-                                                       model_kwargs, device, progress, eta):
+                                                       model_kwargs, device, progress, eta, step_noise=step_noise):
             pass
         return final["sample"]
 
     def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                                     model_kwargs=None, device=None, progress=False, eta=0.0):
+                                     model_kwargs=None, device=None, progress=False, eta=0.0, *, step_noise=None):
         """Yield the ddim_sample dict of every step, from t = T - 1 down to 0."""
         img, device = self._initial_noise(model, shape, noise, device)
         for i in self._timestep_indices(progress, "DDIM"):
             t = torch.tensor([i] * shape[0], device=device)
             with torch.no_grad():
-                out = self.ddim_sample(model, img, t, clip_denoised, denoised_fn, model_kwargs, eta)
+                out = self.ddim_sample(model, img, t, clip_denoised, denoised_fn, model_kwargs, eta,
+                                       step_noise=step_noise)
             yield out
             img = out["sample"]
 

@@ -95,7 +95,10 @@ def build_model(config):
                   in_channels=config["in_channels"], **config.get("model_kwargs", {}))
     if "class_dropout_prob" in config:
         kwargs.setdefault("class_dropout_prob", config["class_dropout_prob"])
-    model = create_model(config["model"], **kwargs)
+    try:
+        model = create_model(config["model"], **kwargs)
+    except TypeError as err:
+        raise ValueError(f"model keywords {config.get('model_kwargs', {})} do not fit {config['model']} ({err})") from None
     if isinstance(model, U_DiT) and "label_dropout" in config:
         model.label_dropout = config["label_dropout"]
     return model

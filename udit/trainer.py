@@ -5,7 +5,6 @@ everything else — data, model, EMA, logging, checkpoints, exact resume — liv
 """
 
 import argparse
-import json
 import logging
 import math
 import re
@@ -23,6 +22,7 @@ from diffusion import create_diffusion
 from models import DiT_models
 from udit.checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_state_dict,
                              save_atomic)
+from udit.cli import json_object, positive_int
 from udit.data import DataError, ImageDataset, ResumableDistributedSampler, open_feature_folder
 from udit.distributed import all_gather_objects, all_reduce_mean, barrier, broadcast_object, init_distributed
 from udit.vae import encode, latent_channels, latent_factor, load_vae
@@ -41,24 +41,6 @@ class NonFiniteLoss(RuntimeError):
 #################################################################################
 #                                 Arguments                                     #
 #################################################################################
-
-def json_object(text):
-    """argparse type for --model-kwargs: a JSON object, parsed, never evaluated."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({err}); e.g. '{{\"depth\": [1, 2, 4, 2, 1]}}'")
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"hidden_size\": 64}'")
-    return value
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
 
 def training_parser(description):
     p = argparse.ArgumentParser(description=description)

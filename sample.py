@@ -1,0 +1,66 @@
+"""Sample a grid of images from a U-DiT or DiT checkpoint in one process (CPU or GPU).
+
+    python sample.py --ckpt U-DiT-B-400K --class-labels 207 360 387 974 --cfg-scale 4.0
+    python sample.py --ckpt results/000-U-DiT-B/checkpoints/0400000.pt   # settings from the checkpoint
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from download import DownloadError
+from udit.checkpoint import CheckpointError
+from udit.sampling import (add_sampling_args, check_sampling_args, configure_precision, generate, image_grid_png,
+                           load_sampling_model, save_png_atomic)
+from udit.vae import VAEUnavailable, to_uint8
+
+DEFAULT_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    add_sampling_args(p)
+    p.add_argument("--class-labels", type=int, nargs="+",
+                   help=f"one image per label (default {' '.join(map(str, DEFAULT_CLASSES))}, "
+                        f"or 0..7 for models with fewer classes)")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="4.0 for pictures (FID uses 1.5); 1 = no guidance")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nrow", type=int, default=4, help="images per row of the grid")
+    p.add_argument("--output", default="sample.png", help="grid PNG")
+    p.add_argument("--save-individual", metavar="DIR", help="also write each image as DIR/{i:03d}_{label}.png")
+    args = p.parse_args(argv)
+    check_sampling_args(p, args)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    configure_precision(args.precision, device)
+    try:
+        model, vae, settings = load_sampling_model(args, device)
+    except (CheckpointError, DownloadError, VAEUnavailable, ValueError) as err:
+        p.exit(2, f"sample.py: error: {err}\n")
+    num_classes = settings["num_classes"]
+    labels = args.class_labels or (DEFAULT_CLASSES if num_classes >= 1000 else [i % num_classes for i in range(8)])
+    bad = [label for label in labels if not 0 <= label < num_classes]
+    if bad:
+        p.exit(2, f"sample.py: error: class labels {bad} are outside 0..{num_classes - 1} for this model\n")
+
+    print(f"sampling {len(labels)} images: {settings['model']} at {settings['image_size']} px, "
+          f"{args.sampler.upper()} {args.num_sampling_steps} steps, cfg {args.cfg_scale}, on {device}")
+    images, _ = generate(model, vae, settings, args.seed, range(len(labels)), args.num_sampling_steps, args.sampler,
+                         args.cfg_scale,
+                         labels=labels, precision=args.precision,
+                         cfg_channels=None if args.cfg_channels == "all" else 3)
+    image_grid_png(images, args.output, args.nrow)
+    print(f"wrote {args.output}")
+    if args.save_individual:
+        folder = Path(args.save_individual)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, (array, label) in enumerate(zip(to_uint8(images).numpy(), labels)):
+            save_png_atomic(array, folder / f"{i:03d}_{label}.png")
+        print(f"wrote {len(labels)} images to {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""sample.py, sample_ddp.py and download.py: the .npz contract, determinism, resume, safety."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import download
+import sample
+import sample_ddp
+import train
+from conftest import ROOT, TINY_UDIT_KWARGS, randomize, run_script, torchrun
+from udit.checkpoint import CheckpointError, build_model, load_checkpoint
+from udit.sampling import write_npz_streaming
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """A train.py checkpoint of a tiny U-DiT on 64 px images with the tiny VAE."""
+    results = tmp_path_factory.mktemp("results")
+    assert train.main(["--data-path", str(tiny_data["images"]), "--vae-path", str(tiny_data["vae"]),
+                       "--image-size", "64", "--model", "U-DiT-S", "--model-kwargs", TINY_UDIT_KWARGS,
+                       "--num-classes", "2", "--global-batch-size", "4", "--max-steps", "2", "--num-workers", "0",
+                       "--results-dir", str(results)]) == 0
+    return {"ckpt": next(results.glob("*/checkpoints/0000002.pt")), "vae": tiny_data["vae"]}
+
+
+def ddp_args(trained, sample_dir, n=5, batch=2, steps=4):
+    return ["--ckpt", trained["ckpt"], "--vae-path", trained["vae"], "--num-sampling-steps", str(steps),
+            "--num-fid-samples", str(n), "--per-proc-batch-size", str(batch), "--sample-dir", sample_dir]
+
+
+def only_npz(folder):
+    (npz,) = list(folder.glob("*.npz"))
+    return npz
+
+
+def test_npz_contract(trained, tmp_path):
+    assert sample_ddp.main([str(a) for a in ddp_args(trained, tmp_path)]) == 0
+    npz = only_npz(tmp_path)
+    assert "U-DiT-S-0000002-size-64-vae-ema-cfg-1.5-ddpm4-seed-0" in npz.name
+    with np.load(npz, allow_pickle=False) as data:
+        assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (5, 64, 64, 3)
+        assert data["arr_1"].shape == (5,) and set(data["arr_1"]) <= {0, 1}
+        pngs = sorted(npz.with_name(npz.name[:-4]).glob("*.png"))
+        assert len(pngs) == 5
+        assert np.array_equal(np.asarray(Image.open(pngs[3])), data["arr_0"][3])
+
+
+def test_one_and_two_processes_give_the_same_images(trained, tmp_path):
+    run_script([sys.executable, "sample_ddp.py", *ddp_args(trained, tmp_path / "one")])
+    torchrun("sample_ddp.py", *ddp_args(trained, tmp_path / "two"))
+    assert only_npz(tmp_path / "one").read_bytes() == only_npz(tmp_path / "two").read_bytes()
+
+
+def test_killed_run_resumes_to_the_identical_npz(trained, tmp_path):
+    args = [str(a) for a in ddp_args(trained, tmp_path / "killed", n=12, batch=2, steps=40)]
+    proc = subprocess.Popen([sys.executable, "sample_ddp.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "killed").glob("*/*.png"))) < 4:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = len(list((tmp_path / "killed").glob("*/*.png")))
+    assert 4 <= written < 12, "the kill did not land midway"
+    assert not list((tmp_path / "killed").glob("*.npz"))
+    out = run_script([sys.executable, "sample_ddp.py", *args])
+    assert f"({written} already there)" in out
+    run_script([sys.executable, "sample_ddp.py", *[str(a) for a in ddp_args(trained, tmp_path / "clean", n=12,
+                                                                             batch=2, steps=40)]])
+    assert only_npz(tmp_path / "killed").read_bytes() == only_npz(tmp_path / "clean").read_bytes()
+
+
+def test_sample_grid_settings_from_checkpoint_and_ddim_determinism(trained, tmp_path):
+    common = ["--ckpt", str(trained["ckpt"]), "--vae-path", str(trained["vae"]), "--num-sampling-steps", "3",
+              "--sampler", "ddim", "--class-labels", "0", "1", "1", "--nrow", "2"]
+    assert sample.main([*common, "--output", str(tmp_path / "a.png"), "--save-individual", str(tmp_path / "ind")]) == 0
+    assert sample.main([*common, "--output", str(tmp_path / "b.png"), "--seed", "0"]) == 0
+    grid = Image.open(tmp_path / "a.png")
+    assert grid.size == (2 * 66 + 2, 2 * 66 + 2)  # 2 per row, 2 rows of 64 px with 2 px padding
+    assert np.array_equal(np.asarray(grid), np.asarray(Image.open(tmp_path / "b.png")))
+    assert sorted(p.name for p in (tmp_path / "ind").iterdir()) == ["000_0.png", "001_1.png", "002_1.png"]
+
+
+def test_guidance_on_all_channels_differs(trained, tmp_path):
+    # Random weights: after two training steps the zero-initialised model barely sees its label.
+    ckpt = load_checkpoint(trained["ckpt"])
+    model = build_model(ckpt["args"])
+    randomize(model)
+    ckpt["ema"] = model.state_dict()
+    torch.save(ckpt, tmp_path / "random.pt")
+    common = ["--ckpt", str(tmp_path / "random.pt"), "--vae-path", str(trained["vae"]), "--num-sampling-steps", "2",
+              "--class-labels", "0", "--cfg-scale", "4"]
+    assert sample.main([*common, "--output", str(tmp_path / "three.png")]) == 0
+    assert sample.main([*common, "--output", str(tmp_path / "all.png"), "--cfg-channels", "all"]) == 0
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "three.png")), np.asarray(Image.open(tmp_path / "all.png")))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cfg-scale", "0.5"], "--cfg-scale must be >= 1"),
+    (["--model", "U-DiT-XXL"], "invalid choice"),
+    (["--num-sampling-steps", "0"], "must be in 1..1000"),
+])
+def test_bad_sampling_flags_exit_2(trained, flags, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        sample.main(["--ckpt", str(trained["ckpt"]), *flags])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_checkpoint_and_wrong_labels_exit_2(trained, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        sample_ddp.main(["--ckpt", str(tmp_path / "nothing.pt")])
+    assert info.value.code == 2 and "neither a file nor a released checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        sample.main(["--ckpt", str(trained["ckpt"]), "--vae-path", str(trained["vae"]), "--class-labels", "5"])
+    assert info.value.code == 2 and "outside 0..1" in capsys.readouterr().err
+
+
+def test_checkpoint_for_another_architecture_is_named(trained, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        sample.main(["--ckpt", str(trained["ckpt"]), "--vae-path", str(trained["vae"]), "--model", "DiT-S/2"])
+    assert info.value.code == 2 and "another architecture" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- safety and downloads
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": RunsCode(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="refused to load"):
+        download.find_model(str(tmp_path / "evil.pt"))
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_is_named(trained, tmp_path):
+    data = trained["ckpt"].read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.pt: truncated or corrupt"):
+        load_checkpoint(tmp_path / "cut.pt")
+
+
+def test_find_model_prefers_ema_and_reads_plain_and_safetensors(trained, tmp_path):
+    from safetensors.torch import save_file
+    ckpt = load_checkpoint(trained["ckpt"])
+    assert download.find_model(str(trained["ckpt"])).keys() == ckpt["ema"].keys()
+    assert all(torch.equal(v, ckpt["ema"][k]) for k, v in download.find_model(str(trained["ckpt"])).items())
+    torch.save(ckpt["model"], tmp_path / "plain.pt")
+    assert torch.equal(download.find_model(str(tmp_path / "plain.pt"))["output.bias"], ckpt["model"]["output.bias"])
+    save_file({k: v.contiguous() for k, v in ckpt["model"].items()}, tmp_path / "w.safetensors")
+    assert torch.equal(download.find_model(str(tmp_path / "w.safetensors"))["output.bias"], ckpt["model"]["output.bias"])
+
+
+def test_release_files_are_discovered_by_model_and_iterations():
+    files = ["README.md", "U-DiT-S-400k.pt", "U-DiT-B-400k.pt", "U-DiT-B-1M.pt", "U-DiT-L-400K.pt", "U-DiT-L-1000k.pt"]
+    assert download.match_release("U-DiT-B-400K", files) == "U-DiT-B-400k.pt"
+    assert download.match_release("U-DiT-L-1M", files) == "U-DiT-L-1000k.pt"
+    with pytest.raises(download.DownloadError, match="no file in yuchuantian/U-DiT matches U-DiT-B-1M.*README.md"):
+        download.match_release("U-DiT-B-1M", ["README.md"])
+
+
+def test_offline_download_errors_say_what_to_fetch_and_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("UDIT_CACHE_DIR", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise OSError("Network is unreachable")
+    monkeypatch.setattr(download.urllib.request, "urlopen", offline)
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    with pytest.raises(download.DownloadError) as info:
+        download.find_model("DiT-XL-2-256x256.pt")
+    message = str(info.value)
+    assert "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt" in message
+    assert str(tmp_path / "checkpoints" / "DiT-XL-2-256x256.pt") in message
+    with pytest.raises(download.DownloadError) as info:
+        download.find_model("U-DiT-B-400K")
+    message = str(info.value)
+    assert "huggingface.co/yuchuantian/U-DiT" in message and "U-DiT-B file at 400,000 iterations" in message
+    assert str(tmp_path / "checkpoints" / "U-DiT-B-400K.pt") in message
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_a_release_put_in_the_cache_by_hand_is_used_offline(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("UDIT_CACHE_DIR", str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(load_checkpoint(trained["ckpt"])["ema"], tmp_path / "checkpoints" / "U-DiT-S-400K.pt")
+    assert "output.bias" in download.find_model("U-DiT-S-400K")
+
+
+def test_download_list_works_offline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("UDIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(download, "list_repo_files", lambda: (_ for _ in ()).throw(download.DownloadError("offline")))
+    assert download.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "U-DiT-L-1M" in out and "not downloaded" in out and "cannot be listed offline" in out
+
+
+def test_streamed_npz_loads_like_savez(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 4, 5, 3), dtype=np.uint8)
+    write_npz_streaming(tmp_path / "s.npz", 3, (4, 5, 3), iter(images), [1, 2, 3])
+    with np.load(tmp_path / "s.npz", allow_pickle=False) as data:
+        assert np.array_equal(data["arr_0"], images) and data["arr_1"].tolist() == [1, 2, 3]

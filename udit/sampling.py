@@ -1,0 +1,201 @@
+"""What sample.py and sample_ddp.py share: settings from checkpoints, seeded noise, the sampler, outputs.
+
+Image i of a run depends only on (seed, i): its class label and initial noise come
+from a CPU generator and the noise of every sampling step from a device generator,
+both seeded by those two numbers, so the same command gives the same images whatever
+the number of processes.
+"""
+
+import os
+import zipfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffusion import create_diffusion
+from models import DiT_models
+from udit.checkpoint import build_model, load_checkpoint, load_weights, model_state_dict
+from udit.cli import json_object
+from udit.vae import decode, latent_channels, latent_factor, load_vae
+
+FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # so that the same images give the same .npz bytes
+
+
+#################################################################################
+#                                  Settings                                     #
+#################################################################################
+
+def add_sampling_args(p):
+    p.add_argument("--ckpt", required=True,
+                   help="a train.py checkpoint, a state dict / .safetensors file, or a released name "
+                        "(python download.py --list)")
+    p.add_argument("--model", choices=list(DiT_models), help="default: from the checkpoint")
+    p.add_argument("--model-kwargs", type=json_object, help="architecture overrides (JSON); default: from the checkpoint")
+    p.add_argument("--image-size", type=int, help="default: from the checkpoint, else 256")
+    p.add_argument("--num-classes", type=int, help="default: from the checkpoint, else 1000")
+    p.add_argument("--vae", choices=["ema", "mse", "none"], help="default: from the checkpoint, else ema")
+    p.add_argument("--vae-path", help="local diffusers VAE folder (default: the hub id stabilityai/sd-vae-ft-{ema,mse})")
+    p.add_argument("--num-sampling-steps", type=int, default=250)
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--cfg-channels", choices=["3", "all"], default="3",
+                   help="guide the first 3 output channels (the DiT convention) or all of them")
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
+    p.add_argument("--tf32", action="store_true", help="same as --precision tf32")
+
+
+def check_sampling_args(parser, args):
+    """Exit with status 2 and one line on values argparse cannot check."""
+    from download import RELEASED
+    if not Path(args.ckpt).is_file() and args.ckpt not in RELEASED:
+        parser.error(f"--ckpt {args.ckpt}: neither a file nor a released checkpoint ({', '.join(RELEASED)})")
+    if args.cfg_scale < 1.0:
+        parser.error(f"--cfg-scale must be >= 1 (1 = no guidance), got {args.cfg_scale}")
+    if args.num_sampling_steps < 1 or args.num_sampling_steps > 1000:
+        parser.error(f"--num-sampling-steps must be in 1..1000, got {args.num_sampling_steps}")
+    if args.vae_path and not Path(args.vae_path).is_dir():
+        parser.error(f"--vae-path {args.vae_path}: no such directory")
+    if args.tf32:
+        args.precision = "tf32"
+
+
+def resolve_settings(args, saved):
+    """Model settings: explicit flags win, then the checkpoint's saved args, then defaults."""
+    from download import RELEASED
+    released = RELEASED.get(args.ckpt, {})
+    defaults = {"model": "U-DiT-B", "model_kwargs": {}, "image_size": 256, "num_classes": 1000, "vae": "ema"}
+    if args.model is not None and args.model != saved.get("model", released.get("model")):
+        saved = {}  # another architecture: none of the checkpoint's settings apply
+    settings = {}
+    for key, default in defaults.items():
+        value = getattr(args, key)
+        settings[key] = value if value is not None else saved.get(key, released.get(key, default))
+    settings["label_dropout"] = saved.get("label_dropout", "shared")
+    return settings
+
+
+def load_sampling_model(args, device):
+    """(model in eval mode with the checkpoint's weights, VAE or None, settings dict)."""
+    from download import resolve_checkpoint
+    path = resolve_checkpoint(args.ckpt)
+    checkpoint = load_checkpoint(path)
+    saved = checkpoint.get("args", {}) if isinstance(checkpoint, dict) and "ema" in checkpoint else {}
+    settings = resolve_settings(args, saved)
+    vae = load_vae(settings["vae"], args.vae_path, device)
+    settings["in_channels"] = saved.get("in_channels", latent_channels(vae))
+    settings["latent_size"] = settings["image_size"] // latent_factor(vae)
+    model = build_model(settings)
+    load_weights(model, model_state_dict(checkpoint), path)
+    return model.to(device).eval(), vae, settings
+
+
+def configure_precision(precision, device):
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision in ("tf32", "bf16")
+        torch.backends.cudnn.allow_tf32 = precision in ("tf32", "bf16")
+
+
+#################################################################################
+#                                  Sampling                                     #
+#################################################################################
+
+def seeded_generator(seed, index, stream, device="cpu"):
+    """A generator determined by (seed, image index, stream) alone."""
+    state = np.random.SeedSequence([seed, index, stream]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def initial_draws(seed, indices, shape, num_classes, labels=None):
+    """Labels (N,) and initial noise (N, *shape) on the CPU: the label first, then the noise.
+
+    Drawn on the CPU so that they do not depend on the device; `labels` overrides the
+    drawn labels (the noise stays the same).
+    """
+    ys, zs = [], []
+    for i in indices:
+        g = seeded_generator(seed, i, 0)
+        ys.append(torch.randint(num_classes, (1,), generator=g))
+        zs.append(torch.randn(shape, generator=g))
+    y = torch.cat(ys) if labels is None else torch.as_tensor(labels, dtype=torch.long)
+    return y, torch.stack(zs)
+
+
+def generate(model, vae, settings, seed, indices, steps, sampler="ddpm", cfg_scale=1.0, labels=None,
+             precision="fp32", cfg_channels=3):
+    """Images (N, 3, H, W) in [-1, 1] and labels (N,) for the image indices given."""
+    device = next(model.parameters()).device
+    shape = (settings["in_channels"], settings["latent_size"], settings["latent_size"])
+    y, z = initial_draws(seed, indices, shape, settings["num_classes"], labels)
+    y, z = y.to(device), z.to(device)
+    generators = [seeded_generator(seed, i, 1, device) for i in indices]
+    guided = cfg_scale > 1.0
+    if guided:
+        z = torch.cat([z, z])
+        y = torch.cat([y, torch.full_like(y, settings["num_classes"])])
+        forward, kwargs = model.forward_with_cfg, {"y": y, "cfg_scale": cfg_scale, "cfg_channels": cfg_channels}
+    else:
+        forward, kwargs = model.forward, {"y": y}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+    def model_fn(x, t, **kw):
+        with autocast:
+            return forward(x, t, **kw).float()
+
+    def step_noise(x):
+        noise = torch.stack([torch.randn(x.shape[1:], generator=g, device=device) for g in generators])
+        return torch.cat([noise, noise]) if guided else noise
+
+    diffusion = create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps))
+    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    with torch.no_grad():
+        latents = loop(model_fn, z.shape, z, clip_denoised=False, model_kwargs=kwargs, device=device,
+                       step_noise=step_noise)
+        if guided:
+            latents = latents[: len(indices)]
+        images = decode(vae, latents).clamp(-1, 1)
+    return images, y[: len(indices)]
+
+
+#################################################################################
+#                                  Outputs                                      #
+#################################################################################
+
+def save_png_atomic(array, path):
+    """uint8 (H, W, 3) -> PNG; written under a temporary name, then renamed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _write_npy_member(zf, name, shape, dtype, chunks):
+    info = zipfile.ZipInfo(name, date_time=FIXED_ZIP_TIME)
+    with zf.open(info, "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                 "fortran_order": False, "shape": tuple(shape)})
+        for chunk in chunks:
+            f.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+
+
+def write_npz_streaming(path, count, image_shape, images, labels):
+    """An .npz with arr_0 uint8 (count, H, W, 3) from an iterable of images and arr_1 labels (count,).
+
+    The images are streamed into the file, never held together in memory; the file is
+    written under a temporary name and renamed, and its bytes depend only on its content.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        _write_npy_member(zf, "arr_0.npy", (count, *image_shape), np.uint8, images)
+        _write_npy_member(zf, "arr_1.npy", (count,), np.int64, [np.asarray(labels, dtype=np.int64)])
+    os.replace(tmp, path)
+
+
+def image_grid_png(images, path, nrow):
+    """Save images (N, 3, H, W) in [-1, 1] as one grid PNG with `nrow` images per row (2 px padding)."""
+    from torchvision.utils import make_grid
+    grid = make_grid(images.float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
+    save_png_atomic(grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy(), path)
+
