@@ -5,6 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+# Triton (loaded by torch._dynamo) segfaults when it is imported after TensorFlow in one
+# process; the evaluator tests import TensorFlow, so load torch's side first.
+import torch._dynamo  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
