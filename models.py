@@ -24,12 +24,8 @@ from torch.utils.checkpoint import checkpoint
 #################################################################################
 
 def modulate(x, shift, scale):
-    """adaLN modulation. x: (N, L, C) or (N, C, H, W); shift, scale: (N, C)."""
-    if x.dim() == 4:
-        shift, scale = shift[:, :, None, None], scale[:, :, None, None]
-    else:
-        shift, scale = shift[:, None], scale[:, None]
-    return x * (1 + scale) + shift
+    """adaLN modulation of tokens x (N, L, C) by shift, scale (N, C)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
 
 
 class TimestepEmbedder(nn.Module):
@@ -118,24 +114,68 @@ def guided_output(model_out, cfg_scale, cfg_channels=3):
 
 
 #################################################################################
+#              U-DiT: channels-last building blocks                             #
+#################################################################################
+# Inside U-DiT, feature maps are (N, H, W, C) tensors: layer norms and 1x1
+# convolutions (as matrix products) work on the contiguous channel dimension, and the
+# spatial convolutions see a channels-last NCHW view, which is also what makes the
+# depthwise convolutions' backward pass fast on CPUs. The parameters keep the
+# reference's Conv2d shapes, so checkpoints load unchanged.
+
+def pointwise(x, conv):
+    """A 1x1 Conv2d applied to (N, H, W, C_in) -> (N, H, W, C_out)."""
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
+
+
+def spatial_conv(x, weight, bias=None, padding=0, groups=1):
+    """Conv2d on (N, H, W, C) through its channels-last NCHW view -> (N, H', W', C_out)."""
+    return F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=padding, groups=groups).permute(0, 2, 3, 1)
+
+
+def pixel_unshuffle(x, factor=2):
+    """(N, H, W, C) -> (N, H/f, W/f, C f^2), channel order of nn.PixelUnshuffle."""
+    n, h, w, c = x.shape
+    return x.view(n, h // factor, factor, w // factor, factor, c).permute(0, 1, 3, 5, 2, 4).reshape(
+        n, h // factor, w // factor, c * factor * factor)
+
+
+def pixel_shuffle(x, factor=2):
+    """(N, H, W, C f^2) -> (N, H f, W f, C), channel order of nn.PixelShuffle."""
+    n, h, w, c = x.shape
+    c_out = c // (factor * factor)
+    return x.view(n, h, w, c_out, factor, factor).permute(0, 1, 4, 2, 5, 3).reshape(n, h * factor, w * factor, c_out)
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels of an (N, H, W, C) map, no affine, eps 1e-6."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+
+    def forward(self, x):
+        return F.layer_norm(x, (self.dim,), eps=self.eps)
+
+
+#################################################################################
 #                 U-DiT: 2D rotary embedding and attention                      #
 #################################################################################
 
 # The reference clamps the learned log temperature at 4.6052 (~ln 100); the released
 # weights were trained against that exact constant.
 LOGIT_SCALE_MAX = 4.6052
-
-
 _ROPE_TABLES = {}
 
 
 def rope_2d_tables(grid_h, grid_w, head_dim, device):
-    """cos, sin tables (L, head_dim // 2) in float32 for tokens on a grid_h x grid_w grid.
+    """cos, sin tables (L, head_dim) in float32 for tokens on a grid_h x grid_w grid.
 
-    Token n sits at column n % grid_w and row n // grid_w. Channel pair p rotates by
-    column * f[p // 2] when p is even and row * f[p // 2] when p is odd, with
-    f[i] = 10000 ** (-4 i / head_dim). Built once per (grid, head_dim, device) in eager
-    mode; under torch.compile they are traced into the graph as constants.
+    Token n sits at column n % grid_w and row n // grid_w. Channel pair p (channels 2p,
+    2p + 1) rotates by column * f[p // 2] when p is even and row * f[p // 2] when p is
+    odd, with f[i] = 10000 ** (-4 i / head_dim). Each angle's cosine fills both channels
+    of its pair; the sine is stored as (-sin, +sin) so that one multiply-add applies it
+    (see apply_rope_2d). Built once per (grid, head_dim, device) in eager mode; under
+    torch.compile they are traced into the graph as constants.
     """
     if torch.compiler.is_compiling():
         return _build_rope_2d_tables(grid_h, grid_w, head_dim, device)
@@ -151,21 +191,25 @@ def _build_rope_2d_tables(grid_h, grid_w, head_dim, device):
     freqs = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 4, device=device).float() / head_dim))
     angles = torch.stack([torch.outer(col, freqs), torch.outer(row, freqs)], dim=-1)  # L, d/4, 2
     angles = angles.flatten(1)  # L, d/2: x and y frequencies interleaved pair by pair
-    return angles.cos(), angles.sin()
+    cos = angles.cos().repeat_interleave(2, dim=-1)
+    sin = torch.stack([-angles.sin(), angles.sin()], dim=-1).flatten(1)
+    return cos, sin
 
 
 def apply_rope_2d(x, cos, sin):
-    """Rotate consecutive channel pairs of x (..., L, d) by the tables (L, d/2), in float32."""
-    x_pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = x_pairs[..., 0], x_pairs[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+    """Rotate consecutive channel pairs of x (..., L, d) by the tables (L, d), in float32.
+
+    (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos) = x * cos + (x1, x0) * (-sin, sin).
+    """
+    x = x.float() if x.dtype != torch.float32 else x
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return torch.addcmul(x * cos, swapped, sin)
 
 
 class TokenDownsampler(nn.Module):
     """Depthwise KxK conv with optional identity shortcut, applied before token splitting.
 
-    State-dict name `downsampler.layer` (reference layout).
+    (N, H, W, C) -> same. State-dict name `downsampler.layer` (reference layout).
     """
 
     def __init__(self, dim, kernel_size, shortcut):
@@ -174,14 +218,15 @@ class TokenDownsampler(nn.Module):
         self.shortcut = bool(shortcut)
 
     def forward(self, x):
-        return self.layer(x) + x if self.shortcut else self.layer(x)
+        out = spatial_conv(x, self.layer.weight, self.layer.bias, self.layer.padding, self.layer.groups)
+        return out + x if self.shortcut else out
 
 
 class DownsampledTokenAttention(nn.Module):
-    """Self-attention over down_factor**2 interleaved sub-maps of an NCHW feature map.
+    """Self-attention over down_factor**2 interleaved sub-maps of an (N, H, W, dim) map.
 
     Pixel (f*i + a, f*j + b) joins group a*f + b as token i*(W/f) + j; tokens attend only
-    within their group, then return to their pixels. Input and output: (N, dim, H, W).
+    within their group, then return to their pixels. Input and output: (N, H, W, dim).
 
     attn_type 'v2': cosine attention with a learned per-head temperature
     (`logit_scale`); None: scaled dot product. posemb_type 'rope2d': 2D rotary
@@ -222,19 +267,18 @@ class DownsampledTokenAttention(nn.Module):
             self.downsampler = TokenDownsampler(dim, int(downsampler[6:]), down_shortcut)
 
     def forward(self, x):
-        n, c, h, w = x.shape
+        n, h, w, c = x.shape
         f = self.down_factor
         gh, gw = h // f, w // f
         if self.downsampler is not None:
             x = self.downsampler(x)
-        # (N, C, gh, f, gw, f) -> (N, f, f, gh, gw, C) -> (N * f * f, L, C)
-        tokens = x.view(n, c, gh, f, gw, f).permute(0, 3, 5, 2, 4, 1).reshape(n * f * f, gh * gw, c)
+        # (N, gh, f, gw, f, C) -> (N, f, f, gh, gw, C) -> (N f f, L, C)
+        tokens = x.view(n, gh, f, gw, f, c).permute(0, 2, 4, 1, 3, 5).reshape(n * f * f, gh * gw, c)
         qkv = self.to_qkv(tokens).view(n * f * f, gh * gw, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N f f, heads, L, head_dim)
-
         if self.posemb_type == "rope2d":
             cos, sin = rope_2d_tables(gh, gw, self.head_dim, x.device)
-            q, k = apply_rope_2d(q, cos, sin), apply_rope_2d(k, cos, sin)
+            q, k = apply_rope_2d(q, cos, sin).to(v.dtype), apply_rope_2d(k, cos, sin).to(v.dtype)
         if self.attn_type == "v2":
             temperature = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
             q = F.normalize(q, dim=-1) * temperature.to(q.dtype)
@@ -243,29 +287,40 @@ class DownsampledTokenAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v)
 
-        # (N f f, heads, L, d) -> (N, f, f, gh, gw, C) -> (N, C, gh, f, gw, f)
-        out = out.transpose(1, 2).reshape(n, f, f, gh, gw, c).permute(0, 5, 3, 1, 4, 2)
-        return self.to_out(out.reshape(n, c, h, w))
+        # The 1x1 output projection acts per token: apply it before the tokens go home.
+        out = pointwise(out.transpose(1, 2).reshape(n * f * f, gh * gw, c), self.to_out)
+        # (N, f, f, gh, gw, C) -> (N, gh, f, gw, f, C)
+        return out.view(n, f, f, gh, gw, c).permute(0, 3, 1, 4, 2, 5).reshape(n, h, w, c)
 
 
 #################################################################################
 #                      U-DiT: feed-forward networks                             #
 #################################################################################
 
-class RepFFN(nn.Module):
-    """Re-parameterised convolutional FFN, (N, dim, H, W) -> (N, dim, H, W).
+def fold_pointwise_pair(first, second):
+    """Two stacked 1x1 convs as one linear map: weight (out, in), bias (out,)."""
+    w0, w1 = first.weight.flatten(1), second.weight.flatten(1)
+    return w1 @ w0, w1 @ first.bias + second.bias
 
-    Training form: 1x1 dim->h/2, 1x1 h/2->h, exact GELU, u + dw5(u) + dw3(u) + dw1(u),
-    1x1 h->h/2, 1x1 h/2->dim. In eval mode the same function runs folded (one 1x1, one
-    5x5 depthwise, one 1x1). The folded kernels are derived from the current parameters
-    and cached against their version counters: parameters are never written, and any
-    change to them (optimizer step, load_state_dict, EMA update) refolds.
+
+class RepFFN(nn.Module):
+    """Re-parameterised convolutional FFN, (N, H, W, dim) -> (N, H, W, dim).
+
+    The function (reference training form): 1x1 dim->h/2, 1x1 h/2->h, exact GELU,
+    u + dw5(u) + dw3(u) + dw1(u), 1x1 h->h/2, 1x1 h/2->dim. Since the branches are
+    linear in their parameters, the forward pass folds them: the three depthwise kernels
+    and the identity into one 5x5 kernel always, and each 1x1 pair into one matrix when
+    the feature map is large enough for that to save work. In training the fold is part
+    of the autograd graph (the same gradients for every branch parameter); in eval mode
+    the fully folded weights are cached against the parameters' version counters, so
+    parameters are never written and any change to them (optimizer step,
+    load_state_dict, EMA update) refolds.
     """
 
     def __init__(self, dim, mlp_ratio):
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.hidden = hidden
+        self.dim, self.hidden = dim, hidden
         self.project_in = nn.Sequential(nn.Conv2d(dim, hidden // 2, 1), nn.Conv2d(hidden // 2, hidden, 1))
         self.dwconv = nn.ModuleList([
             nn.Conv2d(hidden, hidden, 5, padding=2, groups=hidden),
@@ -281,58 +336,55 @@ class RepFFN(nn.Module):
         self._folded, self._folded_key = None, None
         return super().train(mode)
 
-    def fold(self):
-        """Folded (w_in, b_in, k, b_k, w_out, b_out) as differentiable functions of the parameters.
-
-        w_in (h, dim, 1, 1), k (h, 1, 5, 5), w_out (dim, h, 1, 1).
-        """
-        def fold_pair(first, second):
-            w0, w1 = first.weight.flatten(1), second.weight.flatten(1)
-            return (w1 @ w0)[:, :, None, None], w1 @ first.bias + second.bias
-
-        w_in, b_in = fold_pair(*self.project_in)
-        w_out, b_out = fold_pair(*self.project_out)
+    def folded_depthwise(self):
+        """Identity + dw5 + dw3 + dw1 as one 5x5 depthwise kernel (h, 1, 5, 5) and bias (h,)."""
         k5, k3, k1 = (conv.weight for conv in self.dwconv)
-        identity = torch.ones_like(k1)
-        k = k5 + F.pad(k3, (1, 1, 1, 1)) + F.pad(k1 + identity, (2, 2, 2, 2))
-        b_k = sum(conv.bias for conv in self.dwconv)
-        return w_in, b_in, k, b_k, w_out, b_out
+        kernel = k5 + F.pad(k3, (1, 1, 1, 1)) + F.pad(k1 + 1.0, (2, 2, 2, 2))
+        return kernel, self.dwconv[0].bias + self.dwconv[1].bias + self.dwconv[2].bias
+
+    def fold(self):
+        """Fully folded (w_in (h, dim), b_in, kernel (h, 1, 5, 5), b_k, w_out (dim, h), b_out)."""
+        return (*fold_pointwise_pair(*self.project_in), *self.folded_depthwise(),
+                *fold_pointwise_pair(*self.project_out))
 
     def _cached_fold(self):
         key = tuple((p._version, p.data_ptr(), p.dtype) for p in self.parameters())
         if self._folded_key != key:
-            # Folded in the parameters' precision; autocast, if active, casts at the convs.
+            # Folded in the parameters' precision; autocast, if active, casts at the matmuls.
             with torch.no_grad(), torch.autocast(self.project_in[0].weight.device.type, enabled=False):
                 self._folded = self.fold()
             self._folded_key = key
         return self._folded
 
+    def _project(self, x, pair, fold):
+        if fold:
+            return F.linear(x, *fold_pointwise_pair(*pair))
+        return pointwise(pointwise(x, pair[0]), pair[1])
+
     def forward(self, x):
         if self.training:
-            u = F.gelu(self.project_in(x))
-            out = u
-            for conv in self.dwconv:
-                out = out + conv(u)
-            return self.project_out(out)
-        if torch.compiler.is_compiling():
-            w_in, b_in, k, b_k, w_out, b_out = self.fold()
-        else:
-            w_in, b_in, k, b_k, w_out, b_out = self._cached_fold()
-        x = F.gelu(F.conv2d(x, w_in, b_in))
-        x = F.conv2d(x, k, b_k, padding=2, groups=self.hidden)
-        return F.conv2d(x, w_out, b_out)
+            # Folding a 1x1 pair costs h * h/2 * dim multiply-adds once and saves
+            # (h/2) * (h - dim) per pixel.
+            fold_pairs = (self.hidden - self.dim) * (x.numel() // self.dim) > self.hidden * self.dim
+            u = F.gelu(self._project(x, self.project_in, fold_pairs))
+            u = spatial_conv(u, *self.folded_depthwise(), padding=2, groups=self.hidden)
+            return self._project(u, self.project_out, fold_pairs)
+        folded = self.fold() if torch.compiler.is_compiling() else self._cached_fold()
+        w_in, b_in, kernel, b_k, w_out, b_out = folded
+        u = F.gelu(F.linear(x, w_in, b_in))
+        u = spatial_conv(u, kernel, b_k, padding=2, groups=self.hidden)
+        return F.linear(u, w_out, b_out)
 
     def folded_module(self):
         """A ConvFFN holding this FFN's folded weights (same function, fewer parameters)."""
-        dim = self.project_in[0].in_channels
-        ffn = ConvFFN(dim, self.hidden / dim).to(self.project_in[0].weight)
+        ffn = ConvFFN(self.dim, self.hidden / self.dim).to(self.project_in[0].weight)
         with torch.no_grad():
-            w_in, b_in, k, b_k, w_out, b_out = self.fold()
-            ffn.project_in.weight.copy_(w_in)
+            w_in, b_in, kernel, b_k, w_out, b_out = self.fold()
+            ffn.project_in.weight.copy_(w_in[:, :, None, None])
             ffn.project_in.bias.copy_(b_in)
-            ffn.dwconv.weight.copy_(k)
+            ffn.dwconv.weight.copy_(kernel)
             ffn.dwconv.bias.copy_(b_k)
-            ffn.project_out.weight.copy_(w_out)
+            ffn.project_out.weight.copy_(w_out[:, :, None, None])
             ffn.project_out.bias.copy_(b_out)
         return ffn
 
@@ -340,7 +392,7 @@ class RepFFN(nn.Module):
 class ConvFFN(nn.Module):
     """Plain convolutional FFN (reference `rep=0`, and the permanent fold of RepFFN).
 
-    1x1 dim->h, exact GELU, depthwise 5x5, 1x1 h->dim. (N, dim, H, W) -> same.
+    1x1 dim->h, exact GELU, depthwise 5x5, 1x1 h->dim. (N, H, W, dim) -> same.
     """
 
     def __init__(self, dim, mlp_ratio):
@@ -351,11 +403,13 @@ class ConvFFN(nn.Module):
         self.project_out = nn.Conv2d(hidden, dim, 1)
 
     def forward(self, x):
-        return self.project_out(self.dwconv(F.gelu(self.project_in(x))))
+        u = F.gelu(pointwise(x, self.project_in))
+        u = spatial_conv(u, self.dwconv.weight, self.dwconv.bias, padding=2, groups=self.dwconv.groups)
+        return pointwise(u, self.project_out)
 
 
 class PointwiseMlp(nn.Module):
-    """The 'basic' FFN of the ablations: 1x1 conv, tanh-GELU, 1x1 conv. NCHW in and out."""
+    """The 'basic' FFN of the ablations: 1x1 conv, tanh-GELU, 1x1 conv. (N, H, W, dim) -> same."""
 
     def __init__(self, dim, mlp_ratio):
         super().__init__()
@@ -364,7 +418,7 @@ class PointwiseMlp(nn.Module):
         self.fc2 = nn.Conv2d(hidden, dim, 1)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return pointwise(F.gelu(pointwise(x, self.fc1), approximate="tanh"), self.fc2)
 
 
 def make_ffn(dim, mlp_ratio, ffn_type, rep):
@@ -379,33 +433,23 @@ def make_ffn(dim, mlp_ratio, ffn_type, rep):
 #                             U-DiT: the network                                #
 #################################################################################
 
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of an NCHW map, no affine, eps 1e-6."""
-
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.dim, self.eps = dim, eps
-
-    def forward(self, x):
-        return F.layer_norm(x.permute(0, 2, 3, 1), (self.dim,), eps=self.eps).permute(0, 3, 1, 2)
-
-
 class U_DiTBlock(nn.Module):
-    """Two adaLN-Zero transformer layers at width `dim`. x: (N, dim, H, W); c: (N, dim)."""
+    """Two adaLN-Zero transformer layers at width `dim`. x: (N, H, W, dim); c: (N, dim)."""
 
     def __init__(self, dim, num_heads, mlp_ratio, ffn_type, rep, **attn_kwargs):
         super().__init__()
         for k in (1, 2):
-            self.add_module(f"norm1{k}", LayerNorm2d(dim))
+            self.add_module(f"norm1{k}", ChannelLayerNorm(dim))
             self.add_module(f"attn{k}", DownsampledTokenAttention(dim, num_heads, **attn_kwargs))
-            self.add_module(f"norm2{k}", LayerNorm2d(dim))
+            self.add_module(f"norm2{k}", ChannelLayerNorm(dim))
             self.add_module(f"mlp{k}", make_ffn(dim, mlp_ratio, ffn_type, rep))
             self.add_module(f"adaLN_modulation{k}", nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim)))
 
     def _layer(self, x, c, norm1, attn, norm2, mlp, modulation):
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation(c)[:, :, None, None].chunk(6, dim=1)
-        x = x + gate_a * attn(norm1(x) * (1 + scale_a) + shift_a)
-        return x + gate_m * mlp(norm2(x) * (1 + scale_m) + shift_m)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation(c)[:, None, None].chunk(6, dim=-1)
+        # addcmul: modulation and gated residual in one pass over the map each.
+        x = torch.addcmul(x, gate_a, attn(torch.addcmul(shift_a, norm1(x), 1 + scale_a)))
+        return torch.addcmul(x, gate_m, mlp(torch.addcmul(shift_m, norm2(x), 1 + scale_m)))
 
     def forward(self, x, c):
         x = self._layer(x, c, self.norm11, self.attn1, self.norm21, self.mlp1, self.adaLN_modulation1)
@@ -413,50 +457,51 @@ class U_DiTBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """3x3 conv dim -> dim/2 (no bias), PixelUnshuffle(2): (N, dim, H, W) -> (N, 2 dim, H/2, W/2)."""
+    """3x3 conv dim -> dim/2 (no bias), PixelUnshuffle(2): (N, H, W, dim) -> (N, H/2, W/2, 2 dim)."""
 
     def __init__(self, dim):
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(dim, dim // 2, 3, padding=1, bias=False), nn.PixelUnshuffle(2))
 
     def forward(self, x):
-        return self.body(x)
+        return pixel_unshuffle(spatial_conv(x, self.body[0].weight, padding=1))
 
 
 class Upsample(nn.Module):
-    """3x3 conv dim -> 2 dim (no bias), PixelShuffle(2): (N, dim, H, W) -> (N, dim/2, 2H, 2W)."""
+    """3x3 conv dim -> 2 dim (no bias), PixelShuffle(2): (N, H, W, dim) -> (N, 2H, 2W, dim/2)."""
 
     def __init__(self, dim):
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(dim, dim * 2, 3, padding=1, bias=False), nn.PixelShuffle(2))
 
     def forward(self, x):
-        return self.body(x)
+        return pixel_shuffle(spatial_conv(x, self.body[0].weight, padding=1))
 
 
 class U_DiTFinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm then 3x3 conv: (N, dim, H, W) -> (N, out_channels, H, W)."""
+    """adaLN-modulated LayerNorm then 3x3 conv: (N, H, W, dim) -> (N, out_channels, H, W)."""
 
     def __init__(self, dim, out_channels):
         super().__init__()
-        self.norm_final = LayerNorm2d(dim)
+        self.norm_final = ChannelLayerNorm(dim)
         self.out_proj = nn.Conv2d(dim, out_channels, 3, padding=1)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.out_proj(modulate(self.norm_final(x), shift, scale))
+        shift, scale = self.adaLN_modulation(c)[:, None, None].chunk(2, dim=-1)
+        x = self.norm_final(x) * (1 + scale) + shift
+        return self.out_proj(x.permute(0, 3, 1, 2)).contiguous()
 
 
 class PatchEmbed3x3(nn.Module):
-    """3x3 conv, stride 1: (N, in_channels, H, W) -> (N, dim, H, W)."""
+    """3x3 conv, stride 1: (N, in_channels, H, W) -> (N, H, W, dim)."""
 
     def __init__(self, in_channels, dim):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, dim, 3, padding=1, bias=True)
 
     def forward(self, x):
-        return self.proj(x)
+        return self.proj(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
 
 
 class U_DiT(nn.Module):
@@ -595,11 +640,12 @@ class U_DiT(nn.Module):
         skip1 = run_blocks(self.encoder_level_1, self.x_embedder(x), c1, ckpt)
         skip2 = run_blocks(self.encoder_level_2, self.down1_2(skip1), c2, ckpt)
         x = run_blocks(self.latent, self.down2_3(skip2), c3, ckpt)
-        x = self.reduce_chan_level2(torch.cat([self.up3_2(x), skip2], dim=1))
+        x = pointwise(torch.cat([self.up3_2(x), skip2], dim=-1), self.reduce_chan_level2)
         x = run_blocks(self.decoder_level_2, x, c2, ckpt)
-        x = self.reduce_chan_level1(torch.cat([self.up2_1(x), skip1], dim=1))
+        x = pointwise(torch.cat([self.up2_1(x), skip1], dim=-1), self.reduce_chan_level1)
         x = run_blocks(self.decoder_level_1, x, c2, ckpt)
-        return self.final_layer(self.output(x), c2)
+        x = spatial_conv(x, self.output.weight, self.output.bias, padding=1)
+        return self.final_layer(x, c2)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=3):
         """Guided forward on [cond; uncond] batches; the first half of x is used for both."""

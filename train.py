@@ -5,11 +5,8 @@
 
 import sys
 
-from udit.checkpoint import CheckpointError
-from udit.data import DataError
 from udit.distributed import cleanup
-from udit.trainer import DDPBackend, NonFiniteLoss, check_args, train, training_parser
-from udit.vae import VAEUnavailable
+from udit.trainer import DDPBackend, check_args, run_guarded, train, training_parser
 
 
 def main(argv=None):
@@ -20,13 +17,9 @@ def main(argv=None):
     check_args(parser, args)
     backend = DDPBackend(args.precision)
     try:
-        train(args, backend)
-    except (DataError, CheckpointError, VAEUnavailable, NonFiniteLoss, ValueError) as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 2 if not isinstance(err, NonFiniteLoss) else 1
+        return run_guarded("train.py", lambda: train(args, backend))
     finally:
         cleanup()
-    return 0
 
 
 if __name__ == "__main__":

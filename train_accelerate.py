@@ -11,10 +11,7 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from udit.checkpoint import CheckpointError
-from udit.data import DataError
-from udit.trainer import NonFiniteLoss, check_args, train, training_parser
-from udit.vae import VAEUnavailable
+from udit.trainer import check_args, run_guarded, train, training_parser
 
 
 class AccelerateBackend:
@@ -56,13 +53,9 @@ def main(argv=None):
     backend = AccelerateBackend()
     args.precision = backend.accelerator.mixed_precision
     try:
-        train(args, backend)
-    except (DataError, CheckpointError, VAEUnavailable, NonFiniteLoss, ValueError) as err:
-        print(f"train_accelerate.py: error: {err}", file=sys.stderr)
-        return 2 if not isinstance(err, NonFiniteLoss) else 1
+        return run_guarded("train_accelerate.py", lambda: train(args, backend))
     finally:
         backend.accelerator.end_training()
-    return 0
 
 
 if __name__ == "__main__":

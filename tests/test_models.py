@@ -1,7 +1,10 @@
 """U-DiT and DiT behaviour beyond the golden vectors: switches, folding, registry, errors."""
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import models
 from conftest import SINGLE_CALL_TOL, assert_rel_close, randomize, tiny_udit
@@ -78,11 +81,11 @@ def test_tokens_attend_within_their_group_only():
     # outputs of the other three groups unchanged.
     torch.manual_seed(0)
     attn = models.DownsampledTokenAttention(16, 2, down_factor=2, downsampler=None)
-    x = torch.randn(1, 16, 8, 8)
+    x = torch.randn(1, 8, 8, 16)  # (N, H, W, C): U-DiT's internal layout
     x2 = x.clone()
-    x2[:, :, 2, 4] += 3.0  # row 2, column 4: group (0, 0)
+    x2[:, 2, 4] += 3.0  # row 2, column 4: group (0, 0)
     with torch.no_grad():
-        diff = (attn(x) - attn(x2)).abs().sum(1)[0]
+        diff = (attn(x) - attn(x2)).abs().sum(-1)[0]
     assert diff[0::2, 0::2].max() > 0
     assert diff[1::2, :].max() == 0 and diff[:, 1::2].max() == 0
 
@@ -135,21 +138,24 @@ def test_eval_output_follows_load_state_dict():
         assert_rel_close(model(x, t, y), other.train()(x, t, y), SINGLE_CALL_TOL, "after load_state_dict")
 
 
-def test_fold_gradients_match_branch_form():
+def test_training_fold_gives_the_branch_form_and_its_gradients():
+    # The reference training form, written out branch by branch on an NCHW map.
     torch.manual_seed(0)
     ffn = randomize(RepFFN(8, 2))
-    x = torch.randn(2, 8, 6, 6)
-    grads = []
+    x = torch.randn(2, 6, 6, 8)  # (N, H, W, C): 72 pixels, enough to fold the 1x1 pairs too
+
+    def branches(x_nchw):
+        u = F.gelu(ffn.project_in(x_nchw))
+        return ffn.project_out(u + sum(conv(u) for conv in ffn.dwconv))
+
+    outputs, grads = [], []
     for folded in (False, True):
         ffn.zero_grad()
-        if folded:
-            w_in, b_in, k, b_k, w_out, b_out = ffn.fold()
-            h = torch.nn.functional.gelu(torch.nn.functional.conv2d(x, w_in, b_in))
-            out = torch.nn.functional.conv2d(torch.nn.functional.conv2d(h, k, b_k, padding=2, groups=16), w_out, b_out)
-        else:
-            out = ffn.train()(x)
+        out = ffn.train()(x) if folded else branches(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         out.square().sum().backward()
+        outputs.append(out.detach())
         grads.append([p.grad.clone() for p in ffn.parameters()])
+    assert_rel_close(outputs[1], outputs[0], SINGLE_CALL_TOL, "output")
     for g_branch, g_fold in zip(*grads):
         assert_rel_close(g_fold, g_branch, 1e-4, "gradient")
 
@@ -271,11 +277,16 @@ def test_no_label_dropout_in_eval():
 
 def test_rope_tables_are_real_and_cached():
     cos, sin = models.rope_2d_tables(4, 4, 8, torch.device("cpu"))
-    assert cos.dtype == torch.float32 and not cos.is_complex()
+    assert cos.dtype == torch.float32 and not cos.is_complex() and cos.shape == (16, 8)
     assert models.rope_2d_tables(4, 4, 8, torch.device("cpu"))[0] is cos
-    # Token 5 on a 4x4 grid: column 1, row 1; pair 0 uses x with f0 = 1, pair 1 y with f0.
-    assert torch.allclose(cos[5, :2], torch.cos(torch.tensor([1.0, 1.0])))
-    assert torch.allclose(sin[6, :2], torch.sin(torch.tensor([2.0, 1.0])))
+    # Token 6 on a 4x4 grid: column 2, row 1. Pair 0 (channels 0, 1) turns by the column
+    # times f0 = 1, pair 1 (channels 2, 3) by the row times f0.
+    q = torch.zeros(1, 16, 8)
+    q[0, 6, 0] = 1.0  # unit vector on channel 0
+    q[0, 6, 3] = 1.0  # and on channel 3
+    out = models.apply_rope_2d(q, cos, sin)[0, 6]
+    expected = torch.tensor([math.cos(2.0), math.sin(2.0), -math.sin(1.0), math.cos(1.0)])
+    assert torch.allclose(out[:4], expected, atol=1e-6) and out[4:].abs().max() == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -25,7 +25,7 @@ from udit.checkpoint import (CheckpointError, build_model, load_checkpoint, load
 from udit.cli import json_object, positive_int
 from udit.data import DataError, ImageDataset, ResumableDistributedSampler, open_feature_folder
 from udit.distributed import all_gather_objects, all_reduce_mean, barrier, broadcast_object, init_distributed
-from udit.vae import encode, latent_channels, latent_factor, load_vae
+from udit.vae import VAEUnavailable, encode, latent_channels, latent_factor, load_vae
 
 log = logging.getLogger("train")
 
@@ -241,6 +241,9 @@ def train(args, backend):
     else:
         exp_dir = broadcast_object(str(new_experiment_dir(args.results_dir, args.model)) if rank == 0 else None)
         exp_dir = Path(exp_dir)
+    if rank == 0:
+        for stale in (exp_dir / "checkpoints").glob(".*.tmp-*"):
+            stale.unlink()  # left by a run killed while writing; the final files are intact
     barrier()
     logger = create_logger(exp_dir, rank == 0)
     print(f"[rank {rank}/{world}] local rank {backend.local_rank}, device {device}", flush=True)
@@ -375,6 +378,22 @@ def train(args, backend):
                 save_checkpoint()
     logger.info("done: step %d, epoch %d", step, epoch)
     return exp_dir
+
+
+def run_guarded(prog, fn):
+    """Call fn(); a known failure prints one line `prog: error: ...` and returns its exit status."""
+    try:
+        fn()
+    except NonFiniteLoss as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+    except (DataError, CheckpointError, VAEUnavailable, ValueError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, unwritable results folder: nothing half-written is left
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def format_seconds(seconds):
