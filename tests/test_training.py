@@ -204,3 +204,11 @@ def test_skip_nonfinite_counts_and_continues(tmp_path):
                        "--skip-nonfinite", *COMMON]) == 0
     log = next((tmp_path / "r").glob("*/log.txt")).read_text()
     assert "non-finite loss, step skipped (2 so far)" in log
+
+
+def test_time_budget_stops_with_a_checkpoint(tiny_data, tmp_path):
+    assert train.main(["--data-path", str(tiny_data["small_images"]), "--vae", "none", "--image-size", "16",
+                       "--max-steps", "1000", "--max-minutes", "0.0001", "--ckpt-every", "1000",
+                       "--results-dir", str(tmp_path), *COMMON]) == 0
+    (ckpt,) = checkpoints(tmp_path)
+    assert 1 <= load(ckpt)["step"] < 1000

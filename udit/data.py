@@ -144,9 +144,10 @@ class CompactFeatureDataset(SeededDataset):
     A fresh flip and posterior sample mean + std * eps are drawn every epoch.
     """
 
-    def __init__(self, root, seed=0):
+    def __init__(self, root, seed=0, flip=True):
         super().__init__(seed)
         self.root = Path(root)
+        self.flip = flip
         self.meta = read_compact_meta(self.root)
         if not self.meta.get("complete"):
             raise DataError(f"--feature-path {root}: feature extraction did not finish; rerun "
@@ -162,7 +163,7 @@ class CompactFeatureDataset(SeededDataset):
             self.features = np.load(self.root / "features.npy", mmap_mode="r", allow_pickle=False)
         rng = self.rng(index)
         moments = self.features[index]
-        flip = rng.integers(moments.shape[0])
+        flip = rng.integers(moments.shape[0]) if self.flip else 0
         mean, std = moments[flip].astype(np.float32)
         eps = rng.standard_normal(mean.shape, dtype=np.float32)
         return torch.from_numpy(mean + std * eps), int(self.labels[index]), True
@@ -185,19 +186,20 @@ def _numbered_files(folder, pattern):
     return found
 
 
-def open_feature_folder(root, seed=0):
+def open_feature_folder(root, seed=0, flip=True):
     """Dataset for a feature folder in any known layout, detected from its contents.
 
     - ours (extract_features.py): meta.json, features.npy, labels.npy;
     - fast-DiT: <name>_features/{i}.npy and <name>_labels/{i}.npy;
     - U-DiT release: <name>_features/{i}_{r}.npy (r = extracting process), ordered by
       i * R + r with the last entry (the padding duplicate) dropped, as the reference does.
+    The public layouts fixed the flip at extraction; `flip` only affects ours.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"--feature-path {root}: no such directory")
     if (root / "meta.json").is_file():
-        return CompactFeatureDataset(root, seed)
+        return CompactFeatureDataset(root, seed, flip)
     feature_dirs = sorted(d for d in root.iterdir() if d.is_dir() and d.name.endswith("_features"))
     label_dirs = sorted(d for d in root.iterdir() if d.is_dir() and d.name.endswith("_labels"))
     if len(feature_dirs) != 1 or len(label_dirs) != 1:

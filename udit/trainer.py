@@ -30,7 +30,7 @@ from udit.vae import VAEUnavailable, encode, latent_channels, latent_factor, loa
 log = logging.getLogger("train")
 
 # Settings that --resume may change; everything else comes from the checkpoint.
-RESUMABLE_OVERRIDES = ("max_steps", "epochs", "log_every", "ckpt_every", "num_workers", "data_path",
+RESUMABLE_OVERRIDES = ("max_steps", "max_minutes", "epochs", "log_every", "ckpt_every", "num_workers", "data_path",
                        "feature_path", "vae_path", "compile", "grad_checkpointing", "skip_nonfinite")
 
 
@@ -55,6 +55,8 @@ def training_parser(description):
     p.add_argument("--num-classes", type=positive_int, default=1000)
     p.add_argument("--epochs", type=positive_int, default=None, help="stop after this many epochs (default: no limit)")
     p.add_argument("--max-steps", type=positive_int, default=400_000, help="iterations, as the paper counts them")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="also stop (with a checkpoint) after this much wall time, e.g. a job's time limit")
     p.add_argument("--global-batch-size", type=positive_int, default=256)
     p.add_argument("--global-seed", type=int, default=0)
     p.add_argument("--vae", choices=["ema", "mse", "none"], default="ema", help="'none': pixel space")
@@ -71,6 +73,8 @@ def training_parser(description):
     p.add_argument("--label-dropout", choices=["shared", "per-level"], default="shared",
                    help="U-DiT: one drop decision per sample for all levels (default) or the reference's per-level draws")
     p.add_argument("--class-dropout-prob", type=float, default=0.1)
+    p.add_argument("--no-flip", action="store_true",
+                   help="no random horizontal flips (for data where a mirror image is not a sample, e.g. digits)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--skip-nonfinite", action="store_true",
@@ -203,14 +207,14 @@ def all_finite(module):
 def open_training_data(args, seed):
     """(dataset, vae or None, model input channels, model input size)."""
     if args.feature_path:
-        dataset = open_feature_folder(args.feature_path, seed)
+        dataset = open_feature_folder(args.feature_path, seed, flip=not args.no_flip)
         sample = dataset[0][0]
         expected = args.image_size // 8
         if sample.shape[-1] != expected:
             raise DataError(f"--feature-path {args.feature_path}: latents are {sample.shape[-1]}x{sample.shape[-2]}, "
                             f"but --image-size {args.image_size} needs {expected}x{expected} (the SD VAE divides by 8)")
         return dataset, None, sample.shape[0], sample.shape[-1]
-    dataset = ImageDataset(args.data_path, args.image_size, seed)
+    dataset = ImageDataset(args.data_path, args.image_size, seed, flip=not args.no_flip)
     if len(dataset.classes) > args.num_classes:
         raise DataError(f"--data-path {args.data_path}: {len(dataset.classes)} class folders, more than "
                         f"--num-classes {args.num_classes}")
@@ -312,7 +316,7 @@ def train(args, backend):
 
     running_loss = torch.zeros((), device=device)
     log_steps, skipped_images, skipped_steps = 0, 0, 0
-    start = time.time()
+    start = run_start = time.time()
     done = step >= args.max_steps or (args.epochs is not None and epoch >= args.epochs)
     while not done:
         dataset.set_epoch(epoch)
@@ -330,7 +334,10 @@ def train(args, backend):
                     x = encode(vae, x).float()
             t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
             loss = diffusion.training_losses(model_fn, x, t, {"y": y})["loss"].mean()
-            mean_loss = all_reduce_mean(loss.detach())
+            # One all-reduce per step carries the loss and every rank's out-of-time flag.
+            out_of_time = args.max_minutes is not None and time.time() - run_start > 60 * args.max_minutes
+            reduced = all_reduce_mean(torch.stack([loss.detach(), torch.tensor(float(out_of_time), device=device)]))
+            mean_loss, stop_now = reduced[0], bool(reduced[1] > 0)
             step += 1
             position += 1
             if not torch.isfinite(mean_loss):
@@ -351,7 +358,8 @@ def train(args, backend):
                 log_steps += 1
             skipped_images += int((~ok).sum())
 
-            if step % args.log_every == 0 or step == args.max_steps:
+            stop_now = stop_now or step >= args.max_steps
+            if step % args.log_every == 0 or stop_now:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.time() - start
@@ -365,9 +373,9 @@ def train(args, backend):
                 running_loss.zero_()
                 log_steps = 0
                 start = time.time()
-            if step % args.ckpt_every == 0 or step == args.max_steps:
+            if step % args.ckpt_every == 0 or stop_now:
                 save_checkpoint()
-            if step >= args.max_steps:
+            if stop_now:
                 done = True
                 break
         else:
