@@ -57,7 +57,8 @@ class FeatureStore:
         os.replace(tmp, self.meta_path)
 
     def open(self):
-        return tuple(np.load(self.root / f"{name}.npy", mmap_mode="r+") for name in ("features", "labels", "done"))
+        return tuple(np.load(self.root / f"{name}.npy", mmap_mode="r+", allow_pickle=False)
+                     for name in ("features", "labels", "done"))
 
 
 def chunks_of_rank(count, rank, world_size, batch_size):

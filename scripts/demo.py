@@ -7,7 +7,8 @@ for a grid with one row per class. Scoring uses a classifier trained on the real
 digits: the share of generated samples it assigns to the requested class, and a
 Frechet distance in its hidden-layer feature space against the held-out digits.
 
-    python scripts/demo.py [--minutes 7] [--out results/demo]
+    python scripts/demo.py [--minutes 8] [--out results/demo]
+    python scripts/demo.py --score results/demo/checkpoint.pt --out results/demo_rescored
 """
 
 import argparse
@@ -25,13 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evaluator import frechet_distance  # noqa: E402
+from udit.checkpoint import load_checkpoint  # noqa: E402
 
 HELD_OUT = 297
 MODEL_KWARGS = {"hidden_size": 24, "num_heads": 2, "depth": [1, 1, 2, 1, 1], "down_factor": [2, 2, 1, 2, 2]}
 TRAIN_FLAGS = ["--model", "U-DiT-S", "--model-kwargs", json.dumps(MODEL_KWARGS), "--vae", "none",
                "--image-size", "8", "--num-classes", "10", "--global-batch-size", "128", "--lr", "1e-3",
                "--ema-decay", "0.999", "--ema-warmup", "--no-flip", "--num-workers", "0", "--log-every", "250",
-               "--max-steps", "1000000", "--ckpt-every", "1000000", "--global-seed", "0"]
+               "--max-steps", "1000000", "--global-seed", "0"]
 SAMPLE_FLAGS = ["--num-sampling-steps", "100", "--cfg-scale", "4.0"]
 
 
@@ -94,47 +96,21 @@ def run(cmd, log):
     return proc.stdout
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--minutes", type=float, default=9.0, help="training time budget (the knob for a longer run)")
-    p.add_argument("--samples", type=int, default=1000, help="generated samples to score")
-    p.add_argument("--out", default="results/demo")
-    args = p.parse_args(argv)
-    out = ROOT / args.out
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "demo.log"
-    log.write_text("")
+def sample_and_score(ckpt, out, samples, train_x, train_y, held_x, held_y, log, times):
+    """Stages 2-4 for a checkpoint: samples with sample_ddp.py, a grid with sample.py, the scores."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    times = {}
-
     t0 = time.time()
-    (train_x, train_y), (held_x, held_y) = split(*digits())
-    data = write_image_folder(train_x, train_y, out / "digits_train")
-    times["data_s"] = time.time() - t0
-
-    t0 = time.time()
-    shutil.rmtree(out / "train", ignore_errors=True)
-    print(f"[1/4] training a pixel-space U-DiT on {len(train_x)} digits for {args.minutes} minutes (2 processes)")
-    run([*torchrun, "train.py", "--data-path", data, "--results-dir", out / "train",
-         "--max-minutes", args.minutes, *TRAIN_FLAGS], log)
-    ckpt = sorted((out / "train").glob("*/checkpoints/*.pt"))[-1]
-    shutil.copy(ckpt, out / "checkpoint.pt")
-    shutil.copy(ckpt.parents[1] / "log.txt", out / "train_log.txt")
-    times["train_s"] = time.time() - t0
-
-    t0 = time.time()
-    print(f"[2/4] sampling {args.samples} digits with sample_ddp.py (2 processes)")
+    print(f"[2/4] sampling {samples} digits with sample_ddp.py (2 processes)")
     shutil.rmtree(out / "samples", ignore_errors=True)
-    run([*torchrun, "sample_ddp.py", "--ckpt", out / "checkpoint.pt", "--num-fid-samples", args.samples,
+    run([*torchrun, "sample_ddp.py", "--ckpt", ckpt, "--num-fid-samples", samples,
          "--per-proc-batch-size", "250", "--sample-dir", out / "samples", *SAMPLE_FLAGS], log)
-    npz = next((out / "samples").glob("*.npz"))
-    shutil.copy(npz, out / "samples.npz")
+    shutil.copy(next((out / "samples").glob("*.npz")), out / "samples.npz")
     times["sample_s"] = time.time() - t0
 
     t0 = time.time()
     print("[3/4] a grid with one row per class (sample.py)")
     labels = [c for c in range(10) for _ in range(10)]
-    run([sys.executable, "sample.py", "--ckpt", out / "checkpoint.pt", "--class-labels", *labels, "--nrow", "10",
+    run([sys.executable, "sample.py", "--ckpt", ckpt, "--class-labels", *labels, "--nrow", "10",
          "--output", out / "grid_8px.png", *SAMPLE_FLAGS], log)
     grid = Image.open(out / "grid_8px.png")
     grid.resize((grid.width * 4, grid.height * 4), Image.NEAREST).save(out / "grid.png")
@@ -154,10 +130,49 @@ def main(argv=None):
                                                        *stats(hidden_features(clf, held_features))),
         "real_accuracy": float(clf.score(held_features, held_y)),
         "samples": int(len(gen_images)),
-        "training_steps": int(torch_load_step(out / "checkpoint.pt")),
-        "minutes_budget": args.minutes,
+        "training_steps": int(load_checkpoint(ckpt)["step"]),
     }
     times["score_s"] = time.time() - t0
+    return summary
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--minutes", type=float, default=8.0, help="training time budget (the knob for a longer run)")
+    p.add_argument("--samples", type=int, default=1000, help="generated samples to score")
+    p.add_argument("--out", default="results/demo")
+    p.add_argument("--save-every", type=int, default=1_000_000, help="also keep a checkpoint every N steps")
+    p.add_argument("--score", metavar="CKPT", help="skip training: sample and score this checkpoint")
+    args = p.parse_args(argv)
+    out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "demo.log"
+    log.write_text("")
+    times = {}
+
+    t0 = time.time()
+    (train_x, train_y), (held_x, held_y) = split(*digits())
+    data = write_image_folder(train_x, train_y, ROOT / "results" / "digits_train")
+    times["data_s"] = time.time() - t0
+
+    if args.score:
+        ckpt = Path(args.score).resolve()
+    else:
+        t0 = time.time()
+        shutil.rmtree(out / "train", ignore_errors=True)
+        print(f"[1/4] training a pixel-space U-DiT on {len(train_x)} digits for {args.minutes} minutes "
+              f"(train.py, 2 processes)")
+        run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+             "--data-path", data, "--results-dir", out / "train", "--max-minutes", args.minutes,
+             *TRAIN_FLAGS, "--ckpt-every", args.save_every], log)
+        last = sorted((out / "train").glob("*/checkpoints/*.pt"))[-1]
+        ckpt = out / "checkpoint.pt"
+        shutil.copy(last, ckpt)
+        shutil.copy(last.parents[1] / "log.txt", out / "train_log.txt")
+        times["train_s"] = time.time() - t0
+
+    summary = sample_and_score(ckpt, out, args.samples, train_x, train_y, held_x, held_y, log, times)
+    summary["minutes_budget"] = None if args.score else args.minutes
     summary["wall_seconds"] = {k: round(v, 1) for k, v in times.items()}
     summary["wall_seconds"]["total_s"] = round(sum(times.values()), 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -173,11 +188,6 @@ def main(argv=None):
 
 def stats(features):
     return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
-def torch_load_step(path):
-    import torch
-    return torch.load(path, map_location="cpu", weights_only=True)["step"]
 
 
 if __name__ == "__main__":

@@ -212,3 +212,29 @@ def test_time_budget_stops_with_a_checkpoint(tiny_data, tmp_path):
                        "--results-dir", str(tmp_path), *COMMON]) == 0
     (ckpt,) = checkpoints(tmp_path)
     assert 1 <= load(ckpt)["step"] < 1000
+
+
+def test_convert_a_public_feature_folder(tmp_path):
+    import extract_features
+    public = write_public_features(tmp_path / "public", "U-DiT", count=6)
+    assert extract_features.main(["--convert", str(public), "--features-path", str(tmp_path / "ours"),
+                                  "--num-workers", "0"]) == 0
+    features = np.load(tmp_path / "ours" / "features.npy")
+    assert features.shape == (5, 1, 2, 4, 32, 32) and not features[:, :, 1].any()  # std 0: the stored sample
+    first = np.load(public / "imagenet256_features" / "0_0.npy")[0]
+    assert np.allclose(features[0, 0, 0], first, atol=1e-2)  # float16
+    assert json.loads((tmp_path / "ours" / "meta.json").read_text())["complete"]
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    from conftest import tiny_udit
+    grads = []
+    for flag in (False, True):
+        model = tiny_udit().train()
+        for e in model.label_embedders():
+            e.dropout_prob = 0.0
+        model.grad_checkpointing = flag
+        x, t, y = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 700]), torch.tensor([1, 2])
+        model(x, t, y).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
