@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from udit.checkpoint import CheckpointError, load_checkpoint, model_state_dict
+from udit.cli import ActionableError
 
 UDIT_REPO = "yuchuantian/U-DiT"
 DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"
@@ -35,7 +36,7 @@ ITERATION_TOKENS = {400_000: ("400k", "400000"), 1_000_000: ("1m", "1000k", "100
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(ActionableError):
     """A released checkpoint that could not be fetched; says what to fetch by hand and where to put it."""
 
 

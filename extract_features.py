@@ -20,9 +20,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from udit.cli import run_guarded
 from udit.data import COMPACT_LAYOUT, DataError, ImageDataset, open_feature_folder
 from udit.distributed import barrier, cleanup, init_distributed
-from udit.vae import VAEUnavailable, encode_moments, latent_channels, latent_factor, load_vae
+from udit.vae import encode_moments, latent_channels, latent_factor, load_vae
 
 
 class FeatureStore:
@@ -141,44 +142,44 @@ def main(argv=None):
 
     ctx = init_distributed()
     try:
-        store = FeatureStore(args.features_path)
-        if args.convert:
-            dataset = open_feature_folder(args.convert)
-            latent_shape = list(dataset[0][0].shape)
-            to_moments, flips = sample_moments, 1
-            meta = {"source": str(Path(args.convert).resolve()), "vae": "unknown (converted)",
-                    "image_size": latent_shape[-1] * 8}
-        else:
-            dataset = ImageDataset(args.data_path, args.image_size, flip=False)
-            vae = load_vae(args.vae, args.vae_path, ctx.device)
-            factor = latent_factor(vae)
-            latent_shape = [latent_channels(vae), args.image_size // factor, args.image_size // factor]
-            to_moments, flips = image_moments(vae, args.flips), args.flips
-            meta = {"source": str(Path(args.data_path).resolve()), "vae": args.vae_path or args.vae,
-                    "image_size": args.image_size, "classes": dataset.classes}
-        meta.update(layout=COMPACT_LAYOUT, count=len(dataset), flips=flips, latent_shape=latent_shape)
-        if ctx.is_main:
-            store.create_or_check(meta, (len(dataset), flips, 2, *latent_shape))
-        barrier()
-        if not ctx.is_main:
-            store.create_or_check(meta, None)
-        skipped = extract(store, dataset, to_moments, ctx.rank, ctx.world_size, args.batch_size,
-                          args.num_workers, ctx.device, ctx.is_main)
-        barrier()
-        if ctx.is_main:
-            done = store.open()[2]
-            if not done.all():
-                raise DataError(f"{int((done == 0).sum())} images still missing; rerun the same command")
-            store.write_meta({**json.loads(store.meta_path.read_text()), "complete": True})
-            print(f"wrote {len(dataset)} feature sets to {store.root}"
-                  + (f" ({skipped} unreadable images replaced by their neighbours)" if skipped else ""))
-    except (DataError, VAEUnavailable) as err:
-        print(f"extract_features.py: error: {err}", file=sys.stderr)
-        return 2
+        return run_guarded("extract_features.py", lambda: extract_all(args, ctx))
     finally:
         cleanup()
-    return 0
 
+
+def extract_all(args, ctx):
+    """Create or resume the store, fill this rank's rows, and mark the store complete."""
+    store = FeatureStore(args.features_path)
+    if args.convert:
+        dataset = open_feature_folder(args.convert)
+        latent_shape = list(dataset[0][0].shape)
+        to_moments, flips = sample_moments, 1
+        meta = {"source": str(Path(args.convert).resolve()), "vae": "unknown (converted)",
+                "image_size": latent_shape[-1] * 8}
+    else:
+        dataset = ImageDataset(args.data_path, args.image_size, flip=False)
+        vae = load_vae(args.vae, args.vae_path, ctx.device)
+        factor = latent_factor(vae)
+        latent_shape = [latent_channels(vae), args.image_size // factor, args.image_size // factor]
+        to_moments, flips = image_moments(vae, args.flips), args.flips
+        meta = {"source": str(Path(args.data_path).resolve()), "vae": args.vae_path or args.vae,
+                "image_size": args.image_size, "classes": dataset.classes}
+    meta.update(layout=COMPACT_LAYOUT, count=len(dataset), flips=flips, latent_shape=latent_shape)
+    if ctx.is_main:
+        store.create_or_check(meta, (len(dataset), flips, 2, *latent_shape))
+    barrier()
+    if not ctx.is_main:
+        store.create_or_check(meta, None)
+    skipped = extract(store, dataset, to_moments, ctx.rank, ctx.world_size, args.batch_size,
+                      args.num_workers, ctx.device, ctx.is_main)
+    barrier()
+    if ctx.is_main:
+        done = store.open()[2]
+        if not done.all():
+            raise DataError(f"{int((done == 0).sum())} images still missing; rerun the same command")
+        store.write_meta({**json.loads(store.meta_path.read_text()), "complete": True})
+        print(f"wrote {len(dataset)} feature sets to {store.root}"
+              + (f" ({skipped} unreadable images replaced by their neighbours)" if skipped else ""))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import torch
 
-from download import DownloadError
-from udit.checkpoint import CheckpointError
+from udit.cli import ActionableError
 from udit.sampling import (add_sampling_args, check_sampling_args, configure_precision, generate, image_grid_png,
                            load_sampling_model, save_png_atomic)
-from udit.vae import VAEUnavailable, to_uint8
+from udit.vae import to_uint8
 
 DEFAULT_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
 
@@ -37,7 +36,7 @@ def main(argv=None):
     configure_precision(args.precision, device)
     try:
         model, vae, settings = load_sampling_model(args, device)
-    except (CheckpointError, DownloadError, VAEUnavailable, ValueError) as err:
+    except (ActionableError, ValueError) as err:
         p.exit(2, f"sample.py: error: {err}\n")
     num_classes = settings["num_classes"]
     labels = args.class_labels or (DEFAULT_CLASSES if num_classes >= 1000 else [i % num_classes for i in range(8)])

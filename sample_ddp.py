@@ -17,13 +17,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from download import DownloadError
-from udit.checkpoint import CheckpointError
-from udit.cli import positive_int
+from udit.cli import positive_int, run_guarded
 from udit.distributed import barrier, cleanup, init_distributed
 from udit.sampling import (add_sampling_args, check_sampling_args, configure_precision, generate, initial_draws,
                            load_sampling_model, save_png_atomic, write_npz_streaming)
-from udit.vae import VAEUnavailable, to_uint8
+from udit.vae import to_uint8
 
 
 def run_name(args, settings):
@@ -56,47 +54,48 @@ def main(argv=None):
 
     ctx = init_distributed()
     try:
-        configure_precision(args.precision, ctx.device)
-        model, vae, settings = load_sampling_model(args, ctx.device)
-        folder = Path(args.sample_dir) / run_name(args, settings)
-        if ctx.is_main:
-            folder.mkdir(parents=True, exist_ok=True)
-        barrier()
-        n = args.num_fid_samples
-        todo = [b for b in batches_of_rank(n, args.per_proc_batch_size, ctx.rank, ctx.world_size)
-                if not all((folder / f"{i:06d}.png").is_file() for i in b)]
-        already = sum(1 for i in range(n) if (folder / f"{i:06d}.png").is_file()) if ctx.is_main else 0
-        if ctx.is_main:
-            print(f"sampling {n} images into {folder} with {ctx.world_size} processes "
-                  f"({already} already there), {args.sampler.upper()} {args.num_sampling_steps} steps, "
-                  f"cfg {args.cfg_scale}")
-        bar = tqdm(total=n, initial=already, unit="img", desc="sampling", disable=not ctx.is_main, smoothing=0.1)
-        for batch in todo:
-            images, _ = generate(model, vae, settings, args.global_seed, batch, args.num_sampling_steps, args.sampler,
-                                 args.cfg_scale, precision=args.precision,
-                                 cfg_channels=None if args.cfg_channels == "all" else 3)
-            for i, array in zip(batch, to_uint8(images).numpy()):
-                save_png_atomic(array, folder / f"{i:06d}.png")
-            bar.update(min(len(batch) * ctx.world_size, n - bar.n))  # rank 0 reports for all
-        bar.close()
-        barrier()
-        if ctx.is_main:
-            missing = [i for i in range(n) if not (folder / f"{i:06d}.png").is_file()]
-            if missing:
-                raise RuntimeError(f"{len(missing)} images missing (e.g. {missing[:3]}); rerun the same command")
-            size = settings["image_size"]
-            pngs = (np.asarray(Image.open(folder / f"{i:06d}.png").convert("RGB"))
-                    for i in tqdm(range(n), desc="writing .npz", unit="img"))
-            npz = folder.parent / f"{folder.name}.npz"
-            write_npz_streaming(npz, n, (size, size, 3), pngs, labels_for(n, args.global_seed, settings["num_classes"]))
-            print(f"wrote {npz}: arr_0 uint8 ({n}, {size}, {size}, 3), arr_1 labels ({n},)")
-        barrier()
-    except (CheckpointError, DownloadError, VAEUnavailable, ValueError) as err:
-        print(f"sample_ddp.py: error: {err}", file=sys.stderr)
-        return 2
+        return run_guarded("sample_ddp.py", lambda: sample_all(args, ctx))
     finally:
         cleanup()
-    return 0
+
+
+def sample_all(args, ctx):
+    """Sample this rank's missing batches, then (rank 0) write the .npz from the PNGs."""
+    configure_precision(args.precision, ctx.device)
+    model, vae, settings = load_sampling_model(args, ctx.device)
+    folder = Path(args.sample_dir) / run_name(args, settings)
+    if ctx.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+    barrier()
+    n = args.num_fid_samples
+    todo = [b for b in batches_of_rank(n, args.per_proc_batch_size, ctx.rank, ctx.world_size)
+            if not all((folder / f"{i:06d}.png").is_file() for i in b)]
+    already = sum(1 for i in range(n) if (folder / f"{i:06d}.png").is_file()) if ctx.is_main else 0
+    if ctx.is_main:
+        print(f"sampling {n} images into {folder} with {ctx.world_size} processes "
+              f"({already} already there), {args.sampler.upper()} {args.num_sampling_steps} steps, "
+              f"cfg {args.cfg_scale}")
+    bar = tqdm(total=n, initial=already, unit="img", desc="sampling", disable=not ctx.is_main, smoothing=0.1)
+    for batch in todo:
+        images, _ = generate(model, vae, settings, args.global_seed, batch, args.num_sampling_steps, args.sampler,
+                             args.cfg_scale, precision=args.precision,
+                             cfg_channels=None if args.cfg_channels == "all" else 3)
+        for i, array in zip(batch, to_uint8(images).numpy()):
+            save_png_atomic(array, folder / f"{i:06d}.png")
+        bar.update(min(len(batch) * ctx.world_size, n - bar.n))  # rank 0 reports for all
+    bar.close()
+    barrier()
+    if ctx.is_main:
+        missing = [i for i in range(n) if not (folder / f"{i:06d}.png").is_file()]
+        if missing:
+            raise ValueError(f"{len(missing)} images missing (e.g. {missing[:3]}); rerun the same command")
+        size = settings["image_size"]
+        pngs = (np.asarray(Image.open(folder / f"{i:06d}.png").convert("RGB"))
+                for i in tqdm(range(n), desc="writing .npz", unit="img"))
+        npz = folder.parent / f"{folder.name}.npz"
+        write_npz_streaming(npz, n, (size, size, 3), pngs, labels_for(n, args.global_seed, settings["num_classes"]))
+        print(f"wrote {npz}: arr_0 uint8 ({n}, {size}, {size}, 3), arr_1 labels ({n},)")
+    barrier()
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
 
 import sys
 
+from udit.cli import run_guarded
 from udit.distributed import cleanup
-from udit.trainer import DDPBackend, check_args, run_guarded, train, training_parser
+from udit.trainer import DDPBackend, check_args, train, training_parser
 
 
 def main(argv=None):

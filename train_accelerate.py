@@ -11,7 +11,8 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from udit.trainer import check_args, run_guarded, train, training_parser
+from udit.cli import run_guarded
+from udit.trainer import check_args, train, training_parser
 
 
 class AccelerateBackend:

@@ -1,7 +1,29 @@
-"""argparse value types shared by the scripts: bad values exit with status 2 and one line."""
+"""Command-line helpers shared by the scripts: value types and one-line errors."""
 
 import argparse
 import json
+import sys
+
+
+class ActionableError(Exception):
+    """A failure whose message says what to do; scripts print it as one line and exit with `exit_status`."""
+    exit_status = 2
+
+
+def run_guarded(prog, fn):
+    """Call fn(); a known failure prints `prog: error: ...` on one line and returns its exit status.
+
+    ActionableError: its own status; ValueError (bad data, checkpoint or setting): 2;
+    OSError (disk full, unwritable folder): 1. Anything else is a bug and keeps its traceback.
+    """
+    try:
+        fn()
+    except (ActionableError, ValueError, OSError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        if isinstance(err, ActionableError):
+            return err.exit_status
+        return 2 if isinstance(err, ValueError) else 1
+    return 0
 
 
 def json_object(text):

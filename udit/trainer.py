@@ -22,10 +22,10 @@ from diffusion import create_diffusion
 from models import DiT_models
 from udit.checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_state_dict,
                              save_atomic)
-from udit.cli import json_object, positive_int
+from udit.cli import ActionableError, json_object, positive_int
 from udit.data import DataError, ImageDataset, ResumableDistributedSampler, open_feature_folder
 from udit.distributed import all_gather_objects, all_reduce_mean, barrier, broadcast_object, init_distributed
-from udit.vae import VAEUnavailable, encode, latent_channels, latent_factor, load_vae
+from udit.vae import encode, latent_channels, latent_factor, load_vae
 
 log = logging.getLogger("train")
 
@@ -34,8 +34,9 @@ RESUMABLE_OVERRIDES = ("max_steps", "max_minutes", "epochs", "log_every", "ckpt_
                        "feature_path", "vae_path", "compile", "grad_checkpointing", "skip_nonfinite")
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(ActionableError):
+    """A NaN/Inf loss or weights: training stops before anything broken is saved."""
+    exit_status = 1
 
 
 #################################################################################
@@ -386,22 +387,6 @@ def train(args, backend):
                 save_checkpoint()
     logger.info("done: step %d, epoch %d", step, epoch)
     return exp_dir
-
-
-def run_guarded(prog, fn):
-    """Call fn(); a known failure prints one line `prog: error: ...` and returns its exit status."""
-    try:
-        fn()
-    except NonFiniteLoss as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 1
-    except (DataError, CheckpointError, VAEUnavailable, ValueError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # disk full, unwritable results folder: nothing half-written is left
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def format_seconds(seconds):

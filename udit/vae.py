@@ -4,11 +4,13 @@ from pathlib import Path
 
 import torch
 
+from udit.cli import ActionableError
+
 LATENT_SCALE = 0.18215
 VAE_CHOICES = ("ema", "mse", "none")
 
 
-class VAEUnavailable(RuntimeError):
+class VAEUnavailable(ActionableError):
     """The VAE could not be loaded; the message says what to fetch and where to put it."""
 
 
