@@ -18,6 +18,7 @@ from pathlib import Path
 
 from udit.checkpoint import CheckpointError, load_checkpoint, model_state_dict
 from udit.cli import ActionableError
+from udit.hub import hub_unreachable_reason
 
 UDIT_REPO = "yuchuantian/U-DiT"
 DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"
@@ -66,6 +67,9 @@ def match_release(name, files):
 
 def list_repo_files():
     from huggingface_hub import list_repo_files as hub_list
+    reason = hub_unreachable_reason()
+    if reason:
+        raise DownloadError(f"cannot reach https://huggingface.co/{UDIT_REPO} ({reason})")
     try:
         return hub_list(UDIT_REPO)
     except Exception as err:  # offline, DNS, HTTP errors: all mean the same to the user

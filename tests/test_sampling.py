@@ -214,3 +214,15 @@ def test_streamed_npz_loads_like_savez(tmp_path):
     write_npz_streaming(tmp_path / "s.npz", 3, (4, 5, 3), iter(images), [1, 2, 3])
     with np.load(tmp_path / "s.npz", allow_pickle=False) as data:
         assert np.array_equal(data["arr_0"], images) and data["arr_1"].tolist() == [1, 2, 3]
+
+
+def test_vae_offline_error_says_what_to_fetch(tmp_path, monkeypatch):
+    from udit.vae import VAEUnavailable, load_vae
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    with pytest.raises(VAEUnavailable) as info:
+        load_vae("mse")
+    message = str(info.value)
+    assert "https://huggingface.co/stabilityai/sd-vae-ft-mse" in message and "--vae-path" in message
+    with pytest.raises(VAEUnavailable, match="not a diffusers VAE folder"):
+        load_vae("ema", tmp_path)

@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 
 from udit.cli import ActionableError
+from udit.hub import hub_unreachable_reason
 
 LATENT_SCALE = 0.18215
 VAE_CHOICES = ("ema", "mse", "none")
@@ -30,13 +31,21 @@ def load_vae(vae, vae_path=None, device="cpu"):
     if vae_path and not Path(vae_path).is_dir():
         raise VAEUnavailable(f"--vae-path {vae_path}: no such folder; expected a diffusers VAE folder "
                              f"(config.json and diffusion_pytorch_model.safetensors)")
+    fetch_by_hand = (f"download https://huggingface.co/stabilityai/sd-vae-ft-{vae} (config.json and "
+                     f"diffusion_pytorch_model.safetensors) into a folder and pass --vae-path FOLDER")
     try:
-        model = AutoencoderKL.from_pretrained(source)
+        model = AutoencoderKL.from_pretrained(source, local_files_only=True)  # a local folder or the hub cache
     except (OSError, ValueError) as err:
-        raise VAEUnavailable(
-            f"could not load the VAE {source} ({str(err).splitlines()[0]}). Offline? Download "
-            f"https://huggingface.co/stabilityai/sd-vae-ft-{vae} (config.json and "
-            f"diffusion_pytorch_model.safetensors) into a folder and pass --vae-path FOLDER") from None
+        if vae_path:
+            raise VAEUnavailable(f"--vae-path {vae_path}: not a diffusers VAE folder ({str(err).splitlines()[0]})") from None
+        reason = hub_unreachable_reason()
+        if reason:
+            raise VAEUnavailable(f"the VAE {source} is not cached and the hub cannot be reached ({reason}); "
+                                 f"{fetch_by_hand}") from None
+        try:
+            model = AutoencoderKL.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            raise VAEUnavailable(f"could not load the VAE {source} ({str(err).splitlines()[0]}); {fetch_by_hand}") from None
     return model.to(device).eval().requires_grad_(False)
 
 
