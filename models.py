@@ -272,25 +272,25 @@ class DownsampledTokenAttention(nn.Module):
         gh, gw = h // f, w // f
         if self.downsampler is not None:
             x = self.downsampler(x)
-        # (N, gh, f, gw, f, C) -> (N, f, f, gh, gw, C) -> (N f f, L, C)
-        tokens = x.view(n, gh, f, gw, f, c).permute(0, 2, 4, 1, 3, 5).reshape(n * f * f, gh * gw, c)
-        qkv = self.to_qkv(tokens).view(n * f * f, gh * gw, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N f f, heads, L, head_dim)
+        # q, k, v act per pixel, so project first and split into groups once, heads included:
+        # (N, gh, f, gw, f, 3, heads, d) -> (3, N, f, f, heads, gh, gw, d) -> (3, N f f, heads, L, d)
+        hd, heads = self.head_dim, self.num_heads
+        qkv = self.to_qkv(x).view(n, gh, f, gw, f, 3, heads, hd).permute(5, 0, 2, 4, 6, 1, 3, 7)
+        q, k, v = qkv.reshape(3, n * f * f, heads, gh * gw, hd).unbind(0)
         if self.posemb_type == "rope2d":
-            cos, sin = rope_2d_tables(gh, gw, self.head_dim, x.device)
+            cos, sin = rope_2d_tables(gh, gw, hd, x.device)
             q, k = apply_rope_2d(q, cos, sin).to(v.dtype), apply_rope_2d(k, cos, sin).to(v.dtype)
         if self.attn_type == "v2":
             temperature = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
-            q = F.normalize(q, dim=-1) * temperature.to(q.dtype)
+            # q / |q| * temperature with a single pass over q (the division acts on the norms)
+            q = q * (temperature.to(q.dtype) / q.norm(dim=-1, keepdim=True).clamp_min(1e-12))
             k = F.normalize(k, dim=-1)
             out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
-
-        # The 1x1 output projection acts per token: apply it before the tokens go home.
-        out = pointwise(out.transpose(1, 2).reshape(n * f * f, gh * gw, c), self.to_out)
-        # (N, f, f, gh, gw, C) -> (N, gh, f, gw, f, C)
-        return out.view(n, f, f, gh, gw, c).permute(0, 3, 1, 4, 2, 5).reshape(n, h, w, c)
+        # Tokens go home: (N, f, f, heads, gh, gw, d) -> (N, gh, f, gw, f, heads, d) -> (N, H, W, C)
+        out = out.view(n, f, f, heads, gh, gw, hd).permute(0, 4, 1, 5, 2, 3, 6).reshape(n, h, w, c)
+        return pointwise(out, self.to_out)
 
 
 #################################################################################
