@@ -83,17 +83,18 @@ def hidden_features(clf, features):
 
 
 def run(cmd, log):
+    """Run a pipeline stage, keep its whole output in `log`, show its progress lines as they come."""
     print("$ " + " ".join(str(c) for c in cmd), flush=True)
     with open(log, "a") as f:
-        proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
-        f.write(proc.stdout)
-    for line in proc.stdout.splitlines():
-        if "Train Loss" in line or "wrote" in line or "error" in line.lower():
-            print("  " + line.split("] ")[-1], flush=True)
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        for line in proc.stdout:
+            f.write(line)
+            if any(key in line for key in ("Train Loss", "sampling ", "wrote", "error")):
+                print("  " + line.rstrip().split("] ")[-1].split("\r")[-1], flush=True)
+        proc.wait()
     if proc.returncode:
         sys.exit(f"demo: step failed (exit {proc.returncode}); see {log}")
-    return proc.stdout
 
 
 def sample_and_score(ckpt, out, samples, train_x, train_y, held_x, held_y, log, times):

@@ -367,6 +367,8 @@ def train(args, backend):
                 steps_per_sec = log_steps / elapsed if log_steps else 0.0
                 avg_loss = (running_loss / max(log_steps, 1)).item()
                 eta = (args.max_steps - step) / steps_per_sec if steps_per_sec else math.inf
+                if args.max_minutes is not None:
+                    eta = min(eta, max(0.0, 60 * args.max_minutes - (time.time() - run_start)))
                 extra = f", skipped images: {skipped_images}" if skipped_images else ""
                 logger.info("(step=%07d) Train Loss: %.4f, Train Steps/Sec: %.2f, Images/Sec: %.1f, ETA: %s%s",
                             step, avg_loss, steps_per_sec, steps_per_sec * args.global_batch_size,
