@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import models
 from conftest import SINGLE_CALL_TOL, assert_rel_close, randomize, tiny_udit
-from models import DiT, DiT_models, LabelEmbedder, RepFFN, U_DiT, create_model
+from models import DiT, DiT_models, RepFFN, U_DiT, create_model
 
 
 def inputs(n=2, size=16, num_classes=10, channels=4, seed=1):
@@ -98,7 +98,8 @@ def test_eval_train_toggles_never_touch_parameters_and_follow_updates():
     x, t, y = inputs()
     for step in range(3):
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        model.eval(); model.eval(); model.train(); model.eval()
+        for training in (False, False, True, False):
+            model.train(training)
         after = model.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before), "a mode switch changed the weights"
         with torch.no_grad():
