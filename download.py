@@ -13,12 +13,11 @@ import argparse
 import os
 import re
 import sys
-import urllib.request
 from pathlib import Path
 
 from udit.checkpoint import CheckpointError, load_checkpoint, model_state_dict
 from udit.cli import ActionableError
-from udit.hub import hub_unreachable_reason
+from udit.hub import download_url, hub_unreachable_reason
 
 UDIT_REPO = "yuchuantian/U-DiT"
 DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"
@@ -85,19 +84,6 @@ def _fetch_udit(name, target):
     target.symlink_to(path)  # the release keeps its own file name; ours points at it
 
 
-def _fetch_url(url, target):
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                out.write(chunk)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, target)
-
-
 def download(name):
     """Local path of released checkpoint `name`, fetched into the cache the first time."""
     if name not in RELEASED:
@@ -111,7 +97,7 @@ def download(name):
     print(f"downloading {name} into {target} ...", file=sys.stderr)
     try:
         if name.startswith("DiT"):
-            _fetch_url(DIT_URL.format(name=name), target)
+            download_url(DIT_URL.format(name=name), target)
         else:
             _fetch_udit(name, target)
     except DownloadError as err:

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import sys
-import urllib.request
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -24,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from scipy import linalg
 from tqdm.auto import tqdm
+
+from udit.hub import download_url
 
 INCEPTION_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
                  "classify_image_graph_def.pb")
@@ -224,22 +225,12 @@ def find_inception_graph(path=None, download=True):
     if not download:
         raise EvaluatorInputError(f"Inception graph not found at {path}; download {INCEPTION_URL} there "
                                   f"or pass --inception-graph PATH")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     print(f"downloading the Inception graph to {path} ...")
     try:
-        with urllib.request.urlopen(INCEPTION_URL, timeout=60) as response, open(tmp, "wb") as out:
-            total = int(response.headers.get("Content-Length", 0)) or None
-            with tqdm(total=total, unit="B", unit_scale=True) as bar:
-                for chunk in iter(lambda: response.read(1 << 20), b""):
-                    out.write(chunk)
-                    bar.update(len(chunk))
+        return download_url(INCEPTION_URL, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise EvaluatorInputError(f"could not download the Inception graph ({err}); fetch {INCEPTION_URL} by "
                                   f"hand and put it at {path}, or pass --inception-graph PATH") from None
-    os.replace(tmp, path)
-    return path
 
 
 class InceptionFeatures:

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from udit.cli import ActionableError
-from udit.sampling import (add_sampling_args, check_sampling_args, configure_precision, generate, image_grid_png,
+from udit.distributed import configure_matmul_precision
+from udit.sampling import (add_sampling_args, check_sampling_args, generate, image_grid_png,
                            load_sampling_model, save_png_atomic)
 from udit.vae import to_uint8
 
@@ -33,7 +34,7 @@ def main(argv=None):
     check_sampling_args(p, args)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    configure_precision(args.precision, device)
+    configure_matmul_precision(args.precision, device)
     try:
         model, vae, settings = load_sampling_model(args, device)
     except (ActionableError, ValueError) as err:
@@ -49,7 +50,7 @@ def main(argv=None):
     images, _ = generate(model, vae, settings, args.seed, range(len(labels)), args.num_sampling_steps, args.sampler,
                          args.cfg_scale,
                          labels=labels, precision=args.precision,
-                         cfg_channels=None if args.cfg_channels == "all" else 3)
+                         cfg_channels=args.cfg_channels)
     image_grid_png(images, args.output, args.nrow)
     print(f"wrote {args.output}")
     if args.save_individual:

@@ -17,8 +17,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from udit.cli import positive_int, run_guarded
-from udit.distributed import barrier, cleanup, init_distributed
-from udit.sampling import (add_sampling_args, check_sampling_args, configure_precision, generate, initial_draws,
+from udit.distributed import barrier, cleanup, configure_matmul_precision, init_distributed
+from udit.sampling import (add_sampling_args, check_sampling_args, generate, initial_draws,
                            load_sampling_model, save_png_atomic, write_npz_streaming)
 from udit.vae import to_uint8
 
@@ -60,7 +60,7 @@ def main(argv=None):
 
 def sample_all(args, ctx):
     """Sample this rank's missing batches, then (rank 0) write the .npz from the PNGs."""
-    configure_precision(args.precision, ctx.device)
+    configure_matmul_precision(args.precision, ctx.device)
     model, vae, settings = load_sampling_model(args, ctx.device)
     folder = Path(args.sample_dir) / run_name(args, settings)
     if ctx.is_main:
@@ -78,7 +78,7 @@ def sample_all(args, ctx):
     for batch in todo:
         images, _ = generate(model, vae, settings, args.global_seed, batch, args.num_sampling_steps, args.sampler,
                              args.cfg_scale, precision=args.precision,
-                             cfg_channels=None if args.cfg_channels == "all" else 3)
+                             cfg_channels=args.cfg_channels)
         for i, array in zip(batch, to_uint8(images).numpy()):
             save_png_atomic(array, folder / f"{i:06d}.png")
         bar.update(min(len(batch) * ctx.world_size, n - bar.n))  # rank 0 reports for all

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusion import create_diffusion  # noqa: E402
 from models import DiT_models, count_params, create_model, model_report  # noqa: E402
+from udit.distributed import configure_matmul_precision  # noqa: E402
 
 SAME_MACS = {"U-DiT-S": "DiT-S/2", "U-DiT-B": "DiT-B/2", "U-DiT-L": "DiT-L/2"}
 
@@ -140,9 +141,7 @@ def main(argv=None):
     args.latent_size = args.image_size // 8
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = args.precision in ("tf32", "bf16")
-        torch.backends.cudnn.allow_tf32 = args.precision in ("tf32", "bf16")
+    configure_matmul_precision(args.precision, device)
     gemm_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     gemm_size = args.gemm_size or (8192 if device.type == "cuda" else 2048)
     ceiling = gemm_ceiling(device, gemm_dtype, gemm_size)

@@ -25,7 +25,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evaluator import frechet_distance  # noqa: E402
+from evaluator import compute_statistics, frechet_distance  # noqa: E402
 from udit.checkpoint import load_checkpoint  # noqa: E402
 
 HELD_OUT = 297
@@ -125,10 +125,10 @@ def sample_and_score(ckpt, out, samples, train_x, train_y, held_x, held_y, log, 
     gen_features, held_features = to_features(gen_images), to_features(held_x)
     summary = {
         "class_accuracy": float((clf.predict(gen_features) == gen_labels).mean()),
-        "fd_classifier": frechet_distance(*stats(hidden_features(clf, gen_features)),
-                                          *stats(hidden_features(clf, held_features))),
-        "fd_classifier_real_vs_real": frechet_distance(*stats(hidden_features(clf, to_features(train_x[:HELD_OUT]))),
-                                                       *stats(hidden_features(clf, held_features))),
+        "fd_classifier": frechet_distance(*compute_statistics(hidden_features(clf, gen_features)),
+                                          *compute_statistics(hidden_features(clf, held_features))),
+        "fd_classifier_real_vs_real": frechet_distance(*compute_statistics(hidden_features(clf, to_features(train_x[:HELD_OUT]))),
+                                                       *compute_statistics(hidden_features(clf, held_features))),
         "real_accuracy": float(clf.score(held_features, held_y)),
         "samples": int(len(gen_images)),
         "training_steps": int(load_checkpoint(ckpt)["step"]),
@@ -186,9 +186,6 @@ def main(argv=None):
     print(f"outputs in {out}: grid.png, samples.npz, checkpoint.pt, train_log.txt, summary.json")
     return 0
 
-
-def stats(features):
-    return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import evaluator
+import udit.hub
 from evaluator import (EvaluatorInputError, frechet_distance, inception_score, iter_image_batches,
                        precision_recall, read_precomputed_statistics)
 
@@ -127,7 +128,7 @@ def test_missing_graph_offline_error_names_url_and_place(tmp_path, monkeypatch):
 
     def offline(*args, **kwargs):
         raise OSError("network unreachable")
-    monkeypatch.setattr(evaluator.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(udit.hub.urllib.request, "urlopen", offline)
     with pytest.raises(EvaluatorInputError, match="fetch https://openaipublic"):
         evaluator.find_inception_graph()
     assert not list(tmp_path.glob("*.tmp"))

@@ -15,6 +15,7 @@ import download
 import sample
 import sample_ddp
 import train
+import udit.hub
 from conftest import ROOT, TINY_UDIT_KWARGS, randomize, run_script, torchrun
 from udit.checkpoint import CheckpointError, build_model, load_checkpoint
 from udit.sampling import write_npz_streaming
@@ -178,7 +179,7 @@ def test_offline_download_errors_say_what_to_fetch_and_where(tmp_path, monkeypat
 
     def offline(*args, **kwargs):
         raise OSError("Network is unreachable")
-    monkeypatch.setattr(download.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(udit.hub.urllib.request, "urlopen", offline)
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
     with pytest.raises(download.DownloadError) as info:

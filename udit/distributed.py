@@ -41,6 +41,14 @@ def init_distributed(require_cuda=False):
     return DistContext(rank, local_rank, world_size, device)
 
 
+def configure_matmul_precision(precision, device):
+    """TF32 matmuls and convolutions on GPUs for --precision tf32 and bf16 (fp32 keeps full precision)."""
+    if torch.device(device).type == "cuda":
+        tf32 = precision in ("tf32", "bf16")
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()

@@ -6,6 +6,7 @@ both seeded by those two numbers, so the same command gives the same images what
 the number of processes.
 """
 
+import argparse
 import os
 import zipfile
 from contextlib import nullcontext
@@ -28,6 +29,13 @@ FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # so that the same images give the same 
 #                                  Settings                                     #
 #################################################################################
 
+def cfg_channels(text):
+    """--cfg-channels: 3 (the DiT convention) or 'all' (None: every output channel)."""
+    if text not in ("3", "all"):
+        raise argparse.ArgumentTypeError(f"must be 3 or all, got {text!r}")
+    return 3 if text == "3" else None
+
+
 def add_sampling_args(p):
     p.add_argument("--ckpt", required=True,
                    help="a train.py checkpoint, a state dict / .safetensors file, or a released name "
@@ -40,7 +48,7 @@ def add_sampling_args(p):
     p.add_argument("--vae-path", help="local diffusers VAE folder (default: the hub id stabilityai/sd-vae-ft-{ema,mse})")
     p.add_argument("--num-sampling-steps", type=int, default=250)
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--cfg-channels", choices=["3", "all"], default="3",
+    p.add_argument("--cfg-channels", type=cfg_channels, default=3, metavar="{3,all}",
                    help="guide the first 3 output channels (the DiT convention) or all of them")
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     p.add_argument("--tf32", action="store_true", help="same as --precision tf32")
@@ -89,12 +97,6 @@ def load_sampling_model(args, device):
     model = build_model(settings)
     load_weights(model, model_state_dict(checkpoint), path)
     return model.to(device).eval(), vae, settings
-
-
-def configure_precision(precision, device):
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = precision in ("tf32", "bf16")
-        torch.backends.cudnn.allow_tf32 = precision in ("tf32", "bf16")
 
 
 #################################################################################

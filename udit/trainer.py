@@ -24,7 +24,8 @@ from udit.checkpoint import (CheckpointError, build_model, load_checkpoint, load
                              save_atomic)
 from udit.cli import ActionableError, json_object, positive_int
 from udit.data import DataError, ImageDataset, ResumableDistributedSampler, open_feature_folder
-from udit.distributed import all_gather_objects, all_reduce_mean, barrier, broadcast_object, init_distributed
+from udit.distributed import (all_gather_objects, all_reduce_mean, barrier, broadcast_object,
+                               configure_matmul_precision, init_distributed)
 from udit.vae import encode, latent_channels, latent_factor, load_vae
 
 log = logging.getLogger("train")
@@ -112,10 +113,7 @@ class DDPBackend:
         self.device, self.rank, self.world_size = self.ctx.device, self.ctx.rank, self.ctx.world_size
         self.local_rank = self.ctx.local_rank
         self.precision = precision
-        if self.device.type == "cuda":
-            tf32 = precision in ("tf32", "bf16")
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            torch.backends.cudnn.allow_tf32 = tf32
+        configure_matmul_precision(precision, self.device)
 
     def prepare(self, model, opt):
         if self.world_size > 1:
