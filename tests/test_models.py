@@ -1,6 +1,7 @@
 """U-DiT and DiT behaviour beyond the golden vectors: switches, folding, registry, errors."""
 
 import math
+from copy import deepcopy
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 import models
 from conftest import SINGLE_CALL_TOL, assert_rel_close, randomize, tiny_udit
-from models import DiT, DiT_models, RepFFN, U_DiT, create_model
+from models import DiT, DiT_models, RepFFN, U_DiT, compile_blocks, create_model
 
 
 def inputs(n=2, size=16, num_classes=10, channels=4, seed=1):
@@ -312,6 +313,19 @@ def test_compiles_as_one_graph(mode):
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         assert_rel_close(compiled(x, t, y), model(x, t, y), SINGLE_CALL_TOL, "compiled")
+
+
+def test_compile_blocks_keeps_the_function_and_the_checkpoint_names():
+    model = no_label_dropout(tiny_udit())
+    reference = deepcopy(model)
+    compile_blocks(model, backend="aot_eager")
+    assert all(block._compiled_call_impl is not None for block in model.blocks())
+    x, t, y = inputs()
+    for mode in ("train", "eval"):
+        getattr(model, mode)(), getattr(reference, mode)()
+        with torch.no_grad():
+            assert_rel_close(model(x, t, y), reference(x, t, y), SINGLE_CALL_TOL, f"blocks compiled, {mode}")
+    assert model.state_dict().keys() == reference.state_dict().keys()  # checkpoints keep their names
 
 
 def test_dit_guidance_applies_to_three_channels_by_default():
