@@ -50,7 +50,7 @@ def main(argv=None):
     images, _ = generate(model, vae, settings, args.seed, range(len(labels)), args.num_sampling_steps, args.sampler,
                          args.cfg_scale,
                          labels=labels, precision=args.precision,
-                         cfg_channels=args.cfg_channels)
+                         cfg_channels=args.cfg_channels, cuda_graph=args.cuda_graph)
     image_grid_png(images, args.output, args.nrow)
     print(f"wrote {args.output}")
     if args.save_individual:

@@ -78,7 +78,7 @@ def sample_all(args, ctx):
     for batch in todo:
         images, _ = generate(model, vae, settings, args.global_seed, batch, args.num_sampling_steps, args.sampler,
                              args.cfg_scale, precision=args.precision,
-                             cfg_channels=args.cfg_channels)
+                             cfg_channels=args.cfg_channels, cuda_graph=args.cuda_graph)
         for i, array in zip(batch, to_uint8(images).numpy()):
             save_png_atomic(array, folder / f"{i:06d}.png")
         bar.update(min(len(batch) * ctx.world_size, n - bar.n))  # rank 0 reports for all

@@ -20,6 +20,7 @@ from diffusion import create_diffusion
 from models import DiT_models
 from udit.checkpoint import build_model, load_checkpoint, load_weights, model_state_dict
 from udit.cli import json_object
+from udit.cuda_graphs import GraphedForward
 from udit.vae import decode, latent_channels, latent_factor, load_vae
 
 FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # so that the same images give the same .npz bytes
@@ -52,6 +53,9 @@ def add_sampling_args(p):
                    help="guide the first 3 output channels (the DiT convention) or all of them")
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     p.add_argument("--tf32", action="store_true", help="same as --precision tf32")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay the model from a CUDA graph (GPU only): U-DiT's many small kernels make eager "
+                        "sampling launch-bound")
 
 
 def check_sampling_args(parser, args):
@@ -67,6 +71,8 @@ def check_sampling_args(parser, args):
         parser.error(f"--vae-path {args.vae_path}: no such directory")
     if args.tf32:
         args.precision = "tf32"
+    if args.cuda_graph and not torch.cuda.is_available():
+        parser.error("--cuda-graph needs a CUDA GPU (it replays recorded GPU kernels); drop it on this machine")
 
 
 def resolve_settings(args, saved):
@@ -125,8 +131,11 @@ def initial_draws(seed, indices, shape, num_classes, labels=None):
 
 
 def generate(model, vae, settings, seed, indices, steps, sampler="ddpm", cfg_scale=1.0, labels=None,
-             precision="fp32", cfg_channels=3):
-    """Images (N, 3, H, W) in [-1, 1] and labels (N,) for the image indices given."""
+             precision="fp32", cfg_channels=3, cuda_graph=False):
+    """Images (N, 3, H, W) in [-1, 1] and labels (N,) for the image indices given.
+
+    cuda_graph: replay each model call from a CUDA graph recorded for this batch.
+    """
     device = next(model.parameters()).device
     shape = (settings["in_channels"], settings["latent_size"], settings["latent_size"])
     y, z = initial_draws(seed, indices, shape, settings["num_classes"], labels)
@@ -144,6 +153,8 @@ def generate(model, vae, settings, seed, indices, steps, sampler="ddpm", cfg_sca
     def model_fn(x, t, **kw):
         with autocast:
             return forward(x, t, **kw).float()
+    if cuda_graph:
+        model_fn = GraphedForward(model_fn)
 
     def step_noise(x):
         noise = torch.stack([torch.randn(x.shape[1:], generator=g, device=device) for g in generators])

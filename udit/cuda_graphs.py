@@ -1,0 +1,59 @@
+"""CUDA-graph replay for fixed-shape GPU work.
+
+In eager mode a U-DiT step is bound by the host, not the GPU: its 44 thin transformer
+layers launch about three times as many kernels as DiT-XL/2 for a sixth of the work, so
+on an H200 U-DiT-B and U-DiT-L take the same time per step. Recording the kernels of
+one call in a CUDA graph and replaying it removes the per-kernel launch cost.
+"""
+
+import torch
+
+
+def capture(fn, warmup=3, pool=None):
+    """Run fn `warmup` times on a side stream, then record one call of it; returns the CUDAGraph.
+
+    fn must not synchronise with the host, and must enter any autocast region itself (the
+    autocast weight cache must not outlive one call, or the casts are not recorded).
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        fn()
+    return graph
+
+
+class GraphedForward:
+    """forward(x, t, **kwargs) replayed from a CUDA graph: the same outputs, one launch.
+
+    Tensor arguments are copied into static buffers before each replay; the graph is
+    recorded on the first call and again whenever tensor shapes or non-tensor arguments
+    change. The weights are read at replay time, so they may change in place but must not
+    be replaced. Returns a fresh tensor each call.
+    """
+
+    def __init__(self, forward):
+        self.forward = forward
+        self.key = None
+
+    def __call__(self, x, t, **kwargs):
+        tensors = {"x": x, "t": t, **{k: v for k, v in kwargs.items() if torch.is_tensor(v)}}
+        others = {k: v for k, v in kwargs.items() if not torch.is_tensor(v)}
+        key = (tuple((k, v.shape, v.dtype, v.device) for k, v in tensors.items()), sorted(others.items()))
+        if key != self.key:
+            self.key, self.graph = None, None  # free the old graph's memory before recording anew
+            self.static = {k: v.clone() for k, v in tensors.items()}
+
+            def call():
+                static_kwargs = {k: v for k, v in self.static.items() if k not in ("x", "t")}
+                self.output = self.forward(self.static["x"], self.static["t"], **static_kwargs, **others)
+            self.graph = capture(call)
+            self.key = key
+        for k, v in tensors.items():
+            self.static[k].copy_(v)
+        self.graph.replay()
+        return self.output.clone()
