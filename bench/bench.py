@@ -2,7 +2,7 @@
 
     python bench/bench.py                                   # CPU: U-DiT-S vs DiT-S/2, fp32, batch 8
     python bench/bench.py --models U-DiT-B U-DiT-L DiT-B/2 DiT-L/2 DiT-XL/2 --batch-size 32 \\
-        --precision bf16 --compile --sampling                # GPU
+        --precision bf16 --cuda-graph --sampling             # GPU
 
 Models are measured in one process, alternating between them round by round, so that
 they see the same machine state; each figure is the median over rounds. The ceiling is
@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -25,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusion import create_diffusion  # noqa: E402
-from models import DiT_models, count_params, create_model, model_report  # noqa: E402
+from models import DiT_models, compile_blocks, count_params, create_model, model_report  # noqa: E402
+from udit.cuda_graphs import GraphedForward, capture  # noqa: E402
 from udit.distributed import configure_matmul_precision  # noqa: E402
 
 SAME_MACS = {"U-DiT-S": "DiT-S/2", "U-DiT-B": "DiT-B/2", "U-DiT-L": "DiT-L/2"}
@@ -44,6 +46,13 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
+def compiled(model, how):
+    """The callable to time: the model itself, its blocks compiled in place, or the whole model compiled."""
+    if how == "blocks":
+        return compile_blocks(model)
+    return torch.compile(model) if how == "model" else model
+
+
 def gemm_ceiling(device, dtype, size, repeats=5):
     """GFLOP/s of a size x size matrix product: the device's attainable peak in this precision."""
     a = torch.randn(size, size, device=device, dtype=dtype)
@@ -54,7 +63,12 @@ def gemm_ceiling(device, dtype, size, repeats=5):
 
 
 class Case:
-    """One model with its optimizer and inputs; step() and infer() run one iteration each."""
+    """One model with its optimizer and inputs; step() and infer() run one iteration each.
+
+    With --cuda-graph, graph() records one whole training step (forward, backward, AdamW)
+    and one inference forward (on an eval-mode copy, whose folded FFN weights stay put)
+    after the eager warm-up; step() and infer() then replay them.
+    """
 
     def __init__(self, name, args, device):
         self.name = name
@@ -62,66 +76,128 @@ class Case:
         self.model = create_model(name, input_size=args.latent_size).to(device)
         self.params = count_params(self.model)
         self.gmacs = model_report([name], args.latent_size)[0][3]  # folded, as the paper counts
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True,
+                                     capturable=args.cuda_graph and device.type == "cuda")
         self.diffusion = create_diffusion("")
         n = args.batch_size
         self.x = torch.randn(n, 4, args.latent_size, args.latent_size, device=device)
         self.y = torch.randint(0, 1000, (n,), device=device)
         self.t = torch.randint(0, 1000, (n,), device=device)
-        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
-                         else nullcontext())
-        self.train_fn = torch.compile(self.model) if args.compile else self.model
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not args.cuda_graph)
+                         if args.precision == "bf16" else nullcontext())
+        self.train_fn = compiled(self.model, args.compile)
         self.infer_fn = self.train_fn
         self.times = {"train": [], "infer": []}
+        self.peak_memory = None
+        self.graphs = None
 
     def step(self):
+        if self.graphs:
+            return self.graphs["train"].replay()
+        self.eager_step()
+
+    def eager_step(self):
         with self.autocast:
             loss = self.diffusion.training_losses(self.train_fn, self.x, self.t, {"y": self.y})["loss"].mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
 
-    @torch.no_grad()
     def infer(self):
+        if self.graphs:
+            return self.graphs["infer"].replay()
+        self.eager_infer()
+
+    @torch.no_grad()
+    def eager_infer(self):
         with self.autocast:
             self.infer_fn(self.x, self.t, self.y)
 
     def set_mode(self, training):
         """Switch mode outside the timed region; in eval, fold the FFNs once (as sampling does)."""
+        if self.graphs:
+            return
         self.model.train(training)
         if not training:
             self.infer()
 
+    def graph(self):
+        self.model.train()
+        train_graph = capture(self.eager_step)
+        self.infer_fn = deepcopy(self.model).eval()
+        self.graphs = {"train": train_graph, "infer": capture(self.eager_infer)}
+
+    def resident_bytes(self):
+        """Bytes of this model's parameters, gradients and optimizer state."""
+        tensors = [p for p in self.model.parameters()] + [p.grad for p in self.model.parameters()]
+        tensors += [v for state in self.opt.state.values() for v in state.values()]
+        return sum(x.numel() * x.element_size() for x in tensors if torch.is_tensor(x))
+
 
 def sampling_rate(name, args, device):
-    """Images/s for 250 DDPM steps with guidance and the SD-VAE decode (random weights, same cost)."""
+    """Images/s for `--sampling-steps` guided DDPM steps plus the SD-VAE decode (random weights, same cost).
+
+    A short loop first warms up (and compiles) every shape; the full loop is then timed once.
+    """
     from diffusers.models import AutoencoderKL
     torch.manual_seed(0)
     model = create_model(name, input_size=args.latent_size).to(device).eval()
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4).to(device).eval()
-    forward = torch.compile(model.forward_with_cfg) if args.compile else model.forward_with_cfg
+    if args.compile == "blocks":
+        forward = compile_blocks(model).forward_with_cfg
+    else:
+        forward = torch.compile(model.forward_with_cfg) if args.compile == "model" else model.forward_with_cfg
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
-    diffusion = create_diffusion(str(args.sampling_steps))
-    n = args.batch_size
+    n = args.sampling_batch_size or args.batch_size
+    shape = (2 * n, 4, args.latent_size, args.latent_size)
     z = torch.randn(n, 4, args.latent_size, args.latent_size, device=device)
     y = torch.cat([torch.randint(0, 1000, (n,), device=device), torch.full((n,), 1000, device=device)])
 
     def model_fn(x, t, **kw):
         with autocast:
             return forward(x, t, **kw).float()
+    if args.cuda_graph:
+        model_fn = GraphedForward(model_fn)
 
-    def run():
+    def run(steps):
+        diffusion = create_diffusion(str(steps))
         with torch.no_grad():
-            out = diffusion.p_sample_loop(model_fn, (2 * n, 4, args.latent_size, args.latent_size),
-                                          torch.cat([z, z]), clip_denoised=False,
+            out = diffusion.p_sample_loop(model_fn, shape, torch.cat([z, z]), clip_denoised=False,
                                           model_kwargs={"y": y, "cfg_scale": 1.5}, device=device)
             with autocast:
                 vae.decode(out[:n] / 0.18215)
-    run()  # warm-up (and compilation)
-    seconds = timed(run, device)
-    return n / seconds
+    run(2)
+    return n / timed(lambda: run(args.sampling_steps), device)
+
+
+def write_json(path, results):
+    if path:
+        Path(path).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def print_table(results, args):
+    compile_note = {"none": "", "blocks": ", blocks compiled", "model": ", compiled"}[args.compile]
+    compile_note += ", CUDA graphs" if args.cuda_graph else ""
+    print(f"{results['device']}, torch {results['torch']}, {args.precision}{compile_note}, batch {args.batch_size}, "
+          f"{args.image_size} px; GEMM ceiling {results['gemm_ceiling_gflops']:.0f} GFLOP/s")
+    print(f"{'model':<10} {'GMACs':>7} {'train s':>9} {'steps/s':>8} {'infer s':>9} {'GFLOP/s':>8} {'util':>6} "
+          f"{'GiB':>6}  step-time ratios (train / infer)")
+    models = results["models"]
+    for name, r in models.items():
+        ratios = [f"vs {other}: {r['train_step_s'] / models[other]['train_step_s']:.2f}x / "
+                  f"{r['infer_s'] / models[other]['infer_s']:.2f}x"
+                  for other in (SAME_MACS.get(name), "DiT-XL/2") if other in models and other != name]
+        memory = f"{r['train_peak_memory_gib']:.1f}" if r["train_peak_memory_gib"] else "-"
+        print(f"{name:<10} {r['gmacs']:>7.2f} {r['train_step_s']:>9.4f} {r['train_steps_per_s']:>8.2f} "
+              f"{r['infer_s']:>9.4f} {r['train_gflops']:>8.0f} {r['utilisation']:>6.0%} "
+              f"{memory:>6}  {'; '.join(ratios)}")
+    for name, r in models.items():
+        if "sampling_images_per_s" in r:
+            print(f"{name:<10} sampling {args.sampling_steps} guided steps + VAE decode: "
+                  f"{r['sampling_images_per_s']:.2f} images/s, {args.sampling_images:,} images in "
+                  f"{r['sampling_hours']:.2f} h on one device")
 
 
 def main(argv=None):
@@ -130,15 +206,26 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", nargs="?", const="model", default="none", choices=["none", "blocks", "model"],
+                   help="torch.compile each transformer block ('blocks') or the whole model ('model', the default "
+                        "of a bare --compile)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each training step, inference forward and sampling forward from a CUDA graph")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--gemm-size", type=int, default=None, help="default: 2048 on CPU, 8192 on GPU")
     p.add_argument("--sampling", action="store_true", help="also measure 250-step guided sampling with VAE decode")
     p.add_argument("--sampling-steps", type=int, default=250)
+    p.add_argument("--sampling-batch-size", type=int, default=None, help="default: --batch-size")
+    p.add_argument("--sampling-models", nargs="+", choices=list(DiT_models), help="default: --models")
+    p.add_argument("--sampling-images", type=int, default=50_000, help="for the projected hours on one device")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     args.latent_size = args.image_size // 8
+    if args.sampling_models and not set(args.sampling_models) <= set(args.models):
+        p.error("--sampling-models must be among --models")
+    if args.cuda_graph and not torch.cuda.is_available():
+        p.error("--cuda-graph needs a CUDA device")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     configure_matmul_precision(args.precision, device)
@@ -152,18 +239,28 @@ def main(argv=None):
             case.set_mode(True)
             case.step()
             case.set_mode(False)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    if args.cuda_graph:
+        for case in cases:
+            case.graph()
     for _ in range(args.rounds):
         for case in cases:
             case.set_mode(True)
+            measure_memory = device.type == "cuda" and not args.cuda_graph
+            if measure_memory:  # the step's peak above what is resident, plus this model's own state
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
             case.times["train"].append(timed(case.step, device))
+            if measure_memory:
+                peak = torch.cuda.max_memory_allocated(device) - before + case.resident_bytes()
+                case.peak_memory = max(case.peak_memory or 0, peak)
         for case in cases:
             case.set_mode(False)
             case.times["infer"].append(timed(case.infer, device))
 
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                "torch": torch.__version__, "precision": args.precision, "compile": args.compile,
+               "cuda_graph": args.cuda_graph,
+               "command": "python bench/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "batch_size": args.batch_size, "image_size": args.image_size,
                "gemm_ceiling_gflops": ceiling, "date": time.strftime("%Y-%m-%d"), "models": {}}
     for case in cases:
@@ -171,29 +268,18 @@ def main(argv=None):
         train_gflops = 3 * 2 * case.gmacs * args.batch_size / train_s
         results["models"][case.name] = {
             "params": case.params, "gmacs": case.gmacs, "train_step_s": train_s, "infer_s": infer_s,
-            "train_steps_per_s": 1 / train_s, "train_gflops": train_gflops, "utilisation": train_gflops / ceiling}
+            "train_steps_per_s": 1 / train_s, "train_gflops": train_gflops, "utilisation": train_gflops / ceiling,
+            "train_peak_memory_gib": case.peak_memory / 2**30 if case.peak_memory else None}
+    write_json(args.json, results)
+    del cases
     if args.sampling:
-        for name in args.models:
-            results["models"][name]["sampling_images_per_s"] = sampling_rate(name, args, device)
+        for name in args.sampling_models or args.models:
+            rate = sampling_rate(name, args, device)
+            results["models"][name].update(
+                sampling_images_per_s=rate, sampling_hours=args.sampling_images / rate / 3600)
+            write_json(args.json, results)
 
-    print(f"{results['device']}, torch {torch.__version__}, {args.precision}{' compiled' if args.compile else ''}, "
-          f"batch {args.batch_size}, {args.image_size} px; GEMM ceiling {ceiling:.0f} GFLOP/s")
-    print(f"{'model':<10} {'GMACs':>7} {'train s':>9} {'infer s':>9} {'GFLOP/s':>8} {'util':>6}  ratios (train / infer)")
-    names = set(results["models"])
-    for name, r in results["models"].items():
-        ratios = []
-        for other in (SAME_MACS.get(name), "DiT-XL/2"):
-            if other in names and other != name:
-                o = results["models"][other]
-                ratios.append(f"vs {other}: {r['train_step_s'] / o['train_step_s']:.2f}x / "
-                              f"{r['infer_s'] / o['infer_s']:.2f}x")
-        extra = f"  {r['sampling_images_per_s']:.2f} img/s sampling" if "sampling_images_per_s" in r else ""
-        print(f"{name:<10} {r['gmacs']:>7.2f} {r['train_step_s']:>9.3f} {r['infer_s']:>9.3f} "
-              f"{r['train_gflops']:>8.0f} {r['utilisation']:>6.0%}  {'; '.join(ratios)}{extra}")
-    if device.type == "cuda":
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results, args)
     return results
 
 
