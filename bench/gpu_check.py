@@ -16,8 +16,9 @@ or runs out of time still leaves the earlier ones' results and logs in OUT:
 - graphs: bench.py, U-DiT-B/L against DiT-B/2, L/2, XL/2, bf16, batch 32, every step
   replayed from a CUDA graph, with 250-step guided sampling -> gpu_graphs.json;
 - sample-graph: sample_ddp.py with and without --cuda-graph, compared value by value;
-- profile: the kernels of a U-DiT-B training step, and depthwise convolutions in
-  channels-last against NCHW layout -> profile.txt;
+- profile: the kernels of a U-DiT-B training step (-> profile.txt), depthwise
+  convolutions in channels-last against NCHW layout, and the graph-replayed U-DiT-B
+  step with the model's spatial convolutions in each layout;
 - eager, eager-sampling: bench.py without graphs -> gpu_eager*.json;
 - blocks: bench.py with every transformer block compiled -> gpu_blocks.json.
 """
@@ -30,12 +31,15 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffusion import create_diffusion  # noqa: E402
+import models  # noqa: E402
 from models import DiT, U_DiT, create_model  # noqa: E402
+from udit.cuda_graphs import capture  # noqa: E402
 
 # Strict fp32 tolerances of ../shared/golden/README.md: one forward, and 10 chained calls.
 FORWARD_TOL, LOOP_TOL = 1e-5, 1e-4
@@ -172,19 +176,47 @@ def sample_ddp_with_cuda_graph(out):
     return 0
 
 
+def spatial_conv_nchw(x, weight, bias=None, padding=0, groups=1):
+    """models.spatial_conv through a contiguous NCHW copy instead of the channels-last view."""
+    nchw = x.permute(0, 3, 1, 2).contiguous()
+    return F.conv2d(nchw, weight, bias, padding=padding, groups=groups).permute(0, 2, 3, 1)
+
+
+def conv_layout_step_times(step, sync, replays=10):
+    """Milliseconds of one graph-replayed `step` with the model's spatial convolutions in each layout."""
+    channels_last, times = models.spatial_conv, {}
+    try:
+        for layout, conv in (("channels-last", channels_last), ("NCHW", spatial_conv_nchw)):
+            models.spatial_conv = conv
+            graph = capture(step)
+            sync()
+            start = time.perf_counter()
+            for _ in range(replays):
+                graph.replay()
+            sync()
+            times[layout] = (time.perf_counter() - start) / replays * 1e3
+            del graph
+    finally:
+        models.spatial_conv = channels_last
+    return times
+
+
 def profile(out, device, name="U-DiT-B", batch=32):
     """Where a U-DiT-B training step spends its GPU time, and what the depthwise convolutions cost.
 
     1. torch.profiler over two eager bf16 training steps (batch 32, 256 px): the kernels
        with the most GPU time -> OUT/profile.txt;
     2. a 5x5 depthwise convolution, forward + backward in bf16, at each U-DiT-B FFN
-       shape, with channels-last and contiguous (NCHW) inputs.
+       shape, with channels-last and contiguous (NCHW) inputs;
+    3. on a GPU, the whole training step replayed from a CUDA graph with the model's
+       spatial convolutions as they are (channels-last) and run in NCHW layout.
     """
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     torch.manual_seed(0)
     model = create_model(name).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=cuda)
     diffusion = create_diffusion("")
     x = torch.randn(batch, 4, 32, 32, device=device)
     t, y = torch.randint(0, 1000, (batch,), device=device), torch.randint(0, 1000, (batch,), device=device)
@@ -194,7 +226,7 @@ def profile(out, device, name="U-DiT-B", batch=32):
             torch.cuda.synchronize()
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
             loss = diffusion.training_losses(model, x, t, {"y": y})["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -202,7 +234,6 @@ def profile(out, device, name="U-DiT-B", batch=32):
     for _ in range(3):
         step()
     sync()
-    cuda = device.type == "cuda"
     with torch_profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
         for _ in range(2):
             step()
@@ -231,6 +262,10 @@ def profile(out, device, name="U-DiT-B", batch=32):
             sync()
             times.append((time.perf_counter() - start) / 10 * 1e3)
         print(f"{f'{batch} x {channels} x {side} x {side}':<32} {times[0]:>17.3f} {times[1]:>9.3f}")
+
+    if cuda:
+        for layout, ms in conv_layout_step_times(step, sync).items():
+            print(f"{name} training step, CUDA graph, spatial convolutions {layout}: {ms:.1f} ms")
     return 0
 
 
