@@ -132,6 +132,8 @@ def test_every_load_refuses_pickled_code(tmp_path):
     ("train.py", ["--data-path", "/nonexistent"], "no such file or directory"),
     ("sample.py", ["--ckpt", "/nonexistent.pt"], "neither a file nor a released checkpoint"),
     ("sample_ddp.py", ["--ckpt", "U-DiT-B-400K", "--cfg-scale", "0.5"], "--cfg-scale must be >= 1"),
+    pytest.param("sample_ddp.py", ["--ckpt", "U-DiT-B-400K", "--cuda-graph"], "--cuda-graph needs a CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")),
     ("extract_features.py", ["--data-path", "/nonexistent", "--features-path", "x"], "no such file or directory"),
     ("evaluator.py", ["/nonexistent.npz", "/nonexistent2.npz"], "no such file"),
 ])
