@@ -46,11 +46,12 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
-def compiled(model, how):
-    """The callable to time: the model itself, its blocks compiled in place, or the whole model compiled."""
+def compiled(model, how, entry="forward"):
+    """model.<entry> as timed: eager, with every block compiled in place, or compiled as a whole."""
     if how == "blocks":
-        return compile_blocks(model)
-    return torch.compile(model) if how == "model" else model
+        compile_blocks(model)
+    fn = getattr(model, entry)
+    return torch.compile(fn) if how == "model" else fn
 
 
 def gemm_ceiling(device, dtype, size, repeats=5):
@@ -145,10 +146,7 @@ def sampling_rate(name, args, device):
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4).to(device).eval()
-    if args.compile == "blocks":
-        forward = compile_blocks(model).forward_with_cfg
-    else:
-        forward = torch.compile(model.forward_with_cfg) if args.compile == "model" else model.forward_with_cfg
+    forward = compiled(model, args.compile, "forward_with_cfg")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
     n = args.sampling_batch_size or args.batch_size
     shape = (2 * n, 4, args.latent_size, args.latent_size)

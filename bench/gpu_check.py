@@ -35,10 +35,12 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 from diffusion import create_diffusion  # noqa: E402
 import models  # noqa: E402
-from models import DiT, U_DiT, create_model  # noqa: E402
+from conftest import golden_model  # noqa: E402
+from models import create_model  # noqa: E402
 from udit.cuda_graphs import capture  # noqa: E402
 
 # Strict fp32 tolerances of ../shared/golden/README.md: one forward, and 10 chained calls.
@@ -54,18 +56,18 @@ def rel_l2(out, ref):
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def golden_model(g, device):
-    cls = U_DiT if g["kind"] == "udit" else DiT
-    model = cls(input_size=g["input_size"], num_classes=g["num_classes"], **json.loads(g["config"]))
-    model.load_state_dict(g["state_dict"])
-    for e in model.label_embedders():
-        e.dropout_prob = 0.0
-    return model.to(device)
+def with_random_outputs(model):
+    """Give the zero-initialised layers small random weights, so that every path reaches the output."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0, 0.02)
+    return model
 
 
 def golden_errors(g, device, autocast):
     """Relative errors of every golden forward and loop on `device` (CPU-generated noise, as the reference drew it)."""
-    model = golden_model(g, device)
+    model = golden_model(g).to(device)
     x, t, y, x0, noise = (g[k].to(device) for k in ("x", "t", "y", "x0", "noise"))
     xc, tc, yc = (g[k].to(device) for k in ("x_cfg", "t_cfg", "y_cfg"))
     z = g["z_10"].to(device)
@@ -102,11 +104,7 @@ def bf16_sampling_drift(device, steps=50, n=16):
     contributes; the same noise and labels feed both runs.
     """
     torch.manual_seed(0)
-    model = create_model("U-DiT-B").to(device).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().max() == 0:
-                p.normal_(0, 0.02)
+    model = with_random_outputs(create_model("U-DiT-B")).to(device).eval()
     z = torch.randn(n, 4, 32, 32, device=device)
     y = torch.cat([torch.randint(0, 1000, (n,), device=device), torch.full((n,), 1000, device=device)])
     diffusion = create_diffusion(f"ddim{steps}")
@@ -154,11 +152,7 @@ def sample_ddp_with_cuda_graph(out):
     import numpy as np
     work = Path(tempfile.mkdtemp())  # OUT brings back 8 files at most: samples stay here
     torch.manual_seed(0)
-    model = create_model("U-DiT-S", input_size=32, in_channels=3, num_classes=10)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().max() == 0:
-                p.normal_(0, 0.02)
+    model = with_random_outputs(create_model("U-DiT-S", input_size=32, in_channels=3, num_classes=10))
     ckpt = work / "tiny_udit_s.pt"
     torch.save(model.state_dict(), ckpt)
     common = [sys.executable, str(ROOT / "sample_ddp.py"), "--ckpt", str(ckpt), "--model", "U-DiT-S",

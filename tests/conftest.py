@@ -40,6 +40,17 @@ def load_golden(kind):
     return torch.load(path, weights_only=True)
 
 
+def golden_model(golden):
+    """The golden file's model with its weights, label dropout off (as the vectors were recorded)."""
+    from models import DiT, U_DiT
+    cls = {"udit": U_DiT, "dit": DiT}[golden["kind"]]
+    model = cls(input_size=golden["input_size"], num_classes=golden["num_classes"], **json.loads(golden["config"]))
+    model.load_state_dict(golden["state_dict"], strict=True)
+    for embedder in model.label_embedders():
+        embedder.dropout_prob = 0.0  # the table keeps its null row
+    return model
+
+
 def tiny_udit(**overrides):
     """A small random U-DiT (16x16 input, 10 classes) with non-zero output layers."""
     from models import U_DiT

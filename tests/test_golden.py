@@ -5,24 +5,15 @@ import json
 import pytest
 import torch
 
-from conftest import SAMPLING_TOL, SINGLE_CALL_TOL, assert_rel_close, load_golden
+from conftest import SAMPLING_TOL, SINGLE_CALL_TOL, assert_rel_close, golden_model, load_golden
 from diffusion import create_diffusion
 from models import DiT, U_DiT
-
-
-def build(golden):
-    cls = {"udit": U_DiT, "dit": DiT}[golden["kind"]]
-    model = cls(input_size=golden["input_size"], num_classes=golden["num_classes"], **json.loads(golden["config"]))
-    model.load_state_dict(golden["state_dict"], strict=True)
-    for embedder in model.label_embedders():
-        embedder.dropout_prob = 0.0  # as recorded: no label dropout, null row kept
-    return model
 
 
 @pytest.fixture(scope="module", params=["udit", "dit"])
 def case(request):
     golden = load_golden(request.param)
-    return golden, build(golden)
+    return golden, golden_model(golden)
 
 
 def check_forward(golden, model):

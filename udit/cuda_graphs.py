@@ -9,7 +9,7 @@ one call in a CUDA graph and replaying it removes the per-kernel launch cost.
 import torch
 
 
-def capture(fn, warmup=3, pool=None):
+def capture(fn, warmup=3):
     """Run fn `warmup` times on a side stream, then record one call of it; returns the CUDAGraph.
 
     fn must not synchronise with the host, and must enter any autocast region itself (the
@@ -22,7 +22,7 @@ def capture(fn, warmup=3, pool=None):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph):
         fn()
     return graph
 
