@@ -183,14 +183,15 @@ _ROPE_TABLES = {}
 
 
 def rope_2d_tables(grid_h, grid_w, head_dim, device):
-    """cos, sin tables (L, head_dim) in float32 for tokens on a grid_h x grid_w grid.
+    """Rotation tables for tokens on a grid_h x grid_w grid: cos, sin (L, head_dim) and
+    rotation (L, head_dim / 2), complex64.
 
     Token n sits at column n % grid_w and row n // grid_w. Channel pair p (channels 2p,
     2p + 1) rotates by column * f[p // 2] when p is even and row * f[p // 2] when p is
-    odd, with f[i] = 10000 ** (-4 i / head_dim). Each angle's cosine fills both channels
-    of its pair; the sine is stored as (-sin, +sin) so that one multiply-add applies it
-    (see apply_rope_2d). Built once per (grid, head_dim, device) in eager mode; under
-    torch.compile they are traced into the graph as constants.
+    odd, with f[i] = 10000 ** (-4 i / head_dim). rotation[n, p] = exp(i angle); cos
+    fills both channels of a pair with cos(angle) and sin holds (-sin, +sin), the real
+    form of the same product (see apply_rope_2d). Built once per (grid, head_dim, device)
+    in eager mode; under torch.compile they are traced into the graph as constants.
     """
     if torch.compiler.is_compiling():
         return _build_rope_2d_tables(grid_h, grid_w, head_dim, device)
@@ -208,17 +209,54 @@ def _build_rope_2d_tables(grid_h, grid_w, head_dim, device):
     angles = angles.flatten(1)  # L, d/2: x and y frequencies interleaved pair by pair
     cos = angles.cos().repeat_interleave(2, dim=-1)
     sin = torch.stack([-angles.sin(), angles.sin()], dim=-1).flatten(1)
-    return cos, sin
+    return cos, sin, torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope_2d(x, cos, sin):
-    """Rotate consecutive channel pairs of x (..., L, d) by the tables (L, d), in float32.
+def apply_rope_2d(x, cos, sin, rotation):
+    """Rotate consecutive channel pairs of x (..., L, d) by the tables of rope_2d_tables, in float32.
 
-    (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos) = x * cos + (x1, x0) * (-sin, sin).
+    (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos): in eager mode one complex product
+    (x0 + i x1) * rotation, a single pass; when compiled, the real form
+    x * cos + (x1, x0) * (-sin, sin), because inductor generates no code for complex
+    arithmetic but fuses the real one.
     """
     x = x.float() if x.dtype != torch.float32 else x
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return torch.addcmul(x * cos, swapped, sin)
+    if torch.compiler.is_compiling():
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        return torch.addcmul(x * cos, swapped, sin)
+    if x.stride(-1) != 1 or x.storage_offset() % 2 or any(s % 2 for s in x.stride()[:-1]):
+        x = x.contiguous()  # view_as_complex needs (real, imag) pairs adjacent and aligned
+    return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rotation).flatten(-2)
+
+
+class ScaledUnitVectors(torch.autograd.Function):
+    """x * scale / max(|x|, 1e-12) over the last dimension, with a hand-written backward.
+
+    The cosine attention normalises q and k at every layer; autograd's backward of the
+    composed version takes seven passes over them, this one four:
+    dx = r g - x r (x.g) / |x|^2 with r = scale / |x| (and r g alone where |x| is clamped).
+    x: (..., d), any strides; scale broadcasts against x's norms (..., 1).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        inverse_norms = 1.0 / norms.clamp_min(1e-12)
+        ratio = scale * inverse_norms
+        ctx.save_for_backward(x, scale, norms, inverse_norms, ratio)
+        return x * ratio
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, norms, inverse_norms, ratio = ctx.saved_tensors
+        dots = (x * grad).sum(-1, keepdim=True)
+        # Norms under the clamp were divided by a constant: no term through the norm there.
+        unclamped = norms >= 1e-12
+        dx = torch.addcmul(grad * ratio, x, -(ratio * inverse_norms * inverse_norms * dots * unclamped))
+        dscale = None
+        if ctx.needs_input_grad[1]:
+            dscale = (dots * inverse_norms).sum_to_size(scale.shape)
+        return dx, dscale
 
 
 class TokenDownsampler(nn.Module):
@@ -233,8 +271,12 @@ class TokenDownsampler(nn.Module):
         self.shortcut = bool(shortcut)
 
     def forward(self, x):
-        out = spatial_conv(x, self.layer.weight, self.layer.bias, self.layer.padding, self.layer.groups)
-        return out + x if self.shortcut else out
+        kernel = self.layer.weight
+        if self.shortcut:
+            # conv(x, K) + x = conv(x, K + identity): no extra pass over the map either way.
+            centre = kernel.shape[-1] // 2
+            kernel = kernel + F.pad(kernel.new_ones(1, 1, 1, 1), (centre,) * 4)
+        return spatial_conv(x, kernel, self.layer.bias, self.layer.padding, self.layer.groups)
 
 
 class DownsampledTokenAttention(nn.Module):
@@ -283,29 +325,31 @@ class DownsampledTokenAttention(nn.Module):
 
     def forward(self, x):
         n, h, w, c = x.shape
-        f = self.down_factor
+        f, heads, hd = self.down_factor, self.num_heads, self.head_dim
         gh, gw = h // f, w // f
         if self.downsampler is not None:
             x = self.downsampler(x)
-        # q, k, v act per pixel, so project first and split into groups once, heads included:
-        # (N, gh, f, gw, f, 3, heads, d) -> (3, N, f, f, heads, gh, gw, d) -> (3, N f f, heads, L, d)
-        hd, heads = self.head_dim, self.num_heads
-        qkv = self.to_qkv(x).view(n, gh, f, gw, f, 3, heads, hd).permute(5, 0, 2, 4, 6, 1, 3, 7)
-        q, k, v = qkv.reshape(3, n * f * f, heads, gh * gw, hd).unbind(0)
-        if self.posemb_type == "rope2d":
-            cos, sin = rope_2d_tables(gh, gw, hd, x.device)
-            q, k = apply_rope_2d(q, cos, sin).to(v.dtype), apply_rope_2d(k, cos, sin).to(v.dtype)
+        # Pixels to token groups before the projection (one copy of the C-wide map, not
+        # of the 3C-wide q, k, v): (N, gh, f, gw, f, C) -> (N f f, L, C), L = gh gw.
+        x = x.view(n, gh, f, gw, f, c).permute(0, 2, 4, 1, 3, 5).reshape(n * f * f, gh * gw, c)
+        qk, v = self.to_qkv(x).view(n * f * f, gh * gw, 3, heads, hd).split((2, 1), dim=2)
+        # Strided views, (2, N f f, heads, L, d) and (N f f, heads, L, d): the element-wise
+        # passes below write their results in this layout, which attention reads as is.
+        qk, v = qk.permute(2, 0, 3, 1, 4), v.squeeze(2).transpose(1, 2)
         if self.attn_type == "v2":
+            # Cosine attention as q / |q| * temperature and k / |k| in a single pass over
+            # both; RoPE rotates channel pairs, so the norms are taken before it.
             temperature = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
-            # q / |q| * temperature with a single pass over q (the division acts on the norms)
-            q = q * (temperature.to(q.dtype) / q.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-            k = F.normalize(k, dim=-1)
-            out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-        # Tokens go home: (N, f, f, heads, gh, gw, d) -> (N, gh, f, gw, f, heads, d) -> (N, H, W, C)
-        out = out.view(n, f, f, heads, gh, gw, hd).permute(0, 4, 1, 5, 2, 3, 6).reshape(n, h, w, c)
-        return pointwise(out, self.to_out)
+            scales = F.pad(temperature.view(1, 1, heads, 1, 1), (0, 0, 0, 0, 0, 0, 0, 0, 0, 1), value=1.0)
+            qk = ScaledUnitVectors.apply(qk.float() if qk.dtype != torch.float32 else qk, scales)
+        if self.posemb_type == "rope2d":
+            qk = apply_rope_2d(qk, *rope_2d_tables(gh, gw, hd, x.device))
+        q, k = qk.to(v.dtype).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, scale=1.0 if self.attn_type == "v2" else None)
+        # Tokens go home after the (per-pixel) output projection:
+        # (N, f, f, gh, gw, C) -> (N, gh, f, gw, f, C) -> (N, H, W, C)
+        out = pointwise(out.transpose(1, 2).reshape(n, f, f, gh, gw, c), self.to_out)
+        return out.permute(0, 3, 1, 4, 2, 5).reshape(n, h, w, c)
 
 
 #################################################################################

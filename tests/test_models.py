@@ -277,18 +277,52 @@ def test_no_label_dropout_in_eval():
 
 # ----------------------------------------------------------------- attention and compilation
 
-def test_rope_tables_are_real_and_cached():
-    cos, sin = models.rope_2d_tables(4, 4, 8, torch.device("cpu"))
-    assert cos.dtype == torch.float32 and not cos.is_complex() and cos.shape == (16, 8)
-    assert models.rope_2d_tables(4, 4, 8, torch.device("cpu"))[0] is cos
+@pytest.mark.parametrize("compiling", [False, True], ids=["complex-eager", "real-compiled"])
+def test_rope_rotates_pairs_by_column_and_row(monkeypatch, compiling):
+    # Eager mode multiplies by the complex table; under torch.compile the real form runs.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    tables = models.rope_2d_tables(4, 4, 8, torch.device("cpu"))
+    cos, sin, rotation = tables
+    assert cos.dtype == sin.dtype == torch.float32 and cos.shape == sin.shape == (16, 8)
+    assert rotation.dtype == torch.complex64 and rotation.shape == (16, 4)
+    if not compiling:
+        assert models.rope_2d_tables(4, 4, 8, torch.device("cpu"))[0] is cos  # cached
     # Token 6 on a 4x4 grid: column 2, row 1. Pair 0 (channels 0, 1) turns by the column
     # times f0 = 1, pair 1 (channels 2, 3) by the row times f0.
     q = torch.zeros(1, 16, 8)
     q[0, 6, 0] = 1.0  # unit vector on channel 0
     q[0, 6, 3] = 1.0  # and on channel 3
-    out = models.apply_rope_2d(q, cos, sin)[0, 6]
+    out = models.apply_rope_2d(q, *tables)[0, 6]
     expected = torch.tensor([math.cos(2.0), math.sin(2.0), -math.sin(1.0), math.cos(1.0)])
     assert torch.allclose(out[:4], expected, atol=1e-6) and out[4:].abs().max() == 0
+
+
+def test_rope_accepts_strided_views():
+    # The attention hands RoPE permuted views of the q/k projection; odd offsets and
+    # strides (not viewable as complex pairs) must still rotate correctly.
+    tables = models.rope_2d_tables(2, 2, 4, torch.device("cpu"))
+    base = torch.randn(4, 9)
+    view = base[:, 1:5]  # odd storage offset and odd row stride
+    assert torch.allclose(models.apply_rope_2d(view, *tables), models.apply_rope_2d(view.contiguous(), *tables))
+
+
+def test_scaled_unit_vectors_match_autograd_of_normalize():
+    torch.manual_seed(0)
+    # A permuted (strided) input, per-(q/k, head) scales as the attention passes them.
+    x = torch.randn(2, 3, 4, 5, 6, dtype=torch.double).permute(0, 2, 1, 3, 4).requires_grad_()
+    scale = torch.rand(2, 1, 3, 1, 1, dtype=torch.double).add(0.5).requires_grad_()
+    assert torch.autograd.gradcheck(models.ScaledUnitVectors.apply, (x, scale))
+    # Rows at or under the 1e-12 clamp are scaled by a constant, as in F.normalize.
+    x = torch.randn(4, 6, dtype=torch.double)
+    x[1], x[2] = 1e-14, 0.0
+    x.requires_grad_()
+    scale = torch.tensor([[2.0]], dtype=torch.double, requires_grad=True)
+    grad = torch.randn(4, 6, dtype=torch.double)
+    out = models.ScaledUnitVectors.apply(x, scale)
+    expected = F.normalize(x, dim=-1) * scale
+    assert torch.allclose(out, expected, rtol=1e-12, atol=0)
+    for ours, theirs in zip(torch.autograd.grad(out, (x, scale), grad), torch.autograd.grad(expected, (x, scale), grad)):
+        assert torch.allclose(ours, theirs, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
