@@ -262,7 +262,8 @@ class ScaledUnitVectors(torch.autograd.Function):
 class TokenDownsampler(nn.Module):
     """Depthwise KxK conv with optional identity shortcut, applied before token splitting.
 
-    (N, H, W, C) -> same. State-dict name `downsampler.layer` (reference layout).
+    Holds the parameters (state-dict name `downsampler.layer`, the reference layout);
+    DownsampledTokenAttention applies them, moving the bias into its q/k/v projection.
     """
 
     def __init__(self, dim, kernel_size, shortcut):
@@ -270,13 +271,13 @@ class TokenDownsampler(nn.Module):
         self.layer = nn.Conv2d(dim, dim, kernel_size, padding=(kernel_size - 1) // 2, groups=dim)
         self.shortcut = bool(shortcut)
 
-    def forward(self, x):
+    def kernel(self):
+        """The depthwise kernel (C, 1, K, K), identity shortcut included: conv(x, W) + x = conv(x, W + I)."""
         kernel = self.layer.weight
         if self.shortcut:
-            # conv(x, K) + x = conv(x, K + identity): no extra pass over the map either way.
             centre = kernel.shape[-1] // 2
             kernel = kernel + F.pad(kernel.new_ones(1, 1, 1, 1), (centre,) * 4)
-        return spatial_conv(x, kernel, self.layer.bias, self.layer.padding, self.layer.groups)
+        return kernel
 
 
 class DownsampledTokenAttention(nn.Module):
@@ -327,12 +328,16 @@ class DownsampledTokenAttention(nn.Module):
         n, h, w, c = x.shape
         f, heads, hd = self.down_factor, self.num_heads, self.head_dim
         gh, gw = h // f, w // f
+        qkv_bias = self.to_qkv.bias
         if self.downsampler is not None:
-            x = self.downsampler(x)
+            # The downsampler's bias passes through the (linear) regrouping and projection
+            # as W b: oneDNN's depthwise bias gradient costs more than the whole input gradient.
+            x = spatial_conv(x, self.downsampler.kernel(), padding=self.downsampler.layer.padding, groups=c)
+            qkv_bias = torch.addmv(qkv_bias, self.to_qkv.weight, self.downsampler.layer.bias)
         # Pixels to token groups before the projection (one copy of the C-wide map, not
         # of the 3C-wide q, k, v): (N, gh, f, gw, f, C) -> (N f f, L, C), L = gh gw.
         x = x.view(n, gh, f, gw, f, c).permute(0, 2, 4, 1, 3, 5).reshape(n * f * f, gh * gw, c)
-        qk, v = self.to_qkv(x).view(n * f * f, gh * gw, 3, heads, hd).split((2, 1), dim=2)
+        qk, v = F.linear(x, self.to_qkv.weight, qkv_bias).view(n * f * f, gh * gw, 3, heads, hd).split((2, 1), dim=2)
         # Strided views, (2, N f f, heads, L, d) and (N f f, heads, L, d): the element-wise
         # passes below write their results in this layout, which attention reads as is.
         qk, v = qk.permute(2, 0, 3, 1, 4), v.squeeze(2).transpose(1, 2)
@@ -359,7 +364,7 @@ class DownsampledTokenAttention(nn.Module):
 def fold_pointwise_pair(first, second):
     """Two stacked 1x1 convs as one linear map: weight (out, in), bias (out,)."""
     w0, w1 = first.weight.flatten(1), second.weight.flatten(1)
-    return w1 @ w0, w1 @ first.bias + second.bias
+    return w1 @ w0, torch.addmv(second.bias, w1, first.bias)
 
 
 class RepFFN(nn.Module):
@@ -415,10 +420,12 @@ class RepFFN(nn.Module):
             self._folded_key = key
         return self._folded
 
-    def _project(self, x, pair, fold):
-        if fold:
-            return F.linear(x, *fold_pointwise_pair(*pair))
-        return pointwise(pointwise(x, pair[0]), pair[1])
+    def _project(self, x, pair, fold, input_bias=None):
+        """pair applied to x + input_bias (a bias of x's channels, folded into the pair's)."""
+        weight, bias = fold_pointwise_pair(*pair) if fold else (pair[0].weight.flatten(1), pair[0].bias)
+        if input_bias is not None:
+            bias = torch.addmv(bias, weight, input_bias)
+        return F.linear(x, weight, bias) if fold else pointwise(F.linear(x, weight, bias), pair[1])
 
     def forward(self, x):
         if self.training:
@@ -426,8 +433,10 @@ class RepFFN(nn.Module):
             # (h/2) * (h - dim) per pixel.
             fold_pairs = (self.hidden - self.dim) * (x.numel() // self.dim) > self.hidden * self.dim
             u = F.gelu(self._project(x, self.project_in, fold_pairs))
-            u = spatial_conv(u, *self.folded_depthwise(), padding=2, groups=self.hidden)
-            return self._project(u, self.project_out, fold_pairs)
+            # The depthwise bias moves into the next projection (see DownsampledTokenAttention).
+            kernel, kernel_bias = self.folded_depthwise()
+            u = spatial_conv(u, kernel, padding=2, groups=self.hidden)
+            return self._project(u, self.project_out, fold_pairs, input_bias=kernel_bias)
         folded = self.fold() if torch.compiler.is_compiling() else self._cached_fold()
         w_in, b_in, kernel, b_k, w_out, b_out = folded
         u = F.gelu(F.linear(x, w_in, b_in))
@@ -463,8 +472,10 @@ class ConvFFN(nn.Module):
 
     def forward(self, x):
         u = F.gelu(pointwise(x, self.project_in))
-        u = spatial_conv(u, self.dwconv.weight, self.dwconv.bias, padding=2, groups=self.dwconv.groups)
-        return pointwise(u, self.project_out)
+        u = spatial_conv(u, self.dwconv.weight, padding=2, groups=self.dwconv.groups)
+        # The depthwise bias moves into the projection (see DownsampledTokenAttention).
+        weight = self.project_out.weight.flatten(1)
+        return F.linear(u, weight, torch.addmv(self.project_out.bias, weight, self.dwconv.bias))
 
 
 class PointwiseMlp(nn.Module):
