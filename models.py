@@ -424,7 +424,8 @@ class RepFFN(nn.Module):
         """pair applied to x + input_bias (a bias of x's channels, folded into the pair's)."""
         weight, bias = fold_pointwise_pair(*pair) if fold else (pair[0].weight.flatten(1), pair[0].bias)
         if input_bias is not None:
-            bias = torch.addmv(bias, weight, input_bias)
+            # Under autocast a folded weight comes out in low precision; linear casts to it anyway.
+            bias = torch.addmv(bias.to(weight.dtype), weight, input_bias.to(weight.dtype))
         return F.linear(x, weight, bias) if fold else pointwise(F.linear(x, weight, bias), pair[1])
 
     def forward(self, x):

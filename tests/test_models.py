@@ -339,6 +339,21 @@ def test_autocast_runs_and_stays_close(dtype):
     assert torch.equal(after, reference)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_training_step_under_autocast_stays_close(dtype):
+    # In training the FFN folds are computed inside autocast (low-precision weights
+    # meeting full-precision biases); gradients must reach every parameter.
+    model = no_label_dropout(tiny_udit())
+    randomize(model)
+    x, t, y = inputs()
+    reference = model(x, t, y)
+    with torch.autocast("cpu", dtype=dtype):
+        low = model(x, t, y)
+    low.float().pow(2).mean().backward()
+    assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_compiles_as_one_graph(mode):
     model = no_label_dropout(tiny_udit())
