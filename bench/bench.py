@@ -8,7 +8,10 @@ Models are measured in one process, alternating between them round by round, so 
 they see the same machine state; each figure is the median over rounds. The ceiling is
 a large matrix product in the same precision, measured in the same run; utilisation is
 achieved GFLOP/s over that ceiling (training counts forward + backward as 3x the
-forward MACs). Prints a table and writes JSON (--json).
+forward MACs). "ops/step" counts the operators one eager training step dispatches
+(views excluded): each launches at least one kernel on a GPU, so where a step is bound
+by launches rather than arithmetic, its time follows this count. Prints a table and
+writes JSON (--json).
 """
 
 import argparse
@@ -22,6 +25,7 @@ from copy import deepcopy
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -52,6 +56,27 @@ def compiled(model, how, entry="forward"):
         compile_blocks(model)
     fn = getattr(model, entry)
     return torch.compile(fn) if how == "model" else fn
+
+
+class _OperatorCounter(TorchDispatchMode):
+    # Views and bare allocations launch no kernel.
+    NO_KERNEL = {"empty", "empty_strided", "detach", "lift_fresh", "_unsafe_view"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func._schema.name.split("::")[-1] not in self.NO_KERNEL:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_operators(fn):
+    """Number of compute operators fn() dispatches (forward, backward and optimizer alike)."""
+    with _OperatorCounter() as counter:
+        fn()
+    return counter.count
 
 
 def gemm_ceiling(device, dtype, size, repeats=5):
@@ -91,6 +116,7 @@ class Case:
         self.times = {"train": [], "infer": []}
         self.peak_memory = None
         self.graphs = None
+        self.operators = None
 
     def step(self):
         if self.graphs:
@@ -181,16 +207,17 @@ def print_table(results, args):
     print(f"{results['device']}, torch {results['torch']}, {args.precision}{compile_note}, batch {args.batch_size}, "
           f"{args.image_size} px; GEMM ceiling {results['gemm_ceiling_gflops']:.0f} GFLOP/s")
     print(f"{'model':<10} {'GMACs':>7} {'train s':>9} {'steps/s':>8} {'infer s':>9} {'GFLOP/s':>8} {'util':>6} "
-          f"{'GiB':>6}  step-time ratios (train / infer)")
+          f"{'GiB':>6} {'ops/step':>8}  step-time ratios (train / infer)")
     models = results["models"]
     for name, r in models.items():
         ratios = [f"vs {other}: {r['train_step_s'] / models[other]['train_step_s']:.2f}x / "
                   f"{r['infer_s'] / models[other]['infer_s']:.2f}x"
                   for other in (SAME_MACS.get(name), "DiT-XL/2") if other in models and other != name]
         memory = f"{r['train_peak_memory_gib']:.1f}" if r["train_peak_memory_gib"] else "-"
+        operators = r["train_ops_per_step"] or "-"
         print(f"{name:<10} {r['gmacs']:>7.2f} {r['train_step_s']:>9.4f} {r['train_steps_per_s']:>8.2f} "
               f"{r['infer_s']:>9.4f} {r['train_gflops']:>8.0f} {r['utilisation']:>6.0%} "
-              f"{memory:>6}  {'; '.join(ratios)}")
+              f"{memory:>6} {operators:>8}  {'; '.join(ratios)}")
     for name, r in models.items():
         if "sampling_images_per_s" in r:
             print(f"{name:<10} sampling {args.sampling_steps} guided steps + VAE decode: "
@@ -237,6 +264,10 @@ def main(argv=None):
             case.set_mode(True)
             case.step()
             case.set_mode(False)
+    if args.compile == "none":  # compiled code runs fused kernels, not these operators
+        for case in cases:
+            case.set_mode(True)
+            case.operators = count_operators(case.eager_step)
     if args.cuda_graph:
         for case in cases:
             case.graph()
@@ -267,7 +298,8 @@ def main(argv=None):
         results["models"][case.name] = {
             "params": case.params, "gmacs": case.gmacs, "train_step_s": train_s, "infer_s": infer_s,
             "train_steps_per_s": 1 / train_s, "train_gflops": train_gflops, "utilisation": train_gflops / ceiling,
-            "train_peak_memory_gib": case.peak_memory / 2**30 if case.peak_memory else None}
+            "train_peak_memory_gib": case.peak_memory / 2**30 if case.peak_memory else None,
+            "train_ops_per_step": case.operators}
     write_json(args.json, results)
     del cases
     if args.sampling:

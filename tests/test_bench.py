@@ -3,6 +3,8 @@
 import json
 import sys
 
+import torch
+
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -18,4 +20,14 @@ def test_bench_reports_times_ratios_and_utilisation(tmp_path, capsys):
     udit = results["models"]["U-DiT-S"]
     assert abs(udit["gmacs"] - 6.02) < 0.01 and udit["params"] == 58_896_568
     assert udit["train_step_s"] > 0 and udit["infer_s"] > 0 and 0 < udit["utilisation"]
+    # U-DiT-S has 44 thinner layers against DiT-S/2's 12: several times the operators.
+    assert udit["train_ops_per_step"] > 3 * results["models"]["DiT-S/2"]["train_ops_per_step"] > 0
     assert "vs DiT-S/2:" in capsys.readouterr().out
+
+
+def test_operator_count_skips_views_and_counts_backward():
+    x = torch.randn(4, 6, requires_grad=True)
+    assert bench.count_operators(lambda: x.view(6, 4).permute(1, 0).transpose(0, 1)) == 0
+    assert bench.count_operators(lambda: x * 2) == 1
+    # forward: mul, sum; backward: ones_like (the seed gradient), mul (the expand is a view)
+    assert bench.count_operators(lambda: (x * 2).sum().backward()) == 4
