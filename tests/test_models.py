@@ -321,8 +321,9 @@ def test_scaled_unit_vectors_match_autograd_of_normalize():
     out = models.ScaledUnitVectors.apply(x, scale)
     expected = F.normalize(x, dim=-1) * scale
     assert torch.allclose(out, expected, rtol=1e-12, atol=0)
-    for ours, theirs in zip(torch.autograd.grad(out, (x, scale), grad), torch.autograd.grad(expected, (x, scale), grad)):
-        assert torch.allclose(ours, theirs, rtol=1e-12, atol=0)
+    ours, theirs = (torch.autograd.grad(y, (x, scale), grad) for y in (out, expected))
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
