@@ -9,9 +9,9 @@ they see the same machine state; each figure is the median over rounds. The ceil
 a large matrix product in the same precision, measured in the same run; utilisation is
 achieved GFLOP/s over that ceiling (training counts forward + backward as 3x the
 forward MACs). "ops/step" counts the operators one eager training step dispatches
-(views excluded): each launches at least one kernel on a GPU, so where a step is bound
-by launches rather than arithmetic, its time follows this count. Prints a table and
-writes JSON (--json).
+(views excluded): each launches at least one kernel on a GPU, so a step bound by
+launches rather than arithmetic grows with it (and with the host-side cost of each call,
+views included). Prints a table and writes JSON (--json).
 """
 
 import argparse
