@@ -16,6 +16,8 @@ or runs out of time still leaves the earlier ones' results and logs in OUT:
 - graphs: bench.py, U-DiT-B/L against DiT-B/2, L/2, XL/2, bf16, batch 32, every step
   replayed from a CUDA graph, with 250-step guided sampling -> gpu_graphs.json;
 - sample-graph: sample_ddp.py with and without --cuda-graph, compared value by value;
+- train-graph: train.py with and without --cuda-graph (U-DiT-B, bf16, batch 32, random
+  features): steps/s and losses of both runs -> gpu_train_graph.json;
 - profile: the kernels of a U-DiT-B training step (-> profile.txt), depthwise
   convolutions in channels-last against NCHW layout, and the graph-replayed U-DiT-B
   step with the model's spatial convolutions in each layout;
@@ -170,6 +172,38 @@ def sample_ddp_with_cuda_graph(out):
     return 0
 
 
+def train_with_cuda_graph(out, model="U-DiT-B", steps=60, batch=32):
+    """train.py eager and with --cuda-graph on random 32x32 features: steps/s after warm-up and losses.
+
+    Both runs start from the same seed; their losses differ only through the random
+    draws of the graph's warm-up, so they must track each other, not match.
+    """
+    import re
+    import tempfile
+    import numpy as np
+    work = Path(tempfile.mkdtemp())
+    rng = np.random.default_rng(0)
+    feats, labels = work / "features" / "imagenet256_features", work / "features" / "imagenet256_labels"
+    feats.mkdir(parents=True)
+    labels.mkdir()
+    for i in range(4 * batch):
+        np.save(feats / f"{i}.npy", rng.normal(size=(1, 4, 32, 32)).astype(np.float32))
+        np.save(labels / f"{i}.npy", np.array([i % 1000]))
+    report = {}
+    for name, extra in (("eager", []), ("graph", ["--cuda-graph"])):
+        subprocess.run([sys.executable, str(ROOT / "train.py"), "--feature-path", str(work / "features"),
+                        "--model", model, "--precision", "bf16", "--global-batch-size", str(batch),
+                        "--max-steps", str(steps), "--log-every", str(steps // 3), "--num-workers", "2",
+                        "--results-dir", str(work / name), *extra], check=True)
+        log = next((work / name).glob("*/log.txt")).read_text()
+        lines = re.findall(r"Train Loss: ([\d.]+), Train Steps/Sec: ([\d.]+)", log)
+        report[name] = {"losses": [float(a) for a, _ in lines], "steps_per_s": [float(b) for _, b in lines]}
+    report["speedup_last_interval"] = report["graph"]["steps_per_s"][-1] / report["eager"]["steps_per_s"][-1]
+    (out / "gpu_train_graph.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def spatial_conv_nchw(x, weight, bias=None, padding=0, groups=1):
     """models.spatial_conv through a contiguous NCHW copy instead of the channels-last view."""
     nchw = x.permute(0, 3, 1, 2).contiguous()
@@ -269,6 +303,7 @@ STAGES = {
     "graphs": ["--models", "U-DiT-B", "U-DiT-L", "DiT-B/2", "DiT-L/2", "DiT-XL/2", *BENCH, "--rounds", "5",
                "--cuda-graph", "--sampling", "--sampling-models", "U-DiT-B", "DiT-XL/2"],
     "sample-graph": None,
+    "train-graph": None,
     "profile": None,
     "eager": ["--models", "U-DiT-B", "U-DiT-L", "DiT-B/2", "DiT-L/2", "DiT-XL/2", *BENCH, "--rounds", "5"],
     "eager-sampling": ["--models", "U-DiT-B", "DiT-XL/2", *BENCH, "--rounds", "1", "--sampling"],
@@ -283,7 +318,8 @@ def main(argv=None):
     p.add_argument("--deadline-s", type=float, default=420, help="all stages together stop after this many seconds")
     p.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES),
                    help="what to run, in this order (default: all)")
-    p.add_argument("--inline", choices=["correctness", "sample-graph", "profile"], help=argparse.SUPPRESS)
+    p.add_argument("--inline", choices=["correctness", "sample-graph", "train-graph", "profile"],
+                   help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -291,6 +327,8 @@ def main(argv=None):
         return correctness(args.golden, out)
     if args.inline == "sample-graph":
         return sample_ddp_with_cuda_graph(out)
+    if args.inline == "train-graph":
+        return train_with_cuda_graph(out)
     if args.inline == "profile":
         return profile(out, torch.device("cuda"))
 

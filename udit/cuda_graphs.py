@@ -3,10 +3,12 @@
 In eager mode a U-DiT step is bound by the host, not the GPU: its 44 thin transformer
 layers launch about three times as many kernels as DiT-XL/2 for a sixth of the work, so
 on an H200 U-DiT-B and U-DiT-L take the same time per step. Recording the kernels of
-one call in a CUDA graph and replaying it removes the per-kernel launch cost.
+one call in a CUDA graph and replaying it removes the per-kernel launch cost: for
+sampling (GraphedForward) and for training (GraphedTrainingStep).
 """
 
 import torch
+import torch.distributed as dist
 
 
 def capture(fn, warmup=3):
@@ -57,3 +59,47 @@ class GraphedForward:
             self.static[k].copy_(v)
         self.graph.replay()
         return self.output.clone()
+
+
+class GraphedTrainingStep:
+    """Forward and backward of a training step replayed from a CUDA graph; returns the loss.
+
+    loss_fn(x, t, y) -> scalar loss. The graph is recorded on the first call (after
+    capture's warm-up runs, which compute gradients but change no weight); later calls
+    copy the batch into static buffers and replay. Gradients land in one flat buffer
+    (zeroed inside the graph) that the parameters' `.grad` are views of, so that several
+    processes average them with one all-reduce, outside the graph. The optimizer step
+    stays outside too; it must not set the gradients to None.
+    """
+
+    def __init__(self, loss_fn, parameters):
+        self.loss_fn = loss_fn
+        params = [p for p in parameters if p.requires_grad]
+        self.grads = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        offset = 0
+        for p in params:
+            p.grad = self.grads[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.static, self.graph, self.loss = None, None, None
+
+    def _step(self):
+        self.grads.zero_()
+        self.loss = self.loss_fn(self.static["x"], self.static["t"], self.static["y"])
+        self.loss.backward()
+
+    def __call__(self, x, t, y):
+        batch = {"x": x, "t": t, "y": y}
+        if self.graph is None:
+            self.static = {k: v.clone() for k, v in batch.items()}
+            self.graph = capture(self._step)
+        else:
+            for k, v in batch.items():
+                if v.shape != self.static[k].shape:
+                    raise ValueError(f"graphed training step recorded for {k} of shape "
+                                     f"{tuple(self.static[k].shape)}, got {tuple(v.shape)} (batches must not vary)")
+                self.static[k].copy_(v)
+        self.graph.replay()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.grads)
+            self.grads /= dist.get_world_size()
+        return self.loss.detach().clone()

@@ -63,6 +63,13 @@ def all_reduce_mean(tensor):
     return tensor
 
 
+def broadcast_module(module, src=0):
+    """Copy rank src's parameters and buffers to every process, in place."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src)
+
+
 def all_gather_objects(obj):
     """List of `obj` from every rank, in rank order."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
