@@ -270,14 +270,14 @@ class TokenDownsampler(nn.Module):
         super().__init__()
         self.layer = nn.Conv2d(dim, dim, kernel_size, padding=(kernel_size - 1) // 2, groups=dim)
         self.shortcut = bool(shortcut)
+        # The identity as a KxK kernel: conv(x, W) + x = conv(x, W + I). Not in the state dict.
+        identity = torch.zeros(1, 1, kernel_size, kernel_size)
+        identity[..., kernel_size // 2, kernel_size // 2] = 1.0
+        self.register_buffer("identity", identity, persistent=False)
 
     def kernel(self):
-        """The depthwise kernel (C, 1, K, K), identity shortcut included: conv(x, W) + x = conv(x, W + I)."""
-        kernel = self.layer.weight
-        if self.shortcut:
-            centre = kernel.shape[-1] // 2
-            kernel = kernel + F.pad(kernel.new_ones(1, 1, 1, 1), (centre,) * 4)
-        return kernel
+        """The depthwise kernel (C, 1, K, K), identity shortcut included."""
+        return self.layer.weight + self.identity if self.shortcut else self.layer.weight
 
 
 class DownsampledTokenAttention(nn.Module):
