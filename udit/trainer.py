@@ -274,8 +274,8 @@ def train(args, backend):
     if args.ckpt and resume_ckpt is None:
         load_weights(model, model_state_dict(load_checkpoint(args.ckpt)), args.ckpt)
     if getattr(backend, "cuda_graph", False) and (args.compile or args.grad_checkpointing):
-        raise ActionableError("--cuda-graph does not combine with --compile or --grad-checkpointing "
-                              "(a resumed experiment keeps them unless given again)")
+        raise ActionableError("--cuda-graph does not combine with --compile or --grad-checkpointing (given now "
+                              "or kept by the resumed experiment): train without --cuda-graph")
     model.grad_checkpointing = args.grad_checkpointing
     ema = deepcopy(model).requires_grad_(False).eval()
     # The fused kernel exists for CPUs too, where it is 3x faster than the per-tensor loop.
@@ -351,7 +351,7 @@ def train(args, backend):
                     x = encode(vae, x).float()
             t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
             # Graphed: forward and backward (and the gradient all-reduce) happen here.
-            loss = graphed_step(x, t, y) if graphed_step else loss_fn(x, t, y)
+            loss = loss_fn(x, t, y) if graphed_step is None else graphed_step(x, t, y)
             # One all-reduce per step carries the loss and every rank's out-of-time flag.
             out_of_time = args.max_minutes is not None and time.time() - run_start > 60 * args.max_minutes
             reduced = all_reduce_mean(torch.stack([loss.detach(), torch.tensor(float(out_of_time), device=device)]))
@@ -365,10 +365,10 @@ def train(args, backend):
                                         f"--skip-nonfinite)")
                 skipped_steps += 1
                 logger.info("step %d: non-finite loss, step skipped (%d so far)", step, skipped_steps)
-                if not graphed_step:
+                if graphed_step is None:
                     opt.zero_grad(set_to_none=True)
             else:
-                if not graphed_step:
+                if graphed_step is None:
                     opt.zero_grad(set_to_none=True)
                     backend.backward(loss)
                 opt.step()
