@@ -5,6 +5,8 @@ CUDA graphs themselves need a GPU; bench/gpu_check.py compares sample_ddp.py and
 train.py with and without --cuda-graph on one.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -95,8 +97,13 @@ def test_graphed_training_refuses_what_cannot_be_recorded(tiny_data, tmp_path, c
 def _average_gradients_worker(rank, world, init_file, results):
     cuda_graphs.capture = Deferred
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.manual_seed(0)
+    torch.manual_seed(rank)  # each process starts from its own weights, as train.py's do
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    model.register_buffer("counter", torch.full((2,), float(rank)))
+    DDPBackend.prepare(SimpleNamespace(world_size=world, cuda_graph=True), model, None)  # rank 0's weights everywhere
+    gathered = [torch.zeros(sum(p.numel() for p in model.parameters()) + 2) for _ in range(world)]
+    dist.all_gather(gathered, torch.cat([*(p.detach().flatten() for p in model.parameters()), model.counter]))
+    same_start = all(torch.equal(g, gathered[0]) for g in gathered) and model.counter.sum() == 0
     data = torch.randn(world, 5, 3, generator=torch.Generator().manual_seed(1))
 
     def loss_fn(x, t, y):
@@ -106,15 +113,15 @@ def _average_gradients_worker(rank, world, init_file, results):
     losses = [step(data[rank], torch.ones(1), torch.zeros(1)) for _ in range(2)]
     # What each process's own gradients average to, computed eagerly from all batches.
     reference = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
-    reference.load_state_dict(model.state_dict())
+    reference.load_state_dict(model.state_dict(), strict=False)  # all but the buffer
     sum(reference(batch).square().mean() for batch in data).div(world).backward()
-    results[rank] = (all(torch.allclose(p.grad, q.grad, atol=1e-7) for p, q in zip(model.parameters(),
-                                                                                      reference.parameters()))
-                     and torch.equal(losses[0], losses[1]) and losses[0].item() > 0)
+    results[rank] = (same_start and torch.equal(losses[0], losses[1]) and losses[0].item() > 0
+                     and all(torch.allclose(p.grad, q.grad, atol=1e-7)
+                             for p, q in zip(model.parameters(), reference.parameters())))
     dist.destroy_process_group()
 
 
-def test_graphed_step_averages_gradients_over_processes(tmp_path):
+def test_graphed_training_starts_equal_and_averages_gradients_over_processes(tmp_path):
     results = mp.Manager().dict()
     mp.spawn(_average_gradients_worker, args=(2, tmp_path / "init", results), nprocs=2)
     assert dict(results) == {0: True, 1: True}
