@@ -277,6 +277,53 @@ def test_no_label_dropout_in_eval():
 
 # ----------------------------------------------------------------- attention and compilation
 
+def spec_attention(attn, x):
+    """DownsampledTokenAttention written from SPEC section 2 step by step, one group at a time."""
+    n, h, w, c = x.shape
+    f, heads, d = attn.down_factor, attn.num_heads, attn.head_dim
+    z = x.permute(0, 3, 1, 2)
+    if attn.downsampler is not None:
+        conv = attn.downsampler.layer
+        shortcut = z if attn.downsampler.shortcut else 0
+        z = F.conv2d(z, conv.weight, conv.bias, padding=conv.padding, groups=c) + shortcut
+    out = torch.zeros_like(z)
+    side_h, side_w = h // f, w // f
+    for a in range(f):
+        for b in range(f):
+            tokens = z[:, :, a::f, b::f].flatten(2).transpose(1, 2)  # (N, L, C), row-major
+            q, k, v = (part.unflatten(-1, (heads, d)).transpose(1, 2)
+                       for part in F.linear(tokens, attn.to_qkv.weight, attn.to_qkv.bias).chunk(3, dim=-1))
+            if attn.posemb_type == "rope2d":
+                index = torch.arange(side_h * side_w)
+                px, py = (index % side_w).float(), (index // side_w).float()
+                freqs = 10000.0 ** (-4 * torch.arange(d // 4).float() / d)
+                angle = torch.stack([px[:, None] * freqs, py[:, None] * freqs], -1).flatten(1)  # (L, d/2): p even, odd
+                rotate = torch.polar(torch.ones_like(angle), angle)
+                q, k = (torch.view_as_real(torch.view_as_complex(t.float().unflatten(-1, (-1, 2)).contiguous())
+                                           * rotate).flatten(-2) for t in (q, k))
+            if attn.attn_type == "v2":
+                logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
+                logits = logits * torch.clamp(attn.logit_scale, max=math.log(100)).exp()
+            else:
+                logits = q @ k.transpose(-1, -2) / math.sqrt(d)
+            group = (logits.softmax(-1) @ v).transpose(1, 2).flatten(2)  # (N, L, C), heads in order
+            out[:, :, a::f, b::f] = group.transpose(1, 2).unflatten(-1, (side_h, side_w))
+    out = F.conv2d(out, attn.to_out.weight, attn.to_out.bias)
+    return out.permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("down_factor", [1, 2])
+@pytest.mark.parametrize("attn_type, posemb_type", [("v2", "rope2d"), ("v2", None), (None, "rope2d"), (None, None)])
+@pytest.mark.parametrize("downsampler, shortcut", [("dwconv5", 1), ("dwconv3", 0), (None, 1)])
+def test_attention_matches_the_spec_written_out(down_factor, attn_type, posemb_type, downsampler, shortcut):
+    torch.manual_seed(0)
+    attn = models.DownsampledTokenAttention(32, 2, down_factor=down_factor, attn_type=attn_type,
+                                            posemb_type=posemb_type, downsampler=downsampler, down_shortcut=shortcut)
+    randomize(attn)
+    x = torch.randn(2, 8, 8, 32)
+    assert_rel_close(attn(x), spec_attention(attn, x), SINGLE_CALL_TOL, "attention")
+
+
 @pytest.mark.parametrize("compiling", [False, True], ids=["complex-eager", "real-compiled"])
 def test_rope_rotates_pairs_by_column_and_row(monkeypatch, compiling):
     # Eager mode multiplies by the complex table; under torch.compile the real form runs.
