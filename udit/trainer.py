@@ -273,7 +273,8 @@ def train(args, backend):
     model = build_model(config).to(device)
     if args.ckpt and resume_ckpt is None:
         load_weights(model, model_state_dict(load_checkpoint(args.ckpt)), args.ckpt)
-    if getattr(backend, "cuda_graph", False) and (args.compile or args.grad_checkpointing):
+    graphed = getattr(backend, "cuda_graph", False)  # train_accelerate's backend has no graphs
+    if graphed and (args.compile or args.grad_checkpointing):
         raise ActionableError("--cuda-graph does not combine with --compile or --grad-checkpointing (given now "
                               "or kept by the resumed experiment): train without --cuda-graph")
     model.grad_checkpointing = args.grad_checkpointing
@@ -309,7 +310,7 @@ def train(args, backend):
 
     def loss_fn(x, t, y):
         return diffusion.training_losses(model_fn, x, t, {"y": y})["loss"].mean()
-    graphed_step = GraphedTrainingStep(loss_fn, model.parameters()) if getattr(backend, "cuda_graph", False) else None
+    graphed_step = GraphedTrainingStep(loss_fn, model.parameters()) if graphed else None
 
     steps_per_epoch = (len(dataset) // world) // local_batch
     if steps_per_epoch == 0:
@@ -365,8 +366,6 @@ def train(args, backend):
                                         f"--skip-nonfinite)")
                 skipped_steps += 1
                 logger.info("step %d: non-finite loss, step skipped (%d so far)", step, skipped_steps)
-                if graphed_step is None:
-                    opt.zero_grad(set_to_none=True)
             else:
                 if graphed_step is None:
                     opt.zero_grad(set_to_none=True)
