@@ -79,6 +79,49 @@ def count_operators(fn):
     return counter.count
 
 
+# Operator names (without "aten::") by the kind of kernel they run. Matched on the
+# operator's own time, so composite operators (linear, matmul, conv2d) that only call
+# these add nothing twice.
+KERNEL_KINDS = {
+    "matmul": ("mm", "addmm", "bmm", "baddbmm", "addmv", "addmv_"),
+    "conv": ("convolution_backward", "mkldnn_convolution", "cudnn_convolution", "_convolution",
+             "convolution", "thnn_conv2d", "_slow_conv2d_forward", "_slow_conv2d_backward"),
+    "attention": ("_scaled_dot_product_flash_attention_for_cpu",
+                  "_scaled_dot_product_flash_attention_for_cpu_backward",
+                  "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
+                  "_scaled_dot_product_efficient_attention",
+                  "_scaled_dot_product_efficient_attention_backward",
+                  "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward",
+                  "_flash_attention_forward", "_flash_attention_backward",
+                  "_efficient_attention_forward", "_efficient_attention_backward"),
+    "optimizer": ("_fused_adamw_", "_fused_adam_"),
+}
+
+
+def kernel_time_breakdown(fn, device):
+    """Seconds of one fn() spent in each kind of kernel: {'matmul', 'conv', 'attention', 'optimizer', 'other'}.
+
+    Summed over ATen operators' own time (their kernels' GPU time on CUDA, their CPU
+    time otherwise), so Python and dispatch overhead outside operators is not counted:
+    matmul + conv + attention is what the step needs even if every element-wise pass
+    and copy were free.
+    """
+    kind_of = {name: kind for kind, names in KERNEL_KINDS.items() for name in names}
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    seconds = dict.fromkeys([*KERNEL_KINDS, "other"], 0.0)
+    for event in prof.key_averages():
+        if not event.key.startswith("aten::"):
+            continue
+        own_us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        seconds[kind_of.get(event.key[len("aten::"):], "other")] += own_us / 1e6
+    return seconds
+
+
 def gemm_ceiling(device, dtype, size, repeats=5):
     """GFLOP/s of a size x size matrix product: the device's attainable peak in this precision."""
     a = torch.randn(size, size, device=device, dtype=dtype)
@@ -117,6 +160,7 @@ class Case:
         self.peak_memory = None
         self.graphs = None
         self.operators = None
+        self.breakdown = {}
 
     def step(self):
         if self.graphs:
@@ -218,11 +262,28 @@ def print_table(results, args):
         print(f"{name:<10} {r['gmacs']:>7.2f} {r['train_step_s']:>9.4f} {r['train_steps_per_s']:>8.2f} "
               f"{r['infer_s']:>9.4f} {r['train_gflops']:>8.0f} {r['utilisation']:>6.0%} "
               f"{memory:>6} {operators:>8}  {'; '.join(ratios)}")
+    if any(r["train_kernel_seconds"] for r in models.values()):
+        print_breakdown(models)
     for name, r in models.items():
         if "sampling_images_per_s" in r:
             print(f"{name:<10} sampling {args.sampling_steps} guided steps + VAE decode: "
                   f"{r['sampling_images_per_s']:.2f} images/s, {args.sampling_images:,} images in "
                   f"{r['sampling_hours']:.2f} h on one device")
+
+
+def print_breakdown(models):
+    """Step time by kernel kind; 'floor' leaves out 'other' (element-wise passes, copies, norms)."""
+    kinds = [*KERNEL_KINDS, "other"]
+    for mode, step, time_key in (("train", "training step", "train_step_s"), ("infer", "inference forward", "infer_s")):
+        print(f"\none profiled eager {step}, ms by kernel kind (operators' own time)")
+        print(f"{'model':<10} " + " ".join(f"{kind:>9}" for kind in kinds) + f" {'floor':>9}  floor over the time of")
+        for name, r in models.items():
+            seconds = r[f"{mode}_kernel_seconds"]
+            floor = sum(seconds[kind] for kind in KERNEL_KINDS)
+            others = [f"{other}: {floor / models[other][time_key]:.2f}x"
+                      for other in (SAME_MACS.get(name), "DiT-XL/2") if other in models and other != name]
+            print(f"{name:<10} " + " ".join(f"{seconds[kind] * 1e3:>9.1f}" for kind in kinds)
+                  + f" {floor * 1e3:>9.1f}  {'; '.join(others)}")
 
 
 def main(argv=None):
@@ -244,6 +305,9 @@ def main(argv=None):
     p.add_argument("--sampling-batch-size", type=int, default=None, help="default: --batch-size")
     p.add_argument("--sampling-models", nargs="+", choices=list(DiT_models), help="default: --models")
     p.add_argument("--sampling-images", type=int, default=50_000, help="for the projected hours on one device")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also profile one eager training step per model: time in matrix products, "
+                        "convolutions, attention, the optimizer and all other operators")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     args.latent_size = args.image_size // 8
@@ -251,6 +315,8 @@ def main(argv=None):
         p.error("--sampling-models must be among --models")
     if args.cuda_graph and not torch.cuda.is_available():
         p.error("--cuda-graph needs a CUDA device")
+    if args.breakdown and args.compile != "none":
+        p.error("--breakdown profiles eager operators; compiled code runs fused kernels instead (drop --compile)")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     configure_matmul_precision(args.precision, device)
@@ -268,6 +334,10 @@ def main(argv=None):
         for case in cases:
             case.set_mode(True)
             case.operators = count_operators(case.eager_step)
+            if args.breakdown:
+                case.breakdown["train"] = kernel_time_breakdown(case.eager_step, device)
+                case.set_mode(False)
+                case.breakdown["infer"] = kernel_time_breakdown(case.eager_infer, device)
     if args.cuda_graph:
         for case in cases:
             case.graph()
@@ -299,7 +369,8 @@ def main(argv=None):
             "params": case.params, "gmacs": case.gmacs, "train_step_s": train_s, "infer_s": infer_s,
             "train_steps_per_s": 1 / train_s, "train_gflops": train_gflops, "utilisation": train_gflops / ceiling,
             "train_peak_memory_gib": case.peak_memory / 2**30 if case.peak_memory else None,
-            "train_ops_per_step": case.operators}
+            "train_ops_per_step": case.operators, "train_kernel_seconds": case.breakdown.get("train"),
+            "infer_kernel_seconds": case.breakdown.get("infer")}
     write_json(args.json, results)
     del cases
     if args.sampling:

@@ -3,6 +3,7 @@
 import json
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT
@@ -14,7 +15,7 @@ import bench  # noqa: E402
 def test_bench_reports_times_ratios_and_utilisation(tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main(["--models", "U-DiT-S", "DiT-S/2", "--batch-size", "1", "--rounds", "1", "--warmup", "0",
-                "--gemm-size", "256", "--json", str(out)])
+                "--gemm-size", "256", "--breakdown", "--json", str(out)])
     results = json.loads(out.read_text())
     assert set(results["models"]) == {"U-DiT-S", "DiT-S/2"} and results["gemm_ceiling_gflops"] > 0
     udit = results["models"]["U-DiT-S"]
@@ -22,7 +23,29 @@ def test_bench_reports_times_ratios_and_utilisation(tmp_path, capsys):
     assert udit["train_step_s"] > 0 and udit["infer_s"] > 0 and 0 < udit["utilisation"]
     # U-DiT-S has 44 thinner layers against DiT-S/2's 12: several times the operators.
     assert udit["train_ops_per_step"] > 3 * results["models"]["DiT-S/2"]["train_ops_per_step"] > 0
-    assert "vs DiT-S/2:" in capsys.readouterr().out
+    # The kernel breakdown: only U-DiT runs depthwise convolutions at every layer (DiT: one patch embedding).
+    kernels = {name: r["train_kernel_seconds"] for name, r in results["models"].items()}
+    assert all(r["infer_kernel_seconds"]["conv"] > 0 for r in results["models"].values())
+    assert all(kernels[name][kind] > 0 for name in kernels for kind in ("matmul", "attention", "optimizer", "other"))
+    assert kernels["U-DiT-S"]["conv"] > 10 * kernels["DiT-S/2"]["conv"] > 0
+    printed = capsys.readouterr().out
+    assert "vs DiT-S/2:" in printed and "floor over the time of" in printed
+
+
+def test_kernel_breakdown_sorts_operators_by_kind():
+    a, image, kernel = torch.randn(64, 64), torch.randn(1, 8, 16, 16), torch.randn(8, 1, 3, 3)
+    matmul = bench.kernel_time_breakdown(lambda: a @ a, torch.device("cpu"))
+    assert matmul["matmul"] > 0 and matmul["conv"] == matmul["attention"] == matmul["optimizer"] == 0
+    conv = bench.kernel_time_breakdown(lambda: torch.nn.functional.conv2d(image, kernel, groups=8).exp(),
+                                       torch.device("cpu"))
+    assert conv["conv"] > 0 and conv["other"] > 0 and conv["matmul"] == 0
+
+
+def test_breakdown_refuses_compiled_models(capsys):
+    with pytest.raises(SystemExit) as exit:
+        bench.main(["--breakdown", "--compile"])
+    assert exit.value.code == 2
+    assert "--breakdown profiles eager operators" in capsys.readouterr().err
 
 
 def test_operator_count_skips_views_and_counts_backward():
