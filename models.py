@@ -12,6 +12,8 @@ Run `python models.py` for the parameter and GMAC table of every registered mode
 """
 
 import math
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -172,6 +174,49 @@ class ChannelLayerNorm(nn.Module):
         return F.layer_norm(x, (self.dim,), eps=self.eps)
 
 
+class DerivedWeightsModule(nn.Module):
+    """Base of the U-DiT modules whose forward uses tensors derived from their parameters
+    (folded kernels, merged biases).
+
+    derived() returns derive()'s tensors. It recomputes them whenever autograd may need
+    their gradients (in training, with grad enabled, while compiling: the derivation is
+    part of the graph, so every parameter gets its gradient); otherwise (eval mode without
+    grad, i.e. sampling) it keeps them against the version counters, data pointers and
+    dtypes of derived_from(), so parameters are never written and any change to them
+    (optimizer step, EMA update, load_state_dict, .to()) re-derives. Cached tensors are
+    derived in the parameters' precision; autocast, if active, casts where they are used.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._derived, self._derived_key = None, None
+
+    def train(self, mode=True):
+        # Writes through `.data` bypass the version counters; a mode switch always re-derives.
+        self._derived, self._derived_key = None, None
+        return super().train(mode)
+
+    def derive(self):
+        raise NotImplementedError
+
+    def derived_from(self):
+        """The parameters derive() reads."""
+        return self.parameters()
+
+    def derived(self):
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.derive()
+        params = list(self.derived_from())
+        key = tuple((p._version, p.data_ptr(), p.dtype) for p in params)
+        if self._derived_key != key:
+            device_type = params[0].device.type
+            with torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
+                    else nullcontext():
+                self._derived = self.derive()
+            self._derived_key = key
+        return self._derived
+
+
 #################################################################################
 #                 U-DiT: 2D rotary embedding and attention                      #
 #################################################################################
@@ -280,7 +325,7 @@ class TokenDownsampler(nn.Module):
         return self.layer.weight + self.identity if self.shortcut else self.layer.weight
 
 
-class DownsampledTokenAttention(nn.Module):
+class DownsampledTokenAttention(DerivedWeightsModule):
     """Self-attention over down_factor**2 interleaved sub-maps of an (N, H, W, dim) map.
 
     Pixel (f*i + a, f*j + b) joins group a*f + b as token i*(W/f) + j; tokens attend only
@@ -324,16 +369,28 @@ class DownsampledTokenAttention(nn.Module):
                                  f"or None, got {downsampler!r}")
             self.downsampler = TokenDownsampler(dim, int(downsampler[6:]), down_shortcut)
 
+    def derive(self):
+        """Downsampler kernel (dim, 1, K, K) or None; q/k/v bias (3 dim,); scales of q and
+        k (2, 1, heads, 1, 1) or None."""
+        kernel, qkv_bias, scales = None, self.to_qkv.bias, None
+        if self.downsampler is not None:
+            # The downsampler's bias passes through the (linear) regrouping and projection
+            # as W b: oneDNN's depthwise bias gradient costs more than the whole input gradient.
+            kernel = self.downsampler.kernel()
+            qkv_bias = torch.addmv(qkv_bias, self.to_qkv.weight, self.downsampler.layer.bias)
+        if self.attn_type == "v2":
+            # The cosine attention's temperature scales q; k is only normalised.
+            temperature = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
+            scales = F.pad(temperature.view(1, 1, self.num_heads, 1, 1), (0, 0, 0, 0, 0, 0, 0, 0, 0, 1), value=1.0)
+        return kernel, qkv_bias, scales
+
     def forward(self, x):
         n, h, w, c = x.shape
         f, heads, hd = self.down_factor, self.num_heads, self.head_dim
         gh, gw = h // f, w // f
-        qkv_bias = self.to_qkv.bias
-        if self.downsampler is not None:
-            # The downsampler's bias passes through the (linear) regrouping and projection
-            # as W b: oneDNN's depthwise bias gradient costs more than the whole input gradient.
-            x = spatial_conv(x, self.downsampler.kernel(), padding=self.downsampler.layer.padding, groups=c)
-            qkv_bias = torch.addmv(qkv_bias, self.to_qkv.weight, self.downsampler.layer.bias)
+        kernel, qkv_bias, scales = self.derived()
+        if kernel is not None:
+            x = spatial_conv(x, kernel, padding=self.downsampler.layer.padding, groups=c)
         # Pixels to token groups before the projection (one copy of the C-wide map, not
         # of the 3C-wide q, k, v): (N, gh, f, gw, f, C) -> (N f f, L, C), L = gh gw.
         x = x.view(n, gh, f, gw, f, c).permute(0, 2, 4, 1, 3, 5).reshape(n * f * f, gh * gw, c)
@@ -344,8 +401,6 @@ class DownsampledTokenAttention(nn.Module):
         if self.attn_type == "v2":
             # Cosine attention as q / |q| * temperature and k / |k| in a single pass over
             # both; RoPE rotates channel pairs, so the norms are taken before it.
-            temperature = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
-            scales = F.pad(temperature.view(1, 1, heads, 1, 1), (0, 0, 0, 0, 0, 0, 0, 0, 0, 1), value=1.0)
             qk = ScaledUnitVectors.apply(qk.float() if qk.dtype != torch.float32 else qk, scales)
         if self.posemb_type == "rope2d":
             qk = apply_rope_2d(qk, *rope_2d_tables(gh, gw, hd, x.device))
@@ -367,7 +422,7 @@ def fold_pointwise_pair(first, second):
     return w1 @ w0, torch.addmv(second.bias, w1, first.bias)
 
 
-class RepFFN(nn.Module):
+class RepFFN(DerivedWeightsModule):
     """Re-parameterised convolutional FFN, (N, H, W, dim) -> (N, H, W, dim).
 
     The function (reference training form): 1x1 dim->h/2, 1x1 h/2->h, exact GELU,
@@ -376,9 +431,8 @@ class RepFFN(nn.Module):
     and the identity into one 5x5 kernel always, and each 1x1 pair into one matrix when
     the feature map is large enough for that to save work. In training the fold is part
     of the autograd graph (the same gradients for every branch parameter); in eval mode
-    the fully folded weights are cached against the parameters' version counters, so
-    parameters are never written and any change to them (optimizer step,
-    load_state_dict, EMA update) refolds.
+    the fully folded weights are used, cached when no gradient is needed (see
+    DerivedWeightsModule).
     """
 
     def __init__(self, dim, mlp_ratio):
@@ -392,13 +446,6 @@ class RepFFN(nn.Module):
             nn.Conv2d(hidden, hidden, 1, groups=hidden),
         ])
         self.project_out = nn.Sequential(nn.Conv2d(hidden, hidden // 2, 1), nn.Conv2d(hidden // 2, dim, 1))
-        self._folded = None
-        self._folded_key = None
-
-    def train(self, mode=True):
-        # Writes through `.data` bypass the version counters; a mode switch always refolds.
-        self._folded, self._folded_key = None, None
-        return super().train(mode)
 
     def folded_depthwise(self):
         """Identity + dw5 + dw3 + dw1 as one 5x5 depthwise kernel (h, 1, 5, 5) and bias (h,)."""
@@ -411,14 +458,8 @@ class RepFFN(nn.Module):
         return (*fold_pointwise_pair(*self.project_in), *self.folded_depthwise(),
                 *fold_pointwise_pair(*self.project_out))
 
-    def _cached_fold(self):
-        key = tuple((p._version, p.data_ptr(), p.dtype) for p in self.parameters())
-        if self._folded_key != key:
-            # Folded in the parameters' precision; autocast, if active, casts at the matmuls.
-            with torch.no_grad(), torch.autocast(self.project_in[0].weight.device.type, enabled=False):
-                self._folded = self.fold()
-            self._folded_key = key
-        return self._folded
+    def derive(self):
+        return self.fold()
 
     def _project(self, x, pair, fold, input_bias=None):
         """pair applied to x + input_bias (a bias of x's channels, folded into the pair's)."""
@@ -438,8 +479,7 @@ class RepFFN(nn.Module):
             kernel, kernel_bias = self.folded_depthwise()
             u = spatial_conv(u, kernel, padding=2, groups=self.hidden)
             return self._project(u, self.project_out, fold_pairs, input_bias=kernel_bias)
-        folded = self.fold() if torch.compiler.is_compiling() else self._cached_fold()
-        w_in, b_in, kernel, b_k, w_out, b_out = folded
+        w_in, b_in, kernel, b_k, w_out, b_out = self.derived()
         u = F.gelu(F.linear(x, w_in, b_in))
         u = spatial_conv(u, kernel, b_k, padding=2, groups=self.hidden)
         return F.linear(u, w_out, b_out)
@@ -504,8 +544,12 @@ def make_ffn(dim, mlp_ratio, ffn_type, rep):
 #                             U-DiT: the network                                #
 #################################################################################
 
-class U_DiTBlock(nn.Module):
-    """Two adaLN-Zero transformer layers at width `dim`. x: (N, H, W, dim); c: (N, dim)."""
+class U_DiTBlock(DerivedWeightsModule):
+    """Two adaLN-Zero transformer layers at width `dim`.
+
+    x: (N, H, W, dim); silu_c: (N, dim), the conditioning after its SiLU (U_DiT applies it
+    once per level rather than once per layer).
+    """
 
     def __init__(self, dim, num_heads, mlp_ratio, ffn_type, rep, **attn_kwargs):
         super().__init__()
@@ -514,17 +558,30 @@ class U_DiTBlock(nn.Module):
             self.add_module(f"attn{k}", DownsampledTokenAttention(dim, num_heads, **attn_kwargs))
             self.add_module(f"norm2{k}", ChannelLayerNorm(dim))
             self.add_module(f"mlp{k}", make_ffn(dim, mlp_ratio, ffn_type, rep))
+            # The reference's (SiLU, Linear): its SiLU runs in U_DiT; the checkpoint names the linear `.1`.
             self.add_module(f"adaLN_modulation{k}", nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim)))
+        # Added to the modulation bias so that the linear gives 1 + scale for both scales.
+        offset = torch.zeros(6, dim)
+        offset[[1, 4]] = 1.0
+        self.register_buffer("scale_offset", offset.flatten(), persistent=False)
 
-    def _layer(self, x, c, norm1, attn, norm2, mlp, modulation):
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation(c)[:, None, None].chunk(6, dim=-1)
+    def derive(self):
+        return tuple(m[-1].bias + self.scale_offset for m in (self.adaLN_modulation1, self.adaLN_modulation2))
+
+    def derived_from(self):
+        return [self.adaLN_modulation1[-1].bias, self.adaLN_modulation2[-1].bias]
+
+    def _layer(self, x, silu_c, norm1, attn, norm2, mlp, modulation, bias):
+        modulation = F.linear(silu_c, modulation[-1].weight, bias)[:, None, None]
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation.chunk(6, dim=-1)  # scales are 1 + scale
         # addcmul: modulation and gated residual in one pass over the map each.
-        x = torch.addcmul(x, gate_a, attn(torch.addcmul(shift_a, norm1(x), 1 + scale_a)))
-        return torch.addcmul(x, gate_m, mlp(torch.addcmul(shift_m, norm2(x), 1 + scale_m)))
+        x = torch.addcmul(x, gate_a, attn(torch.addcmul(shift_a, norm1(x), scale_a)))
+        return torch.addcmul(x, gate_m, mlp(torch.addcmul(shift_m, norm2(x), scale_m)))
 
-    def forward(self, x, c):
-        x = self._layer(x, c, self.norm11, self.attn1, self.norm21, self.mlp1, self.adaLN_modulation1)
-        return self._layer(x, c, self.norm12, self.attn2, self.norm22, self.mlp2, self.adaLN_modulation2)
+    def forward(self, x, silu_c):
+        bias1, bias2 = self.derived()
+        x = self._layer(x, silu_c, self.norm11, self.attn1, self.norm21, self.mlp1, self.adaLN_modulation1, bias1)
+        return self._layer(x, silu_c, self.norm12, self.attn2, self.norm22, self.mlp2, self.adaLN_modulation2, bias2)
 
 
 class Downsample(nn.Module):
@@ -558,9 +615,10 @@ class U_DiTFinalLayer(nn.Module):
         self.out_proj = nn.Conv2d(dim, out_channels, 3, padding=1)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c)[:, None, None].chunk(2, dim=-1)
-        x = self.norm_final(x) * (1 + scale) + shift
+    def forward(self, x, silu_c):
+        """silu_c: (N, dim), the conditioning after SiLU (see U_DiTBlock)."""
+        shift, scale = self.adaLN_modulation[-1](silu_c)[:, None, None].chunk(2, dim=-1)
+        x = torch.addcmul(shift, self.norm_final(x), 1 + scale)
         return self.out_proj(x.permute(0, 3, 1, 2)).contiguous()
 
 
@@ -705,7 +763,7 @@ class U_DiT(nn.Module):
         if x.shape[-1] != x.shape[-2]:
             raise ValueError(f"U-DiT expects square inputs, got {tuple(x.shape[-2:])}")
         self.check_input_size(x.shape[-1])
-        c1, c2, c3 = self.conditioning(t, y)
+        c1, c2, c3 = (F.silu(c) for c in self.conditioning(t, y))  # every adaLN modulation starts with SiLU
 
         ckpt = self.grad_checkpointing
         skip1 = run_blocks(self.encoder_level_1, self.x_embedder(x), c1, ckpt)

@@ -140,6 +140,36 @@ def test_eval_output_follows_load_state_dict():
         assert_rel_close(model(x, t, y), other.train()(x, t, y), SINGLE_CALL_TOL, "after load_state_dict")
 
 
+def test_eval_with_grad_enabled_gives_every_parameter_its_training_gradient():
+    # Derived weights are cached only without grad: in eval mode with autograd on (e.g.
+    # gradients for an analysis), every parameter must still get its gradient.
+    model = no_label_dropout(randomize(tiny_udit()))
+    x, t, y = inputs()
+    grads = []
+    for mode in ("train", "eval"):
+        getattr(model, mode)()
+        model.zero_grad()
+        model(x, t, y).square().mean().backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    for name, grad in grads[0].items():  # the eval form folds every branch: other rounding
+        assert_rel_close(grads[1][name], grad, 1e-4, name)
+
+
+def test_sampling_derives_weights_once_and_again_after_a_change():
+    model = no_label_dropout(randomize(tiny_udit())).eval()
+    x, t, y = inputs()
+    derived = [m for m in model.modules() if isinstance(m, models.DerivedWeightsModule)]
+    assert {type(m) for m in derived} == {models.U_DiTBlock, models.DownsampledTokenAttention, RepFFN}
+    with torch.no_grad():
+        model(x, t, y)
+        first = [m.derived() for m in derived]
+        assert all(a is b for m, a in zip(derived, first) for a, b in zip(m.derived(), a))  # cached
+        block = model.blocks()[0]
+        block.adaLN_modulation1[1].bias.add_(1.0)  # an in-place update of one bias only
+        assert block.derived()[0] is not first[derived.index(block)][0]
+        assert torch.equal(block.derived()[0], block.adaLN_modulation1[1].bias + block.scale_offset)
+
+
 def test_training_fold_gives_the_branch_form_and_its_gradients():
     # The reference training form, written out branch by branch on an NCHW map.
     torch.manual_seed(0)
