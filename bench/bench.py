@@ -79,23 +79,19 @@ def count_operators(fn):
     return counter.count
 
 
-# Operator names (without "aten::") by the kind of kernel they run. Matched on the
-# operator's own time, so composite operators (linear, matmul, conv2d) that only call
-# these add nothing twice.
-KERNEL_KINDS = {
-    "matmul": ("mm", "addmm", "bmm", "baddbmm", "addmv", "addmv_"),
-    "conv": ("convolution_backward", "mkldnn_convolution", "cudnn_convolution", "_convolution",
-             "convolution", "thnn_conv2d", "_slow_conv2d_forward", "_slow_conv2d_backward"),
-    "attention": ("_scaled_dot_product_flash_attention_for_cpu",
-                  "_scaled_dot_product_flash_attention_for_cpu_backward",
-                  "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
-                  "_scaled_dot_product_efficient_attention",
-                  "_scaled_dot_product_efficient_attention_backward",
-                  "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward",
-                  "_flash_attention_forward", "_flash_attention_backward",
-                  "_efficient_attention_forward", "_efficient_attention_backward"),
-    "optimizer": ("_fused_adamw_", "_fused_adam_"),
-}
+KERNEL_KINDS = ("matmul", "conv", "attention", "optimizer")
+MATMUL_OPERATORS = {"mm", "addmm", "bmm", "baddbmm", "addmv", "addmv_", "_addmm_activation"}
+
+
+def kernel_kind(operator):
+    """The kind of an ATen operator's kernels (name without 'aten::'): one of KERNEL_KINDS or 'other'."""
+    if operator in MATMUL_OPERATORS:
+        return "matmul"
+    for kind, part in (("conv", "convolution"), ("conv", "conv_depthwise"), ("conv", "slow_conv"),
+                       ("attention", "attention"), ("optimizer", "adam")):
+        if part in operator:
+            return kind
+    return "other"
 
 
 def kernel_time_breakdown(fn, device):
@@ -106,7 +102,6 @@ def kernel_time_breakdown(fn, device):
     matmul + conv + attention is what the step needs even if every element-wise pass
     and copy were free.
     """
-    kind_of = {name: kind for kind, names in KERNEL_KINDS.items() for name in names}
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -118,7 +113,7 @@ def kernel_time_breakdown(fn, device):
         if not event.key.startswith("aten::"):
             continue
         own_us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
-        seconds[kind_of.get(event.key[len("aten::"):], "other")] += own_us / 1e6
+        seconds[kernel_kind(event.key[len("aten::"):])] += own_us / 1e6
     return seconds
 
 

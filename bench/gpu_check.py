@@ -21,7 +21,8 @@ or runs out of time still leaves the earlier ones' results and logs in OUT:
 - profile: the kernels of a U-DiT-B training step (-> profile.txt), depthwise
   convolutions in channels-last against NCHW layout, and the graph-replayed U-DiT-B
   step with the model's spatial convolutions in each layout;
-- eager, eager-sampling: bench.py without graphs -> gpu_eager*.json;
+- eager, eager-sampling: bench.py without graphs (eager: with the time per kernel kind,
+  --breakdown) -> gpu_eager*.json;
 - blocks: bench.py with every transformer block compiled -> gpu_blocks.json.
 """
 
@@ -305,7 +306,8 @@ STAGES = {
     "sample-graph": None,
     "train-graph": None,
     "profile": None,
-    "eager": ["--models", "U-DiT-B", "U-DiT-L", "DiT-B/2", "DiT-L/2", "DiT-XL/2", *BENCH, "--rounds", "5"],
+    "eager": ["--models", "U-DiT-B", "U-DiT-L", "DiT-B/2", "DiT-L/2", "DiT-XL/2", *BENCH, "--rounds", "5",
+              "--breakdown"],
     "eager-sampling": ["--models", "U-DiT-B", "DiT-XL/2", *BENCH, "--rounds", "1", "--sampling"],
     "blocks": ["--models", "U-DiT-B", "U-DiT-L", "DiT-XL/2", *BENCH, "--rounds", "5", "--compile", "blocks"],
 }

@@ -41,6 +41,15 @@ def test_kernel_breakdown_sorts_operators_by_kind():
     assert conv["conv"] > 0 and conv["other"] > 0 and conv["matmul"] == 0
 
 
+def test_kernel_kinds_cover_cpu_and_cuda_operator_names():
+    kinds = {"addmm": "matmul", "_addmm_activation": "matmul", "mkldnn_convolution": "conv",
+             "cudnn_convolution": "conv", "convolution_backward": "conv", "_conv_depthwise2d": "conv",
+             "_scaled_dot_product_flash_attention_for_cpu_backward": "attention",
+             "_efficient_attention_forward": "attention", "_fused_adamw_": "optimizer",
+             "mul": "other", "native_layer_norm": "other", "copy_": "other"}
+    assert {name: bench.kernel_kind(name) for name in kinds} == kinds
+
+
 def test_breakdown_refuses_compiled_models(capsys):
     with pytest.raises(SystemExit) as exit:
         bench.main(["--breakdown", "--compile"])
