@@ -329,7 +329,9 @@ class DownsampledTokenAttention(DerivedWeightsModule):
     """Self-attention over down_factor**2 interleaved sub-maps of an (N, H, W, dim) map.
 
     Pixel (f*i + a, f*j + b) joins group a*f + b as token i*(W/f) + j; tokens attend only
-    within their group, then return to their pixels. Input and output: (N, H, W, dim).
+    within their group, then return to their pixels. Input and output: (N, H, W, dim);
+    forward(x, residual, gate) returns residual + gate * attention(x) (gate: (N, 1, 1, dim)),
+    the residual update made by the same pass that returns tokens to their pixels.
 
     attn_type 'v2': cosine attention with a learned per-head temperature
     (`logit_scale`); None: scaled dot product. posemb_type 'rope2d': 2D rotary
@@ -384,7 +386,7 @@ class DownsampledTokenAttention(DerivedWeightsModule):
             scales = F.pad(temperature.view(1, 1, self.num_heads, 1, 1), (0, 0, 0, 0, 0, 0, 0, 0, 0, 1), value=1.0)
         return kernel, qkv_bias, scales
 
-    def forward(self, x):
+    def forward(self, x, residual=None, gate=None):
         n, h, w, c = x.shape
         f, heads, hd = self.down_factor, self.num_heads, self.head_dim
         gh, gw = h // f, w // f
@@ -408,8 +410,11 @@ class DownsampledTokenAttention(DerivedWeightsModule):
         out = F.scaled_dot_product_attention(q, k, v, scale=1.0 if self.attn_type == "v2" else None)
         # Tokens go home after the (per-pixel) output projection:
         # (N, f, f, gh, gw, C) -> (N, gh, f, gw, f, C) -> (N, H, W, C)
-        out = pointwise(out.transpose(1, 2).reshape(n, f, f, gh, gw, c), self.to_out)
-        return out.permute(0, 3, 1, 4, 2, 5).reshape(n, h, w, c)
+        out = pointwise(out.transpose(1, 2).reshape(n, f, f, gh, gw, c), self.to_out).permute(0, 3, 1, 4, 2, 5)
+        if residual is None:
+            return out.reshape(n, h, w, c)
+        gate = gate.reshape(gate.shape[0], 1, 1, 1, 1, c)
+        return torch.addcmul(residual.view(n, gh, f, gw, f, c), gate, out).view(n, h, w, c)
 
 
 #################################################################################
@@ -574,8 +579,9 @@ class U_DiTBlock(DerivedWeightsModule):
     def _layer(self, x, silu_c, norm1, attn, norm2, mlp, modulation, bias):
         modulation = F.linear(silu_c, modulation[-1].weight, bias)[:, None, None]
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation.chunk(6, dim=-1)  # scales are 1 + scale
-        # addcmul: modulation and gated residual in one pass over the map each.
-        x = torch.addcmul(x, gate_a, attn(torch.addcmul(shift_a, norm1(x), scale_a)))
+        # addcmul: modulation and gated residual in one pass over the map each (the
+        # attention's gated residual is also its tokens' return to pixel order).
+        x = attn(torch.addcmul(shift_a, norm1(x), scale_a), residual=x, gate=gate_a)
         return torch.addcmul(x, gate_m, mlp(torch.addcmul(shift_m, norm2(x), scale_m)))
 
     def forward(self, x, silu_c):

@@ -351,7 +351,12 @@ def test_attention_matches_the_spec_written_out(down_factor, attn_type, posemb_t
                                             posemb_type=posemb_type, downsampler=downsampler, down_shortcut=shortcut)
     randomize(attn)
     x = torch.randn(2, 8, 8, 32)
-    assert_rel_close(attn(x), spec_attention(attn, x), SINGLE_CALL_TOL, "attention")
+    expected = spec_attention(attn, x)
+    assert_rel_close(attn(x), expected, SINGLE_CALL_TOL, "attention")
+    # The block's form: the gated residual update made on the way back to pixel order.
+    residual, gate = torch.randn(2, 8, 8, 32), torch.randn(2, 1, 1, 32)
+    assert_rel_close(attn(x, residual=residual, gate=gate), residual + gate * expected, SINGLE_CALL_TOL,
+                     "gated residual")
 
 
 @pytest.mark.parametrize("compiling", [False, True], ids=["complex-eager", "real-compiled"])
