@@ -286,21 +286,21 @@ class ScaledUnitVectors(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale):
         norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        inverse_norms = 1.0 / norms.clamp_min(1e-12)
-        ratio = scale * inverse_norms
-        ctx.save_for_backward(x, scale, norms, inverse_norms, ratio)
+        clamped = norms.clamp_min(1e-12)
+        ratio = scale / clamped
+        ctx.save_for_backward(x, scale, norms, clamped, ratio)
         return x * ratio
 
     @staticmethod
     def backward(ctx, grad):
-        x, scale, norms, inverse_norms, ratio = ctx.saved_tensors
+        x, scale, norms, clamped, ratio = ctx.saved_tensors
         dots = (x * grad).sum(-1, keepdim=True)
         # Norms under the clamp were divided by a constant: no term through the norm there.
         unclamped = norms >= 1e-12
-        dx = torch.addcmul(grad * ratio, x, -(ratio * inverse_norms * inverse_norms * dots * unclamped))
+        dx = torch.addcmul(grad * ratio, x, ratio * dots / clamped.square() * unclamped, value=-1.0)
         dscale = None
         if ctx.needs_input_grad[1]:
-            dscale = (dots * inverse_norms).sum_to_size(scale.shape)
+            dscale = (dots / clamped).sum_to_size(scale.shape)
         return dx, dscale
 
 
