@@ -34,8 +34,9 @@ class GraphedForward:
 
     Tensor arguments are copied into static buffers before each replay; the graph is
     recorded on the first call and again whenever tensor shapes or non-tensor arguments
-    change. The weights are read at replay time, so they may change in place but must not
-    be replaced. Returns a fresh tensor each call.
+    change. The weights must stay as they are while the graph is in use: a U-DiT in eval
+    mode derives tensors from them (folded FFN, attention constants) once, before
+    recording, and every replay reads those. Returns a fresh tensor each call.
     """
 
     def __init__(self, forward):
