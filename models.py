@@ -577,8 +577,8 @@ class U_DiTBlock(DerivedWeightsModule):
         return [self.adaLN_modulation1[-1].bias, self.adaLN_modulation2[-1].bias]
 
     def _layer(self, x, silu_c, norm1, attn, norm2, mlp, modulation, bias):
-        modulation = F.linear(silu_c, modulation[-1].weight, bias)[:, None, None]
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation.chunk(6, dim=-1)  # scales are 1 + scale
+        chunks = F.linear(silu_c, modulation[-1].weight, bias)[:, None, None].chunk(6, dim=-1)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = chunks  # both scales are 1 + scale
         # addcmul: modulation and gated residual in one pass over the map each (the
         # attention's gated residual is also its tokens' return to pixel order).
         x = attn(torch.addcmul(shift_a, norm1(x), scale_a), residual=x, gate=gate_a)
