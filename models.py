@@ -109,6 +109,7 @@ def compile_blocks(model, **compile_kwargs):
     so that training, eval and guided-batch shapes all keep their compiled code.
     """
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    cache_rope_tables(model)
     for block in (model.blocks() if isinstance(model, U_DiT) else model.blocks):
         block.compile(**{"dynamic": False, **compile_kwargs})
     return model
@@ -236,14 +237,35 @@ def rope_2d_tables(grid_h, grid_w, head_dim, device):
     odd, with f[i] = 10000 ** (-4 i / head_dim). rotation[n, p] = exp(i angle); cos
     fills both channels of a pair with cos(angle) and sin holds (-sin, +sin), the real
     form of the same product (see apply_rope_2d). Built once per (grid, head_dim, device)
-    in eager mode; under torch.compile they are traced into the graph as constants.
+    and kept. torch.compile reads kept tables as inputs; tables it has to build itself
+    become part of its kernels, which then recompute cosines element by element (call
+    cache_rope_tables before compiling).
     """
-    if torch.compiler.is_compiling():
-        return _build_rope_2d_tables(grid_h, grid_w, head_dim, device)
     key = (grid_h, grid_w, head_dim, torch.device(device))
-    if key not in _ROPE_TABLES:
-        _ROPE_TABLES[key] = _build_rope_2d_tables(grid_h, grid_w, head_dim, device)
-    return _ROPE_TABLES[key]
+    if key in _ROPE_TABLES:
+        return _ROPE_TABLES[key]
+    tables = _build_rope_2d_tables(grid_h, grid_w, head_dim, device)
+    if not torch.compiler.is_compiling():
+        _ROPE_TABLES[key] = tables
+    return tables
+
+
+def cache_rope_tables(model, input_size=None):
+    """Build the RoPE tables a U_DiT uses at input_size (default: its own) on its device; returns model.
+
+    For torch.compile: call before compiling, so that the compiled code reads the tables
+    instead of recomputing them. Models without 2D RoPE are returned as they are.
+    """
+    if not isinstance(model, U_DiT):
+        return model
+    size = input_size or model.input_size
+    for stride, level in zip(model.level_strides, model.levels()):
+        for block in level:
+            for attn in (block.attn1, block.attn2):
+                if attn.posemb_type == "rope2d":
+                    grid = size // stride // attn.down_factor
+                    rope_2d_tables(grid, grid, attn.head_dim, attn.to_qkv.weight.device)
+    return model
 
 
 def _build_rope_2d_tables(grid_h, grid_w, head_dim, device):
@@ -746,9 +768,12 @@ class U_DiT(nn.Module):
         nn.init.zeros_(self.final_layer.out_proj.weight)
         nn.init.zeros_(self.final_layer.out_proj.bias)
 
+    def levels(self):
+        """The block lists of the five levels, in the order of level_strides."""
+        return [self.encoder_level_1, self.encoder_level_2, self.latent, self.decoder_level_2, self.decoder_level_1]
+
     def blocks(self):
-        return [*self.encoder_level_1, *self.encoder_level_2, *self.latent,
-                *self.decoder_level_2, *self.decoder_level_1]
+        return [block for level in self.levels() for block in level]
 
     def label_embedders(self):
         return [self.y_embedder_1, self.y_embedder_2, self.y_embedder_3]

@@ -30,7 +30,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusion import create_diffusion  # noqa: E402
-from models import DiT_models, compile_blocks, count_params, create_model, model_report  # noqa: E402
+from models import (DiT_models, cache_rope_tables, compile_blocks, count_params, create_model,  # noqa: E402
+                    model_report)
 from udit.cuda_graphs import GraphedForward, capture  # noqa: E402
 from udit.distributed import configure_matmul_precision  # noqa: E402
 
@@ -54,6 +55,8 @@ def compiled(model, how, entry="forward"):
     """model.<entry> as timed: eager, with every block compiled in place, or compiled as a whole."""
     if how == "blocks":
         compile_blocks(model)
+    elif how == "model":
+        cache_rope_tables(model)
     fn = getattr(model, entry)
     return torch.compile(fn) if how == "model" else fn
 

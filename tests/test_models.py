@@ -447,6 +447,28 @@ def test_compiles_as_one_graph(mode):
         assert_rel_close(compiled(x, t, y), model(x, t, y), SINGLE_CALL_TOL, "compiled")
 
 
+def test_compiled_code_reads_cached_rope_tables():
+    # Tables built inside a compiled graph become part of its kernels (cosines recomputed
+    # element by element); cache_rope_tables makes the graph read them instead.
+    def traced_functions(model):
+        names = []
+
+        def backend(gm, example_inputs):
+            names.extend(str(node.target) for node in gm.graph.nodes if node.op in ("call_function", "call_method"))
+            return gm.forward
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(model, backend=backend, fullgraph=True)(*inputs(size=8))
+        return names
+
+    model = no_label_dropout(tiny_udit(input_size=8)).eval()
+    models._ROPE_TABLES.clear()
+    assert any("polar" in name for name in traced_functions(model))  # built in the graph
+    assert not models._ROPE_TABLES  # and not kept: they would hold the tracer's tensors
+    models.cache_rope_tables(model)
+    assert not any("polar" in name for name in traced_functions(model))
+
+
 def test_compile_blocks_keeps_the_function_and_the_checkpoint_names():
     model = no_label_dropout(tiny_udit())
     reference = deepcopy(model)

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from diffusion import create_diffusion
-from models import DiT_models
+from models import DiT_models, cache_rope_tables
 from udit.checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_state_dict,
                              save_atomic)
 from udit.cli import ActionableError, json_object, positive_int
@@ -301,6 +301,7 @@ def train(args, backend):
     model.train()
     train_model, opt = backend.prepare(model, opt)
     if args.compile:
+        cache_rope_tables(model)  # before compiling: the compiled code reads them, not recomputes them
         train_model = torch.compile(train_model)
     diffusion = create_diffusion(timestep_respacing="")
 
