@@ -102,8 +102,8 @@ def kernel_time_breakdown(fn, device):
 
     Summed over ATen operators' own time (their kernels' GPU time on CUDA, their CPU
     time otherwise), so Python and dispatch overhead outside operators is not counted:
-    matmul + conv + attention is what the step needs even if every element-wise pass
-    and copy were free.
+    all but 'other' is what the step needs even if every element-wise pass and copy
+    were free.
     """
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
