@@ -525,7 +525,7 @@ class RepFFN(DerivedWeightsModule):
         return ffn
 
 
-class ConvFFN(nn.Module):
+class ConvFFN(DerivedWeightsModule):
     """Plain convolutional FFN (reference `rep=0`, and the permanent fold of RepFFN).
 
     1x1 dim->h, exact GELU, depthwise 5x5, 1x1 h->dim. (N, H, W, dim) -> same.
@@ -538,12 +538,16 @@ class ConvFFN(nn.Module):
         self.dwconv = nn.Conv2d(hidden, hidden, 5, padding=2, groups=hidden)
         self.project_out = nn.Conv2d(hidden, dim, 1)
 
+    def derive(self):
+        """The output projection (dim, h) and its bias with the depthwise bias moved in
+        (see DownsampledTokenAttention)."""
+        weight = self.project_out.weight.flatten(1)
+        return weight, torch.addmv(self.project_out.bias, weight, self.dwconv.bias)
+
     def forward(self, x):
         u = F.gelu(pointwise(x, self.project_in))
         u = spatial_conv(u, self.dwconv.weight, padding=2, groups=self.dwconv.groups)
-        # The depthwise bias moves into the projection (see DownsampledTokenAttention).
-        weight = self.project_out.weight.flatten(1)
-        return F.linear(u, weight, torch.addmv(self.project_out.bias, weight, self.dwconv.bias))
+        return F.linear(u, *self.derived())
 
 
 class PointwiseMlp(nn.Module):

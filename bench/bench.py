@@ -243,6 +243,11 @@ def write_json(path, results):
         Path(path).write_text(json.dumps(results, indent=2) + "\n")
 
 
+def comparisons(name, models):
+    """The measured models `name` is compared with: the DiT with the same MACs, and DiT-XL/2."""
+    return [other for other in (SAME_MACS.get(name), "DiT-XL/2") if other in models and other != name]
+
+
 def print_table(results, args):
     compile_note = {"none": "", "blocks": ", blocks compiled", "model": ", compiled"}[args.compile]
     compile_note += ", CUDA graphs" if args.cuda_graph else ""
@@ -253,8 +258,7 @@ def print_table(results, args):
     models = results["models"]
     for name, r in models.items():
         ratios = [f"vs {other}: {r['train_step_s'] / models[other]['train_step_s']:.2f}x / "
-                  f"{r['infer_s'] / models[other]['infer_s']:.2f}x"
-                  for other in (SAME_MACS.get(name), "DiT-XL/2") if other in models and other != name]
+                  f"{r['infer_s'] / models[other]['infer_s']:.2f}x" for other in comparisons(name, models)]
         memory = f"{r['train_peak_memory_gib']:.1f}" if r["train_peak_memory_gib"] else "-"
         operators = r["train_ops_per_step"] or "-"
         print(f"{name:<10} {r['gmacs']:>7.2f} {r['train_step_s']:>9.4f} {r['train_steps_per_s']:>8.2f} "
@@ -278,8 +282,7 @@ def print_breakdown(models):
         for name, r in models.items():
             seconds = r[f"{mode}_kernel_seconds"]
             floor = sum(seconds[kind] for kind in KERNEL_KINDS)
-            others = [f"{other}: {floor / models[other][time_key]:.2f}x"
-                      for other in (SAME_MACS.get(name), "DiT-XL/2") if other in models and other != name]
+            others = [f"{other}: {floor / models[other][time_key]:.2f}x" for other in comparisons(name, models)]
             print(f"{name:<10} " + " ".join(f"{seconds[kind] * 1e3:>9.1f}" for kind in kinds)
                   + f" {floor * 1e3:>9.1f}  {'; '.join(others)}")
 

@@ -116,8 +116,9 @@ def test_eval_train_toggles_never_touch_parameters_and_follow_updates():
         model.eval()  # eval right after a step must see the new weights
 
 
-def test_eval_output_follows_in_place_updates_without_mode_switch():
-    model = no_label_dropout(tiny_udit()).eval()
+@pytest.mark.parametrize("rep", [1, 0])
+def test_eval_output_follows_in_place_updates_without_mode_switch(rep):
+    model = no_label_dropout(tiny_udit(rep=rep)).eval()
     x, t, y = inputs()
     with torch.no_grad():
         first = model(x, t, y)
