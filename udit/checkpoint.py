@@ -1,8 +1,10 @@
 """Checkpoints: atomic writes, loads that can never run code, clear mismatch errors."""
 
+import argparse
 import errno
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -40,8 +42,18 @@ def save_atomic(obj, path):
         os.close(dir_fd)
 
 
-def load_checkpoint(path):
-    """torch.load with weights_only=True: plain tensors and containers, never code."""
+# The original U-DiT, DiT and fast-DiT train.py save their settings as an argparse.Namespace:
+# plain data, allowed for the duration of a load only (never process-wide).
+PLAIN_DATA_CLASSES = [argparse.Namespace]
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def load_checkpoint(path, mmap=False):
+    """torch.load with weights_only=True: tensors, plain containers and Namespaces, never code.
+
+    A saved `args` Namespace (the original trainers' format) is returned as a dict.
+    mmap=True maps the tensors instead of reading them (cheap when only `args` is needed).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -52,13 +64,25 @@ def load_checkpoint(path):
         except Exception as err:
             raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(PLAIN_DATA_CLASSES):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path}: refused to load: the file holds objects other than tensors and plain "
-                              f"containers, which could run code ({str(err).splitlines()[0]}); only load "
+                              f"containers, which could run code ({unpickling_reason(err)}); only load "
                               f"checkpoints you trust, re-saved as a state dict") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(err).splitlines()[0]})") from None
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), argparse.Namespace):
+        checkpoint["args"] = vars(checkpoint["args"])
+    return checkpoint
+
+
+def unpickling_reason(err):
+    """The line of torch's weights-only error that names the refused object, without terminal escapes."""
+    lines = [ANSI_ESCAPE.sub("", line).strip() for line in str(err).splitlines()]
+    named = [line for line in lines if "GLOBAL" in line or "WeightsUnpickler error" in line]
+    reason = (named or lines or [""])[0]
+    return reason.split(" was not an allowed global")[0].removeprefix("WeightsUnpickler error: ")
 
 
 def model_state_dict(checkpoint):
