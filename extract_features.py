@@ -4,7 +4,7 @@
     python extract_features.py --convert imagenet_feature --features-path imagenet256_vae   # a public folder
 
 For every image the posterior mean and std of the image and of its mirror image are
-stored (float16, times 0.18215), so training draws a fresh flip and posterior sample
+stored (float16, normalised with the VAE's scaling and shift factors, recorded in meta.json), so training draws a fresh flip and posterior sample
 each epoch. A killed run continues where it stopped when rerun with the same command;
 the result is identical to an uninterrupted run.
 """
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from udit.cli import run_guarded
 from udit.data import COMPACT_LAYOUT, DataError, ImageDataset, open_feature_folder
 from udit.distributed import barrier, cleanup, init_distributed
-from udit.vae import encode_moments, latent_channels, latent_factor, load_vae
+from udit.vae import SD_VAE_SCALE, encode_moments, latent_channels, latent_factor, latent_normalization, load_vae
 
 
 class FeatureStore:
@@ -40,7 +40,9 @@ class FeatureStore:
         """Create the arrays, or check that an earlier run made them for the same job."""
         if self.meta_path.is_file():
             old = json.loads(self.meta_path.read_text())
-            keys = ("layout", "count", "flips", "latent_shape", "source", "image_size", "vae")
+            keys = ("layout", "count", "flips", "latent_shape", "source", "image_size", "vae", "scaling_factor",
+                    "shift_factor")
+            old = {"scaling_factor": SD_VAE_SCALE, "shift_factor": 0.0, **old}  # stores from before they were recorded
             diffs = [f"{k}: {old.get(k)} vs {meta[k]}" for k in keys if old.get(k) != meta[k]]
             if diffs:
                 raise DataError(f"{self.root} holds features of another job ({'; '.join(diffs)}); choose another "
@@ -156,6 +158,7 @@ def extract_all(args, ctx):
         to_moments, flips = sample_moments, 1
         meta = {"source": str(Path(args.convert).resolve()), "vae": "unknown (converted)",
                 "image_size": latent_shape[-1] * 8}
+        normalization = dataset.latent_normalization
     else:
         dataset = ImageDataset(args.data_path, args.image_size, flip=False)
         vae = load_vae(args.vae, args.vae_path, ctx.device)
@@ -164,6 +167,8 @@ def extract_all(args, ctx):
         to_moments, flips = image_moments(vae, args.flips), args.flips
         meta = {"source": str(Path(args.data_path).resolve()), "vae": args.vae_path or args.vae,
                 "image_size": args.image_size, "classes": dataset.classes}
+        normalization = latent_normalization(vae)
+    meta.update(scaling_factor=normalization[0], shift_factor=normalization[1])
     meta.update(layout=COMPACT_LAYOUT, count=len(dataset), flips=flips, latent_shape=latent_shape)
     if ctx.is_main:
         store.create_or_check(meta, (len(dataset), flips, 2, *latent_shape))

@@ -1,5 +1,13 @@
-"""The Stable Diffusion VAE (diffusers AutoencoderKL): loading, encoding, decoding."""
+"""The Stable Diffusion VAE (diffusers AutoencoderKL): loading, encoding, decoding.
 
+Latents are normalised with the VAE's own config: z = (posterior sample - shift_factor) *
+scaling_factor (0.18215 and no shift for sd-vae-ft-ema/mse; other VAEs differ, e.g. SDXL's
+0.13025). The normalisation is recorded in checkpoints and feature stores, and a VAE whose
+normalisation differs from the recorded one is refused.
+"""
+
+import json
+import math
 from pathlib import Path
 
 import torch
@@ -7,7 +15,7 @@ import torch
 from udit.cli import ActionableError
 from udit.hub import hub_unreachable_reason
 
-LATENT_SCALE = 0.18215
+SD_VAE_SCALE = 0.18215  # sd-vae-ft-ema/mse; also what the public feature sets were stored with
 VAE_CHOICES = ("ema", "mse", "none")
 
 
@@ -58,27 +66,62 @@ def latent_channels(vae):
     return 3 if vae is None else vae.config.latent_channels
 
 
+def latent_normalization(vae):
+    """(scaling_factor, shift_factor) of a loaded VAE's config; (1, 0) in pixel space."""
+    if vae is None:
+        return 1.0, 0.0
+    return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
+def vae_config_normalization(vae, vae_path=None):
+    """(scaling_factor, shift_factor) of --vae / --vae-path without loading weights (reads config.json)."""
+    if vae == "none":
+        return 1.0, 0.0
+    if not vae_path:
+        return SD_VAE_SCALE, 0.0  # the config of stabilityai/sd-vae-ft-{ema,mse}
+    config_file = Path(vae_path) / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise VAEUnavailable(f"--vae-path {vae_path}: cannot read {config_file} ({err}); expected a diffusers "
+                             f"VAE folder") from None
+    return float(config.get("scaling_factor", SD_VAE_SCALE)), float(config.get("shift_factor") or 0.0)
+
+
+def check_latent_normalization(recorded, actual, recorded_by, vae_name):
+    """Refuse latents normalised with other constants than the VAE that will decode or extend them."""
+    if recorded is None:
+        return
+    if not all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(recorded, actual)):
+        raise ValueError(f"{recorded_by} holds latents normalised with scaling factor {recorded[0]:g} and shift "
+                         f"{recorded[1]:g}, but {vae_name} has {actual[0]:g} and {actual[1]:g}; name the VAE "
+                         f"the latents were made with (--vae / --vae-path)")
+
+
 @torch.no_grad()
 def encode(vae, images, generator=None):
-    """Images (N, 3, H, W) in [-1, 1] -> scaled posterior samples (N, C, H/f, W/f)."""
+    """Images (N, 3, H, W) in [-1, 1] -> normalised posterior samples (N, C, H/f, W/f)."""
     if vae is None:
         return images
-    return vae.encode(images).latent_dist.sample(generator).mul_(LATENT_SCALE)
+    scale, shift = latent_normalization(vae)
+    return (vae.encode(images).latent_dist.sample(generator) - shift) * scale
 
 
 @torch.no_grad()
 def encode_moments(vae, images):
-    """Images -> scaled posterior (mean, std), each (N, C, H/f, W/f)."""
+    """Images -> normalised posterior (mean, std), each (N, C, H/f, W/f)."""
+    scale, shift = latent_normalization(vae)
     dist = vae.encode(images).latent_dist
-    return dist.mean * LATENT_SCALE, dist.std * LATENT_SCALE
+    return (dist.mean - shift) * scale, dist.std * scale
 
 
 @torch.no_grad()
 def decode(vae, latents):
-    """Scaled latents -> images (N, 3, H, W) in [-1, 1] (pixel space: the input itself)."""
+    """Normalised latents -> images (N, 3, H, W) in [-1, 1] (pixel space: the input itself)."""
     if vae is None:
         return latents
-    return vae.decode(latents / LATENT_SCALE).sample
+    scale, shift = latent_normalization(vae)
+    return vae.decode(latents / scale + shift).sample
 
 
 def to_uint8(images):
