@@ -19,12 +19,25 @@ from udit.vae import to_uint8
 DEFAULT_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
 
 
+def default_labels(trained):
+    """DiT's eight ImageNet classes for a model of all 1000, else the first trained classes (8 images)."""
+    if len(trained) >= 1000:
+        return DEFAULT_CLASSES
+    return [trained[i % len(trained)] for i in range(8)]
+
+
+def describe_labels(labels):
+    if labels == list(range(len(labels))):
+        return f"classes 0..{len(labels) - 1}"
+    return "classes " + ", ".join(map(str, labels[:8])) + (f", ... ({len(labels)} in all)" if len(labels) > 8 else "")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     add_sampling_args(p)
     p.add_argument("--class-labels", type=int, nargs="+",
-                   help=f"one image per label (default {' '.join(map(str, DEFAULT_CLASSES))}, "
-                        f"or 0..7 for models with fewer classes)")
+                   help=f"one image per label (default {' '.join(map(str, DEFAULT_CLASSES))} for ImageNet models, "
+                        f"else the first 8 classes the model was trained on)")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="4.0 for pictures (FID uses 1.5); 1 = no guidance")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nrow", type=int, default=4, help="images per row of the grid")
@@ -39,11 +52,15 @@ def main(argv=None):
         model, vae, settings = load_sampling_model(args, device)
     except (ActionableError, ValueError) as err:
         p.exit(2, f"sample.py: error: {err}\n")
-    num_classes = settings["num_classes"]
-    labels = args.class_labels or (DEFAULT_CLASSES if num_classes >= 1000 else [i % num_classes for i in range(8)])
-    bad = [label for label in labels if not 0 <= label < num_classes]
+    trained = settings["trained_labels"]
+    labels = args.class_labels or default_labels(trained)
+    bad = [label for label in labels if not 0 <= label < settings["num_classes"]]
     if bad:
-        p.exit(2, f"sample.py: error: class labels {bad} are outside 0..{num_classes - 1} for this model\n")
+        p.exit(2, f"sample.py: error: class labels {bad} are outside 0..{settings['num_classes'] - 1} for this model\n")
+    untrained = [label for label in labels if label not in set(trained)]
+    if untrained:
+        p.exit(2, f"sample.py: error: class labels {untrained} were never trained: this model learned "
+                  f"{describe_labels(trained)}\n")
 
     print(f"sampling {len(labels)} images: {settings['model']} at {settings['image_size']} px, "
           f"{args.sampler.upper()} {args.num_sampling_steps} steps, cfg {args.cfg_scale}, on {device}")

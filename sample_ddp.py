@@ -5,7 +5,10 @@
 Image i depends only on (--global-seed, i), so the same command gives the same images on
 any number of processes. Batches are fixed runs of --per-proc-batch-size consecutive
 indices dealt round-robin to the processes; a rerun after a crash skips finished
-batches, and the final .npz is identical to that of an uninterrupted run.
+batches, and the final .npz is identical to that of an uninterrupted run. The sample
+folder is named after a hash of everything that decides the images (checkpoint
+contents included) and keeps it in manifest.json: images are reused only by the run
+that would have made them.
 """
 
 import argparse
@@ -16,17 +19,37 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from download import resolve_checkpoint
 from udit.cli import positive_int, run_guarded
-from udit.distributed import barrier, cleanup, configure_matmul_precision, init_distributed
-from udit.sampling import (add_sampling_args, check_sampling_args, generate, initial_draws,
-                           load_sampling_model, save_png_atomic, write_npz_streaming)
-from udit.vae import to_uint8
+from udit.distributed import barrier, broadcast_object, cleanup, configure_matmul_precision, init_distributed
+from udit.sampling import (add_sampling_args, check_sampling_args, file_sha256, generate, initial_draws,
+                           load_sampling_model, manifest_digest, open_sample_folder, save_png_atomic,
+                           write_npz_streaming)
+from udit.vae import to_uint8, vae_source
 
 
-def run_name(args, settings):
+def run_manifest(args, settings, checkpoint_sha256):
+    """Everything that decides image i besides i; the sample folder is named after it and keeps a copy.
+
+    Not in it: --num-fid-samples (image i does not depend on the count) and --cuda-graph
+    (a replay computes the same values).
+    """
+    return {"checkpoint_sha256": checkpoint_sha256, "model": settings["model"],
+            "model_kwargs": settings["model_kwargs"], "image_size": settings["image_size"],
+            "num_classes": settings["num_classes"], "trained_labels": settings["trained_labels"],
+            "vae": vae_source(settings["vae"], args.vae_path) if settings["vae"] != "none" else "none",
+            "sampler": args.sampler, "num_sampling_steps": args.num_sampling_steps, "cfg_scale": args.cfg_scale,
+            "cfg_channels": "all" if args.cfg_channels is None else args.cfg_channels,
+            "global_seed": args.global_seed, "per_proc_batch_size": args.per_proc_batch_size,
+            "precision": args.precision}
+
+
+def run_name(args, settings, manifest):
+    """Readable settings, then the manifest's hash: another checkpoint or setting gets another folder."""
     ckpt = Path(args.ckpt).stem if Path(args.ckpt).is_file() else args.ckpt
     return (f"{settings['model'].replace('/', '-')}-{ckpt}-size-{settings['image_size']}-vae-{settings['vae']}-"
-            f"cfg-{args.cfg_scale}-{args.sampler}{args.num_sampling_steps}-seed-{args.global_seed}")
+            f"cfg-{args.cfg_scale}-{args.sampler}{args.num_sampling_steps}-seed-{args.global_seed}-"
+            f"{manifest_digest(manifest)}")
 
 
 def batches_of_rank(count, batch_size, rank, world_size):
@@ -35,9 +58,9 @@ def batches_of_rank(count, batch_size, rank, world_size):
     return [list(range(s, min(s + batch_size, count))) for s in starts]
 
 
-def labels_for(count, seed, num_classes):
-    """The class label of every image index, as the sampler draws it."""
-    return initial_draws(seed, range(count), (1,), num_classes)[0].numpy()
+def labels_for(count, seed, label_pool):
+    """The class label of every image index, as the sampler draws it (uniform over the trained classes)."""
+    return initial_draws(seed, range(count), (1,), label_pool)[0].numpy()
 
 
 def main(argv=None):
@@ -62,9 +85,11 @@ def sample_all(args, ctx):
     """Sample this rank's missing batches, then (rank 0) write the .npz from the PNGs."""
     configure_matmul_precision(args.precision, ctx.device)
     model, vae, settings = load_sampling_model(args, ctx.device)
-    folder = Path(args.sample_dir) / run_name(args, settings)
+    checkpoint_sha256 = broadcast_object(file_sha256(resolve_checkpoint(args.ckpt)) if ctx.is_main else None)
+    manifest = run_manifest(args, settings, checkpoint_sha256)
+    folder = Path(args.sample_dir) / run_name(args, settings, manifest)
     if ctx.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
+        open_sample_folder(folder, manifest)
     barrier()
     n = args.num_fid_samples
     todo = [b for b in batches_of_rank(n, args.per_proc_batch_size, ctx.rank, ctx.world_size)
@@ -92,7 +117,7 @@ def sample_all(args, ctx):
         pngs = (np.asarray(Image.open(folder / f"{i:06d}.png").convert("RGB"))
                 for i in tqdm(range(n), desc="writing .npz", unit="img"))
         npz = folder.parent / f"{folder.name}.npz"
-        write_npz_streaming(npz, n, (size, size, 3), pngs, labels_for(n, args.global_seed, settings["num_classes"]))
+        write_npz_streaming(npz, n, (size, size, 3), pngs, labels_for(n, args.global_seed, settings["trained_labels"]))
         print(f"wrote {npz}: arr_0 uint8 ({n}, {size}, {size}, 3), arr_1 labels ({n},)")
     barrier()
 

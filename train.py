@@ -9,7 +9,7 @@ import torch
 
 from udit.cli import run_guarded
 from udit.distributed import cleanup
-from udit.trainer import DDPBackend, check_args, train, training_parser
+from udit.trainer import DDPBackend, parse_training_args, train, training_parser
 
 
 def main(argv=None):
@@ -19,8 +19,7 @@ def main(argv=None):
     parser.add_argument("--cuda-graph", action="store_true",
                         help="replay each step's forward and backward from a CUDA graph: removes the per-kernel "
                              "launch cost that bounds U-DiT's thin layers (needs CUDA; fixed batch shapes)")
-    args = parser.parse_args(argv)
-    check_args(parser, args)
+    args = parse_training_args(parser, argv)
     if args.cuda_graph and not torch.cuda.is_available():
         parser.error("--cuda-graph needs a CUDA device")
     backend = DDPBackend(args.precision, cuda_graph=args.cuda_graph)

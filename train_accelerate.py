@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 
 from udit.cli import run_guarded
-from udit.trainer import check_args, train, training_parser
+from udit.trainer import parse_training_args, train, training_parser
 
 
 class AccelerateBackend:
@@ -49,8 +49,7 @@ class AccelerateBackend:
 
 def main(argv=None):
     parser = training_parser(__doc__.strip().splitlines()[0])
-    args = parser.parse_args(argv)
-    check_args(parser, args)
+    args = parse_training_args(parser, argv)
     backend = AccelerateBackend()
     args.precision = backend.accelerator.mixed_precision
     try:

@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from udit.vae import SD_VAE_SCALE
+
 log = logging.getLogger(__name__)
 
 COMPACT_LAYOUT = "udit-compact-v1"
@@ -95,6 +97,10 @@ class ImageDataset(SeededDataset):
     def __len__(self):
         return len(self.samples)
 
+    def labels_present(self):
+        """The class indices the data holds, sorted: one per class folder."""
+        return list(range(len(self.classes)))
+
     def load(self, index):
         path, label = self.samples[index]
         with Image.open(path) as image:
@@ -123,9 +129,16 @@ class ImageDataset(SeededDataset):
 class PublicFeatureDataset(SeededDataset):
     """The fast-DiT and U-DiT releases: one .npy (1, C, H, W) latent and one (1,) label per image."""
 
+    # Both releases were extracted with sd-vae-ft-ema/mse: (scaling factor, shift).
+    latent_normalization = (SD_VAE_SCALE, 0.0)
+
     def __init__(self, feature_files, label_files, seed=0):
         super().__init__(seed)
         self.feature_files, self.label_files = feature_files, label_files
+
+    def labels_present(self):
+        """None: unknown without reading every label file."""
+        return None
 
     def __len__(self):
         return len(self.feature_files)
@@ -140,7 +153,8 @@ class CompactFeatureDataset(SeededDataset):
     """Our layout: memory-mapped VAE posterior moments of both flips.
 
     features.npy (N, F, 2, C, H, W) float16: for each of F flips (2: as is and mirrored;
-    1 for converted public sets) the posterior mean and std, already times 0.18215.
+    1 for converted public sets) the posterior mean and std, already normalised with the
+    VAE's (scaling_factor, shift_factor), recorded in meta.json (0.18215, 0 before they were).
     A fresh flip and posterior sample mean + std * eps are drawn every epoch.
     """
 
@@ -154,9 +168,15 @@ class CompactFeatureDataset(SeededDataset):
                             f"extract_features.py with the same arguments to complete it")
         self.features = None  # opened lazily so that each worker maps the file itself
         self.labels = np.load(self.root / "labels.npy", allow_pickle=False)
+        self.latent_normalization = (float(self.meta.get("scaling_factor", SD_VAE_SCALE)),
+                                     float(self.meta.get("shift_factor", 0.0)))
 
     def __len__(self):
         return len(self.labels)
+
+    def labels_present(self):
+        """The class indices the data holds, sorted."""
+        return np.unique(self.labels).tolist()
 
     def __getitem__(self, index):
         if self.features is None:

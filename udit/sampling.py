@@ -7,6 +7,8 @@ the number of processes.
 """
 
 import argparse
+import hashlib
+import json
 import os
 import zipfile
 from contextlib import nullcontext
@@ -21,7 +23,8 @@ from models import DiT_models
 from udit.checkpoint import build_model, load_checkpoint, load_weights, model_state_dict
 from udit.cli import json_object
 from udit.cuda_graphs import GraphedForward
-from udit.vae import decode, latent_channels, latent_factor, load_vae
+from udit.vae import (SD_VAE_SCALE, check_latent_normalization, decode, latent_channels, latent_factor,
+                      latent_normalization, load_vae, vae_source)
 
 FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # so that the same images give the same .npz bytes
 
@@ -75,10 +78,22 @@ def check_sampling_args(parser, args):
         parser.error("--cuda-graph needs a CUDA GPU (it replays recorded GPU kernels); drop it on this machine")
 
 
-def resolve_settings(args, saved):
-    """Model settings: explicit flags win, then the checkpoint's saved args, then defaults."""
+# The settings of the original U-DiT / DiT / fast-DiT train.py (an argparse.Namespace) that
+# describe the network they trained; the rest of their flags mean other things.
+FOREIGN_RELIABLE = ("model", "image_size", "num_classes", "vae")
+
+
+def resolve_settings(args, saved, state_dict):
+    """Model settings: explicit flags win, then the checkpoint's saved args, then the weights, then defaults.
+
+    saved: a checkpoint's `args` (ours: everything the network needs; the original
+    trainers': only FOREIGN_RELIABLE). Whether the label tables have a null row (trained
+    with label dropout, so guidance works) is read off the weights when not recorded.
+    """
     from download import RELEASED
     released = RELEASED.get(args.ckpt, {})
+    if "latent_size" not in saved:
+        saved = {k: saved[k] for k in FOREIGN_RELIABLE if k in saved}
     defaults = {"model": "U-DiT-B", "model_kwargs": {}, "image_size": 256, "num_classes": 1000, "vae": "ema"}
     if args.model is not None and args.model != saved.get("model", released.get("model")):
         saved = {}  # another architecture: none of the checkpoint's settings apply
@@ -86,22 +101,52 @@ def resolve_settings(args, saved):
     for key, default in defaults.items():
         value = getattr(args, key)
         settings[key] = value if value is not None else saved.get(key, released.get(key, default))
+    if settings["model"] not in DiT_models:
+        raise ValueError(f"{args.ckpt}: the checkpoint names the model {settings['model']!r}, which is not one of "
+                         f"{', '.join(DiT_models)}; pass --model")
     settings["label_dropout"] = saved.get("label_dropout", "shared")
+    label_rows = [v.shape[0] for k, v in state_dict.items() if k.endswith("embedding_table.weight")]
+    inferred_dropout = 0.0 if label_rows and label_rows[0] == settings["num_classes"] else 0.1
+    settings["class_dropout_prob"] = saved.get("class_dropout_prob", inferred_dropout)
+    if "x_embedder.proj.weight" in state_dict:
+        settings["in_channels"] = state_dict["x_embedder.proj.weight"].shape[1]
+    trained = [label for label in saved.get("trained_labels") or [] if label < settings["num_classes"]]
+    settings["trained_labels"] = trained or list(range(settings["num_classes"]))
+    if "latent_scale" in saved:
+        settings["latent_normalization"] = (saved["latent_scale"], saved["latent_shift"])
+    elif "vae" in saved or released:
+        settings["latent_normalization"] = (SD_VAE_SCALE, 0.0)  # every earlier VAE-space checkpoint used it
     return settings
 
 
+def has_null_label(settings):
+    """Whether the label tables have the null row that classifier-free guidance feeds."""
+    return settings["class_dropout_prob"] > 0
+
+
 def load_sampling_model(args, device):
-    """(model in eval mode with the checkpoint's weights, VAE or None, settings dict)."""
+    """(model in eval mode with the checkpoint's weights, VAE or None, settings dict).
+
+    Raises ValueError (one line) when the checkpoint cannot give what the flags ask: another
+    architecture, guidance without a null label, a VAE with other latent constants.
+    """
     from download import resolve_checkpoint
     path = resolve_checkpoint(args.ckpt)
     checkpoint = load_checkpoint(path)
     saved = checkpoint.get("args", {}) if isinstance(checkpoint, dict) and "ema" in checkpoint else {}
-    settings = resolve_settings(args, saved)
+    state_dict = model_state_dict(checkpoint)
+    settings = resolve_settings(args, saved if isinstance(saved, dict) else {}, state_dict)
+    if args.cfg_scale > 1 and not has_null_label(settings):
+        raise ValueError(f"{path}: this model was trained without label dropout (--class-dropout-prob 0), so it "
+                         f"has no null label and classifier-free guidance cannot work; sample with --cfg-scale 1")
     vae = load_vae(settings["vae"], args.vae_path, device)
-    settings["in_channels"] = saved.get("in_channels", latent_channels(vae))
+    if settings["vae"] != "none":
+        check_latent_normalization(settings.get("latent_normalization"), latent_normalization(vae),
+                                   f"{path}", f"the VAE {vae_source(settings['vae'], args.vae_path)}")
+    settings.setdefault("in_channels", latent_channels(vae))
     settings["latent_size"] = settings["image_size"] // latent_factor(vae)
     model = build_model(settings)
-    load_weights(model, model_state_dict(checkpoint), path)
+    load_weights(model, state_dict, path)
     return model.to(device).eval(), vae, settings
 
 
@@ -115,18 +160,21 @@ def seeded_generator(seed, index, stream, device="cpu"):
     return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def initial_draws(seed, indices, shape, num_classes, labels=None):
+def initial_draws(seed, indices, shape, label_pool, labels=None):
     """Labels (N,) and initial noise (N, *shape) on the CPU: the label first, then the noise.
 
-    Drawn on the CPU so that they do not depend on the device; `labels` overrides the
-    drawn labels (the noise stays the same).
+    Each image's label is drawn uniformly from `label_pool` (the trained class indices;
+    with every class, label = the drawn index, as before pools existed). Drawn on the CPU
+    so that they do not depend on the device; `labels` overrides the drawn labels (the
+    noise stays the same).
     """
     ys, zs = [], []
     for i in indices:
         g = seeded_generator(seed, i, 0)
-        ys.append(torch.randint(num_classes, (1,), generator=g))
+        ys.append(torch.randint(len(label_pool), (1,), generator=g))
         zs.append(torch.randn(shape, generator=g))
-    y = torch.cat(ys) if labels is None else torch.as_tensor(labels, dtype=torch.long)
+    pool = torch.as_tensor(list(label_pool), dtype=torch.long)
+    y = pool[torch.cat(ys)] if labels is None else torch.as_tensor(labels, dtype=torch.long)
     return y, torch.stack(zs)
 
 
@@ -138,7 +186,7 @@ def generate(model, vae, settings, seed, indices, steps, sampler="ddpm", cfg_sca
     """
     device = next(model.parameters()).device
     shape = (settings["in_channels"], settings["latent_size"], settings["latent_size"])
-    y, z = initial_draws(seed, indices, shape, settings["num_classes"], labels)
+    y, z = initial_draws(seed, indices, shape, settings["trained_labels"], labels)
     y, z = y.to(device), z.to(device)
     generators = [seeded_generator(seed, i, 1, device) for i in indices]
     guided = cfg_scale > 1.0
@@ -160,7 +208,7 @@ def generate(model, vae, settings, seed, indices, steps, sampler="ddpm", cfg_sca
         noise = torch.stack([torch.randn(x.shape[1:], generator=g, device=device) for g in generators])
         return torch.cat([noise, noise]) if guided else noise
 
-    diffusion = create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps))
+    diffusion = create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps), learn_sigma=model.learn_sigma)
     loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
     with torch.no_grad():
         latents = loop(model_fn, z.shape, z, clip_denoised=False, model_kwargs=kwargs, device=device,
@@ -174,6 +222,43 @@ def generate(model, vae, settings, seed, indices, steps, sampler="ddpm", cfg_sca
 #################################################################################
 #                                  Outputs                                      #
 #################################################################################
+
+def file_sha256(path):
+    """Hex SHA-256 of a file's bytes (a 3.7 GB U-DiT-L checkpoint takes a few seconds)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def manifest_digest(manifest):
+    """A short stable hash of a manifest: part of the sample folder's name."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def open_sample_folder(folder, manifest):
+    """Create `folder` with manifest.json, or check that the images already in it were made for `manifest`.
+
+    The manifest holds everything that decides image i besides i (checkpoint contents,
+    model, VAE, sampler, guidance, seed, batch size, precision), so a rerun reuses only
+    images it would have made itself. Raises ValueError (one line) otherwise.
+    """
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diffs = [f"{k}: {old.get(k)!r} there, {manifest.get(k)!r} now" for k in sorted({*old, *manifest})
+                 if old.get(k) != manifest.get(k)]
+        if diffs:
+            raise ValueError(f"{folder} holds images made with other settings ({'; '.join(diffs[:3])}); "
+                             f"delete it or pass another --sample-dir")
+        return
+    if folder.is_dir() and any(folder.glob("*.png")):
+        raise ValueError(f"{folder} holds images but no manifest.json saying how they were made (an older "
+                         f"version, or another program); delete it or pass another --sample-dir")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".manifest.json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
 
 def save_png_atomic(array, path):
     """uint8 (H, W, 3) -> PNG; written under a temporary name, then renamed."""

@@ -27,13 +27,16 @@ from udit.data import DataError, ImageDataset, ResumableDistributedSampler, open
 from udit.cuda_graphs import GraphedTrainingStep
 from udit.distributed import (all_gather_objects, all_reduce_mean, barrier, broadcast_module, broadcast_object,
                                configure_matmul_precision, init_distributed)
-from udit.vae import encode, latent_channels, latent_factor, load_vae
+from udit.vae import (check_latent_normalization, encode, latent_channels, latent_factor, latent_normalization,
+                      load_vae, vae_config_normalization)
 
 log = logging.getLogger("train")
 
-# Settings that --resume may change; everything else comes from the checkpoint.
-RESUMABLE_OVERRIDES = ("max_steps", "max_minutes", "epochs", "log_every", "ckpt_every", "num_workers", "data_path",
-                       "feature_path", "vae_path", "compile", "grad_checkpointing", "skip_nonfinite")
+# What --resume may change. Any other flag given with --resume must equal the experiment's
+# value: it shapes the network, the data order or the meaning of the saved step.
+RESUMABLE = ("max_steps", "max_minutes", "epochs", "log_every", "ckpt_every", "num_workers", "data_path",
+             "feature_path", "vae_path", "compile", "grad_checkpointing", "skip_nonfinite", "lr", "ema_decay",
+             "ema_warmup", "precision", "cuda_graph", "resume")
 
 
 class NonFiniteLoss(ActionableError):
@@ -85,21 +88,62 @@ def training_parser(description):
     return p
 
 
-def check_args(parser, args):
-    """Validate what argparse cannot; exits with status 2 and one line on a bad value."""
-    args.explicit = sorted(k for k, v in vars(args).items() if v != parser.get_default(k))
+def parse_training_args(parser, argv=None):
+    """Parse, apply --resume, and validate what argparse cannot; exits with status 2 and one line on a bad value.
+
+    `args.given` lists the flags typed on the command line (whatever their value); with
+    --resume the experiment's saved settings are the base and those flags are applied.
+    """
+    args = parser.parse_args(argv)
+    args.given = given_flags(parser, argv)
     if not args.resume and not (args.data_path or args.feature_path):
         parser.error("give --data-path (images) or --feature-path (VAE features), or --resume EXPERIMENT_DIR")
     for flag in ("data_path", "feature_path", "vae_path", "resume", "ckpt"):
         value = getattr(args, flag)
         if value and not Path(value).exists():
             parser.error(f"--{flag.replace('_', '-')} {value}: no such file or directory")
+    if args.resume:
+        args = resumed_args(parser, args)
     if not 0 <= args.class_dropout_prob < 1:
         parser.error(f"--class-dropout-prob must be in [0, 1), got {args.class_dropout_prob}")
     if not 0 <= args.ema_decay < 1:
         parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.lr <= 0:
         parser.error(f"--lr must be positive, got {args.lr}")
+    if getattr(args, "cuda_graph", False) and (args.compile or args.grad_checkpointing):
+        parser.error("--cuda-graph does not combine with --compile or --grad-checkpointing (given now or kept by "
+                     "the resumed experiment): train without --cuda-graph")
+    return args
+
+
+def given_flags(parser, argv):
+    """Destinations of the flags on the command line, even those given their default value."""
+    unset = object()
+    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != "help"})
+    parser.parse_args(argv, namespace=namespace)
+    return sorted(k for k, v in vars(namespace).items() if v is not unset)
+
+
+def resumed_args(parser, args):
+    """The experiment's saved settings with the resumable flags given now applied; exits 2 on any other change."""
+    try:
+        path = latest_checkpoint(args.resume)
+        saved = load_checkpoint(path, mmap=True)["args"]
+    except (CheckpointError, KeyError) as err:
+        parser.error(f"--resume {args.resume}: {err}")
+    changed = [k for k in args.given if k not in RESUMABLE and saved.get(k, parser.get_default(k)) != getattr(args, k)]
+    if changed:
+        k = changed[0]
+        parser.error(f"--{k.replace('_', '-')} cannot change on resume (the experiment has {saved.get(k)!r}, given "
+                     f"{getattr(args, k)!r}); start a new experiment, with --ckpt {path} to start from its weights")
+    merged = {**{k: v for k, v in vars(args).items() if k not in args.given}, **saved,
+              **{k: getattr(args, k) for k in args.given}}
+    if "data_path" in args.given:
+        merged["feature_path"] = None
+    if "feature_path" in args.given:
+        merged["data_path"] = None
+    merged.update(resume=args.resume, resume_checkpoint=str(path), given=args.given)
+    return argparse.Namespace(**merged)
 
 
 #################################################################################
@@ -214,7 +258,12 @@ def all_finite(module):
 #################################################################################
 
 def open_training_data(args, seed):
-    """(dataset, vae or None, model input channels, model input size)."""
+    """(dataset, VAE or None, latent normalisation (scale, shift), model input channels, model input size).
+
+    Feature folders hold latents already normalised by the VAE that made them; images are
+    encoded on the fly with the VAE of --vae / --vae-path. Either way the normalisation is
+    recorded in the checkpoint, and a VAE named for sampling must have the same.
+    """
     if args.feature_path:
         dataset = open_feature_folder(args.feature_path, seed, flip=not args.no_flip)
         sample = dataset[0][0]
@@ -222,71 +271,94 @@ def open_training_data(args, seed):
         if sample.shape[-1] != expected:
             raise DataError(f"--feature-path {args.feature_path}: latents are {sample.shape[-1]}x{sample.shape[-2]}, "
                             f"but --image-size {args.image_size} needs {expected}x{expected} (the SD VAE divides by 8)")
-        return dataset, None, sample.shape[0], sample.shape[-1]
+        normalization = dataset.latent_normalization
+        check_latent_normalization(normalization, vae_config_normalization(args.vae, args.vae_path),
+                                   f"--feature-path {args.feature_path}", f"the VAE of --vae {args.vae}"
+                                   + (f" --vae-path {args.vae_path}" if args.vae_path else ""))
+        return dataset, None, normalization, sample.shape[0], sample.shape[-1]
     dataset = ImageDataset(args.data_path, args.image_size, seed, flip=not args.no_flip)
     if len(dataset.classes) > args.num_classes:
         raise DataError(f"--data-path {args.data_path}: {len(dataset.classes)} class folders, more than "
                         f"--num-classes {args.num_classes}")
-    return dataset, "vae", None, None
+    return dataset, "vae", None, None, None
 
 
-def model_config(args, in_channels, latent_size):
-    """What sampling needs to rebuild the network: stored as `args` in every checkpoint."""
+def model_config(args, in_channels, latent_size, normalization, trained_labels):
+    """What sampling needs to rebuild the network and its inputs: stored as `args` in every checkpoint.
+
+    trained_labels: the class indices the data holds (sorted), or None when unknown
+    (the per-file public feature layouts); samplers draw only these.
+    """
     return {"model": args.model, "model_kwargs": dict(args.model_kwargs), "image_size": args.image_size,
             "latent_size": latent_size, "in_channels": in_channels, "num_classes": args.num_classes,
-            "vae": args.vae, "label_dropout": args.label_dropout, "class_dropout_prob": args.class_dropout_prob}
+            "vae": args.vae, "label_dropout": args.label_dropout, "class_dropout_prob": args.class_dropout_prob,
+            "latent_scale": normalization[0], "latent_shift": normalization[1], "trained_labels": trained_labels}
+
+
+def class_coverage_warning(args, trained_labels):
+    """A log line when the data holds fewer classes than the model has label rows; None otherwise."""
+    if trained_labels is None or len(trained_labels) >= args.num_classes:
+        return None
+    return (f"warning: the data holds {len(trained_labels)} classes but --num-classes is {args.num_classes}: "
+            f"{args.num_classes - len(trained_labels)} label rows are never trained (samplers draw only the "
+            f"trained classes {format_labels(trained_labels)}); pass --num-classes {len(trained_labels)} "
+            f"for a model of this data")
+
+
+def format_labels(labels):
+    return ", ".join(map(str, labels[:8])) + (f", ... ({len(labels)} in all)" if len(labels) > 8 else "")
 
 
 def train(args, backend):
-    """Run (or resume) a training experiment. Returns the experiment folder."""
+    """Run (or resume) a training experiment. Returns the experiment folder.
+
+    Everything that can fail on the user's settings (data, VAE, network) is opened before
+    the experiment folder is created, so a bad setting leaves nothing behind.
+    """
     device, rank, world = backend.device, backend.rank, backend.world_size
-    resume_ckpt = None
-    if args.resume:
-        path = latest_checkpoint(args.resume)
-        resume_ckpt = load_checkpoint(path)
-        saved = dict(resume_ckpt["args"])
-        for key in RESUMABLE_OVERRIDES:
-            if key in args.explicit:
-                saved[key] = getattr(args, key)
-        saved["resume"] = args.resume
-        args = argparse.Namespace(**saved)
-        exp_dir = Path(args.resume)
-    else:
-        exp_dir = broadcast_object(str(new_experiment_dir(args.results_dir, args.model)) if rank == 0 else None)
-        exp_dir = Path(exp_dir)
-    if rank == 0:
-        for stale in (exp_dir / "checkpoints").glob(".*.tmp-*"):
-            stale.unlink()  # left by a run killed while writing; the final files are intact
-    barrier()
-    logger = create_logger(exp_dir, rank == 0)
     print(f"[rank {rank}/{world}] local rank {backend.local_rank}, device {device}", flush=True)
     if args.global_batch_size % world:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes")
     local_batch = args.global_batch_size // world
     torch.manual_seed(args.global_seed * world + rank)
 
-    dataset, vae, in_channels, latent_size = open_training_data(args, args.global_seed)
+    dataset, vae, normalization, in_channels, latent_size = open_training_data(args, args.global_seed)
     if vae is not None:
         vae = load_vae(args.vae, args.vae_path, device)
         in_channels, latent_size = latent_channels(vae), args.image_size // latent_factor(vae)
-    config = model_config(args, in_channels, latent_size)
+        normalization = latent_normalization(vae)
+    trained_labels = dataset.labels_present()
+    config = model_config(args, in_channels, latent_size, normalization, trained_labels)
     model = build_model(config).to(device)
-    if args.ckpt and resume_ckpt is None:
+    if args.ckpt and not args.resume:
         load_weights(model, model_state_dict(load_checkpoint(args.ckpt)), args.ckpt)
+
+    if args.resume:
+        exp_dir = Path(args.resume)
+    else:
+        exp_dir = Path(broadcast_object(str(new_experiment_dir(args.results_dir, args.model)) if rank == 0 else None))
+    if rank == 0:
+        for stale in (exp_dir / "checkpoints").glob(".*.tmp-*"):
+            stale.unlink()  # left by a run killed while writing; the final files are intact
+    barrier()
+    logger = create_logger(exp_dir, rank == 0)
+    warning = class_coverage_warning(args, trained_labels)
+    if warning:
+        logger.info(warning)
     graphed = getattr(backend, "cuda_graph", False)  # train_accelerate's backend has no graphs
-    if graphed and (args.compile or args.grad_checkpointing):
-        raise ActionableError("--cuda-graph does not combine with --compile or --grad-checkpointing (given now "
-                              "or kept by the resumed experiment): train without --cuda-graph")
     model.grad_checkpointing = args.grad_checkpointing
     ema = deepcopy(model).requires_grad_(False).eval()
     # The fused kernel exists for CPUs too, where it is 3x faster than the per-tensor loop.
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, fused=True)
 
     step, epoch, position = 0, 0, 0
-    if resume_ckpt is not None:
-        load_weights(model, resume_ckpt["model"], args.resume)
-        load_weights(ema, resume_ckpt["ema"], args.resume)
+    if args.resume:
+        resume_ckpt = load_checkpoint(args.resume_checkpoint)
+        load_weights(model, resume_ckpt["model"], args.resume_checkpoint)
+        load_weights(ema, resume_ckpt["ema"], args.resume_checkpoint)
         opt.load_state_dict(resume_ckpt["opt"])
+        for group in opt.param_groups:
+            group["lr"] = args.lr  # the saved one unless --lr was given with --resume
         step, epoch, position = resume_ckpt["step"], resume_ckpt["epoch"], resume_ckpt["position"]
         states = resume_ckpt.get("rng", [])
         if len(states) == world:
@@ -294,7 +366,11 @@ def train(args, backend):
         else:
             logger.info("resuming with %d processes instead of %d: random streams restart", world, len(states))
         backend.load_extra_state(resume_ckpt.get("backend", {}))
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, step, epoch, position)
+        changed = [k for k in args.given if k != "resume" and resume_ckpt["args"].get(k) != getattr(args, k)]
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)%s", args.resume_checkpoint, step, epoch,
+                    position, "".join(f"; {k} {resume_ckpt['args'].get(k)!r} -> {getattr(args, k)!r}"
+                                      for k in changed))
+        del resume_ckpt
     else:
         update_ema(ema, model, 0.0)
 
@@ -303,7 +379,7 @@ def train(args, backend):
     if args.compile:
         cache_rope_tables(model)  # before compiling: the compiled code reads them, not recomputes them
         train_model = torch.compile(train_model)
-    diffusion = create_diffusion(timestep_respacing="")
+    diffusion = create_diffusion(timestep_respacing="", learn_sigma=model.learn_sigma)
 
     def model_fn(x, t, **kwargs):
         with backend.autocast():
