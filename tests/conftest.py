@@ -88,12 +88,12 @@ def make_image_folder(root, classes=2, per_class=8, size=40, seed=0):
     return Path(root)
 
 
-def make_tiny_vae(folder):
+def make_tiny_vae(folder, scaling_factor=0.18215):
     """A random diffusers AutoencoderKL with the SD VAE's interface (4 latent channels, factor 8)."""
     from diffusers.models import AutoencoderKL
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
-                        block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                        block_out_channels=(8, 8, 8, 8), layers_per_block=1, scaling_factor=scaling_factor,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     vae.save_pretrained(folder)
     return Path(folder)

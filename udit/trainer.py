@@ -328,6 +328,9 @@ def train(args, backend):
         in_channels, latent_size = latent_channels(vae), args.image_size // latent_factor(vae)
         normalization = latent_normalization(vae)
     trained_labels = dataset.labels_present()
+    steps_per_epoch = (len(dataset) // world) // local_batch
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(dataset)} samples are fewer than one global batch of {args.global_batch_size}")
     config = model_config(args, in_channels, latent_size, normalization, trained_labels)
     model = build_model(config).to(device)
     if args.ckpt and not args.resume:
@@ -389,9 +392,6 @@ def train(args, backend):
         return diffusion.training_losses(model_fn, x, t, {"y": y})["loss"].mean()
     graphed_step = GraphedTrainingStep(loss_fn, model.parameters()) if graphed else None
 
-    steps_per_epoch = (len(dataset) // world) // local_batch
-    if steps_per_epoch == 0:
-        raise DataError(f"{len(dataset)} samples are fewer than one global batch of {args.global_batch_size}")
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("experiment %s: %s (%s params), %d samples, %d processes x batch %d, %d steps/epoch",
                 exp_dir, args.model, f"{n_params:,}", len(dataset), world, local_batch, steps_per_epoch)

@@ -1,0 +1,193 @@
+"""What a run is made with must reach every later use of it: sampling, resuming, reruns.
+
+Checkpoints of the original trainers, models without a null label or without learned
+variance, data with fewer classes than the model, sample folders of other jobs, flags
+given with --resume, and latents of VAEs with their own normalisation.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import extract_features
+import sample
+import sample_ddp
+import train
+from conftest import TINY_UDIT_KWARGS, make_tiny_vae
+from udit.checkpoint import load_checkpoint
+from udit.trainer import parse_training_args, training_parser
+
+PIXEL = ["--model", "U-DiT-S", "--model-kwargs", TINY_UDIT_KWARGS, "--vae", "none", "--image-size", "16",
+         "--global-batch-size", "4", "--num-workers", "0", "--log-every", "1"]
+QUICK = ["--num-sampling-steps", "2"]
+
+
+def train_pixel(data, results, *flags, steps=1):
+    """A few steps of a tiny pixel-space U-DiT; the path of its last checkpoint."""
+    assert train.main(["--data-path", str(data), "--results-dir", str(results), "--max-steps", str(steps),
+                       *PIXEL, *flags]) == 0
+    return sorted(Path(results).glob("*/checkpoints/*.pt"))[-1]
+
+
+def last_error_line(capsys):
+    lines = capsys.readouterr().err.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+# ----------------------------------------------------------------- kind 1: checkpoints rebuild their model
+
+def test_checkpoint_of_the_original_trainers_with_namespace_args_samples(tmp_path):
+    from models import create_model
+    kwargs = {"hidden_size": 32, "num_heads": 2, "depth": 1}
+    state_dict = create_model("DiT-S/8", input_size=16, num_classes=2, in_channels=3, **kwargs).state_dict()
+    original_args = argparse.Namespace(model="DiT-S/8", image_size=16, num_classes=2, vae="none",
+                                       results_dir="results", epochs=1400, global_batch_size=256)
+    torch.save({"model": state_dict, "ema": state_dict, "opt": {}, "args": original_args}, tmp_path / "orig.pt")
+    assert load_checkpoint(tmp_path / "orig.pt")["args"]["model"] == "DiT-S/8"
+    assert sample.main(["--ckpt", str(tmp_path / "orig.pt"), "--model-kwargs", json.dumps(kwargs), "--model",
+                        "DiT-S/8", "--image-size", "16", "--num-classes", "2", "--vae", "none", *QUICK,
+                        "--cfg-scale", "1", "--output", str(tmp_path / "flags.png")]) == 0
+    # What the Namespace says reliably (model, size, classes, VAE) is used: only the keywords are needed.
+    assert sample.main(["--ckpt", str(tmp_path / "orig.pt"), "--model-kwargs", json.dumps(kwargs), *QUICK,
+                        "--cfg-scale", "4", "--output", str(tmp_path / "namespace.png")]) == 0
+    assert Image.open(tmp_path / "namespace.png").size == (4 * 18 + 2, 2 * 18 + 2)
+
+
+def test_model_trained_without_label_dropout_samples_and_refuses_guidance(tiny_data, tmp_path, capsys):
+    ckpt = train_pixel(tiny_data["small_images"], tmp_path / "r", "--num-classes", "2", "--class-dropout-prob", "0")
+    assert sample.main(["--ckpt", str(ckpt), *QUICK, "--cfg-scale", "1", "--output", str(tmp_path / "g.png")]) == 0
+    with pytest.raises(SystemExit) as info:
+        sample.main(["--ckpt", str(ckpt), *QUICK, "--cfg-scale", "4", "--output", str(tmp_path / "h.png")])
+    assert info.value.code == 2 and "has no null label" in last_error_line(capsys)
+    assert sample_ddp.main(["--ckpt", str(ckpt), *QUICK, "--sample-dir", str(tmp_path / "s")]) == 2  # cfg 1.5
+    assert "--cfg-scale 1" in last_error_line(capsys) and not (tmp_path / "s").exists()
+    # A plain state dict of it: the missing null row is read off the label tables.
+    torch.save(load_checkpoint(ckpt)["ema"], tmp_path / "plain.pt")
+    assert sample.main(["--ckpt", str(tmp_path / "plain.pt"), "--model", "U-DiT-S", "--model-kwargs",
+                        TINY_UDIT_KWARGS, "--vae", "none", "--image-size", "16", "--num-classes", "2", *QUICK,
+                        "--cfg-scale", "1", "--output", str(tmp_path / "p.png")]) == 0
+
+
+def test_model_without_learned_variance_trains_and_samples(tiny_data, tmp_path):
+    kwargs = {**json.loads(TINY_UDIT_KWARGS), "learn_sigma": False}
+    ckpt = train_pixel(tiny_data["small_images"], tmp_path / "r", "--num-classes", "2", "--model-kwargs",
+                       json.dumps(kwargs), steps=2)
+    assert load_checkpoint(ckpt)["model"]["final_layer.out_proj.weight"].shape[0] == 3
+    assert sample.main(["--ckpt", str(ckpt), *QUICK, "--output", str(tmp_path / "g.png")]) == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--image-size", "12"], "input size 12"),
+    (["--model-kwargs", '{"hidden_size": 16, "num_heads": 3, "depth": [1, 1, 1, 1, 1]}'], "not divisible"),
+    (["--model-kwargs", '{"no_such_keyword": 1}'], "do not fit"),
+    (["--global-batch-size", "100"], "fewer than one global batch"),
+])
+def test_settings_that_cannot_work_leave_no_experiment_folder(tiny_data, tmp_path, capsys, flags, message):
+    code = train.main(["--data-path", str(tiny_data["small_images"]), "--results-dir", str(tmp_path / "r"),
+                       *PIXEL, "--num-classes", "2", *flags])
+    assert code == 2 and message in last_error_line(capsys)
+    assert not list((tmp_path / "r").glob("*")), "an experiment folder was created for a run that cannot start"
+
+
+# ----------------------------------------------------------------- kind 2: classes the data holds
+
+def test_fewer_classes_than_num_classes_warns_and_samplers_draw_trained_ones(tiny_data, tmp_path, capsys):
+    ckpt = train_pixel(tiny_data["small_images"], tmp_path / "r")  # 2 class folders, --num-classes 1000
+    log = (ckpt.parents[1] / "log.txt").read_text()
+    assert "the data holds 2 classes but --num-classes is 1000" in log and "--num-classes 2" in log
+    assert load_checkpoint(ckpt)["args"]["trained_labels"] == [0, 1]
+    assert sample_ddp.main(["--ckpt", str(ckpt), *QUICK, "--cfg-scale", "1", "--num-fid-samples", "8",
+                            "--per-proc-batch-size", "4", "--sample-dir", str(tmp_path / "s")]) == 0
+    with np.load(next((tmp_path / "s").glob("*.npz"))) as data:
+        assert set(data["arr_1"].tolist()) == {0, 1}
+    assert sample.main(["--ckpt", str(ckpt), *QUICK, "--cfg-scale", "1", "--output", str(tmp_path / "g.png"),
+                        "--save-individual", str(tmp_path / "ind")]) == 0
+    assert {p.stem.split("_")[1] for p in (tmp_path / "ind").iterdir()} == {"0", "1"}
+    with pytest.raises(SystemExit) as info:
+        sample.main(["--ckpt", str(ckpt), *QUICK, "--class-labels", "5", "--output", str(tmp_path / "h.png")])
+    assert info.value.code == 2 and "[5] were never trained: this model learned classes 0..1" in last_error_line(capsys)
+
+
+# ----------------------------------------------------------------- kind 3: other jobs' outputs, typed flags
+
+def test_sample_folders_are_reused_only_by_the_same_checkpoint_and_settings(tiny_data, tmp_path, capsys):
+    # Two experiments, each with a checkpoints/0000002.pt.
+    first = train_pixel(tiny_data["small_images"], tmp_path / "a", "--num-classes", "2", steps=2)
+    second = train_pixel(tiny_data["small_images"], tmp_path / "b", "--num-classes", "2", "--global-seed", "1",
+                         steps=2)
+    assert first.name == second.name
+    common = [*QUICK, "--num-fid-samples", "4", "--per-proc-batch-size", "2", "--sample-dir", str(tmp_path / "s")]
+    for ckpt, extra in ((first, []), (second, []), (second, ["--cfg-channels", "all"])):
+        capsys.readouterr()
+        assert sample_ddp.main(["--ckpt", str(ckpt), *common, *extra]) == 0
+        assert "(0 already there)" in capsys.readouterr().out
+    assert len(list((tmp_path / "s").glob("*.npz"))) == 3
+    assert sample_ddp.main(["--ckpt", str(first), *common]) == 0  # a rerun of a finished job reuses its images
+    assert "(4 already there)" in capsys.readouterr().out
+    folder = sorted(p for p in (tmp_path / "s").iterdir() if p.is_dir())[0]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "cfg_scale": 9.0}))
+    checkpoint = first if manifest["checkpoint_sha256"] == sample_ddp.file_sha256(first) else second
+    extra = ["--cfg-channels", "all"] if manifest["cfg_channels"] == "all" else []
+    assert sample_ddp.main(["--ckpt", str(checkpoint), *common, *extra]) == 2
+    assert "holds images made with other settings (cfg_scale: 9.0 there, 1.5 now)" in last_error_line(capsys)
+    (folder / "manifest.json").unlink()
+    assert sample_ddp.main(["--ckpt", str(checkpoint), *common, *extra]) == 2
+    assert "holds images but no manifest.json" in last_error_line(capsys)
+
+
+def test_resume_honours_or_refuses_every_flag_given(tiny_data, tmp_path, capsys):
+    experiment = train_pixel(tiny_data["small_images"], tmp_path / "r", "--num-classes", "2", steps=2).parents[1]
+    parser = training_parser("test")
+    assert parse_training_args(parser, ["--resume", str(experiment)]).max_steps == 2
+    assert parse_training_args(parser, ["--resume", str(experiment), "--max-steps", "400000"]).max_steps == 400000
+    assert parse_training_args(parser, ["--resume", str(experiment), "--global-batch-size", "4"]).lr == 1e-4
+    with pytest.raises(SystemExit) as info:
+        parse_training_args(parser, ["--resume", str(experiment), "--lr", "0.01", "--global-batch-size", "8"])
+    assert info.value.code == 2
+    assert "--global-batch-size cannot change on resume (the experiment has 4, given 8)" in last_error_line(capsys)
+    assert train.main(["--resume", str(experiment), "--max-steps", "3", "--lr", "0.01"]) == 0
+    resumed = load_checkpoint(experiment / "checkpoints" / "0000003.pt")
+    assert resumed["opt"]["param_groups"][0]["lr"] == 0.01 and resumed["args"]["lr"] == 0.01
+    assert "lr 0.0001 -> 0.01" in (experiment / "log.txt").read_text()
+
+
+# ----------------------------------------------------------------- kind 5: the VAE's own normalisation
+
+def test_latent_normalisation_comes_from_the_vae_and_mismatches_are_refused(tiny_data, tmp_path, capsys):
+    from udit.vae import encode, load_vae
+    other_vae = make_tiny_vae(tmp_path / "vae_013025", scaling_factor=0.13025)
+    vae = load_vae("ema", other_vae)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    raw = vae.encode(x).latent_dist.sample(torch.Generator().manual_seed(0))
+    assert torch.equal(encode(vae, x, torch.Generator().manual_seed(0)), raw * 0.13025)
+
+    tiny = ["--model", "U-DiT-S", "--model-kwargs", TINY_UDIT_KWARGS, "--num-classes", "2", "--image-size", "64",
+            "--global-batch-size", "4", "--num-workers", "0", "--max-steps", "1"]
+    assert train.main(["--data-path", str(tiny_data["images"]), "--vae-path", str(other_vae),
+                       "--results-dir", str(tmp_path / "r"), *tiny]) == 0
+    ckpt = next((tmp_path / "r").glob("*/checkpoints/0000001.pt"))
+    assert load_checkpoint(ckpt)["args"]["latent_scale"] == 0.13025
+    with pytest.raises(SystemExit) as info:
+        sample.main(["--ckpt", str(ckpt), "--vae-path", str(tiny_data["vae"]), *QUICK, "--output", str(tmp_path / "x.png")])
+    assert info.value.code == 2 and "normalised with scaling factor 0.13025" in last_error_line(capsys)
+    assert sample.main(["--ckpt", str(ckpt), "--vae-path", str(other_vae), *QUICK, "--output", str(tmp_path / "g.png")]) == 0
+
+    features = tmp_path / "features"
+    assert extract_features.main(["--data-path", str(tiny_data["images"]), "--features-path", str(features),
+                                  "--vae-path", str(other_vae), "--batch-size", "8", "--num-workers", "0",
+                                  "--image-size", "256"]) == 0
+    meta = json.loads((features / "meta.json").read_text())
+    assert meta["scaling_factor"] == 0.13025
+    capsys.readouterr()
+    assert train.main(["--feature-path", str(features), "--results-dir", str(tmp_path / "f"), *tiny,
+                       "--image-size", "256"]) == 2
+    assert "normalised with scaling factor 0.13025" in last_error_line(capsys)
+    assert not list((tmp_path / "f").glob("*"))
+    assert train.main(["--feature-path", str(features), "--vae-path", str(other_vae), "--results-dir",
+                       str(tmp_path / "f"), *tiny, "--image-size", "256"]) == 0
