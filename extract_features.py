@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from udit.cli import run_guarded
+from udit.cli import given_flags, run_guarded
 from udit.data import COMPACT_LAYOUT, DataError, ImageDataset, open_feature_folder
 from udit.distributed import barrier, cleanup, init_distributed
 from udit.vae import SD_VAE_SCALE, encode_moments, latent_channels, latent_factor, latent_normalization, load_vae
@@ -137,6 +137,10 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="images per process and batch")
     p.add_argument("--num-workers", type=int, default=4)
     args = p.parse_args(argv)
+    ignored = [flag for flag in given_flags(p, argv) if flag in ("image_size", "vae", "vae_path", "flips")]
+    if args.convert and ignored:
+        p.error(f"--{ignored[0].replace('_', '-')} does not apply to --convert (the folder's latents are stored "
+                f"as they are); drop it")
     for flag in ("data_path", "convert", "vae_path"):
         value = getattr(args, flag)
         if value and not Path(value).exists():

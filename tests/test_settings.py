@@ -191,3 +191,22 @@ def test_latent_normalisation_comes_from_the_vae_and_mismatches_are_refused(tiny
     assert not list((tmp_path / "f").glob("*"))
     assert train.main(["--feature-path", str(features), "--vae-path", str(other_vae), "--results-dir",
                        str(tmp_path / "f"), *tiny, "--image-size", "256"]) == 0
+
+
+def test_flags_that_would_be_ignored_are_refused(tiny_data, tmp_path, capsys):
+    ckpt = train_pixel(tiny_data["small_images"], tmp_path / "r", "--num-classes", "2")
+    refused = [
+        (train.main, ["--data-path", str(tiny_data["small_images"]), "--vae", "none", "--vae-path",
+                      str(tiny_data["vae"])], "does not apply to pixel space"),
+        (train.main, ["--feature-path", str(tmp_path), "--vae", "none"], "--feature-path holds VAE latents"),
+        (train.main, ["--resume", str(ckpt.parents[1]), "--ckpt", str(ckpt)], "--ckpt cannot change on resume"),
+        (extract_features.main, ["--convert", str(tmp_path), "--features-path", str(tmp_path / "x"), "--image-size",
+                                 "512"], "--image-size does not apply to --convert"),
+    ]
+    for main, argv, message in refused:
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2 and message in last_error_line(capsys), argv
+    with pytest.raises(SystemExit) as info:
+        sample.main(["--ckpt", str(ckpt), "--vae-path", str(tiny_data["vae"]), *QUICK, "--output", str(tmp_path / "g.png")])
+    assert info.value.code == 2 and "does not apply: this model works in pixel space" in last_error_line(capsys)

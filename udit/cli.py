@@ -42,3 +42,11 @@ def positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def given_flags(parser, argv=None):
+    """Destinations of the flags typed on the command line, even those given their default value."""
+    unset = object()
+    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != "help"})
+    parser.parse_args(argv, namespace=namespace)
+    return sorted(k for k, v in vars(namespace).items() if v is not unset)

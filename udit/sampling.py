@@ -139,6 +139,8 @@ def load_sampling_model(args, device):
     if args.cfg_scale > 1 and not has_null_label(settings):
         raise ValueError(f"{path}: this model was trained without label dropout (--class-dropout-prob 0), so it "
                          f"has no null label and classifier-free guidance cannot work; sample with --cfg-scale 1")
+    if settings["vae"] == "none" and args.vae_path:
+        raise ValueError(f"--vae-path {args.vae_path} does not apply: this model works in pixel space (--vae none)")
     vae = load_vae(settings["vae"], args.vae_path, device)
     if settings["vae"] != "none":
         check_latent_normalization(settings.get("latent_normalization"), latent_normalization(vae),

@@ -22,7 +22,7 @@ from diffusion import create_diffusion
 from models import DiT_models, cache_rope_tables
 from udit.checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_state_dict,
                              save_atomic)
-from udit.cli import ActionableError, json_object, positive_int
+from udit.cli import ActionableError, given_flags, json_object, positive_int
 from udit.data import DataError, ImageDataset, ResumableDistributedSampler, open_feature_folder
 from udit.cuda_graphs import GraphedTrainingStep
 from udit.distributed import (all_gather_objects, all_reduce_mean, barrier, broadcast_module, broadcast_object,
@@ -110,18 +110,15 @@ def parse_training_args(parser, argv=None):
         parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.lr <= 0:
         parser.error(f"--lr must be positive, got {args.lr}")
+    if args.vae == "none" and args.vae_path:
+        parser.error(f"--vae-path {args.vae_path} does not apply to pixel space (--vae none): drop one of them")
+    if args.vae == "none" and args.feature_path:
+        parser.error(f"--feature-path holds VAE latents, --vae none is for pixel-space training from --data-path; "
+                     f"name the VAE of the features (--vae / --vae-path)")
     if getattr(args, "cuda_graph", False) and (args.compile or args.grad_checkpointing):
         parser.error("--cuda-graph does not combine with --compile or --grad-checkpointing (given now or kept by "
                      "the resumed experiment): train without --cuda-graph")
     return args
-
-
-def given_flags(parser, argv):
-    """Destinations of the flags on the command line, even those given their default value."""
-    unset = object()
-    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != "help"})
-    parser.parse_args(argv, namespace=namespace)
-    return sorted(k for k, v in vars(namespace).items() if v is not unset)
 
 
 def resumed_args(parser, args):
