@@ -94,9 +94,17 @@ def model_state_dict(checkpoint):
     return checkpoint
 
 
-def load_weights(model, state_dict, source):
-    """load_state_dict(strict) with an error that names missing, unexpected and mis-shaped keys."""
+def load_weights(model, state_dict, source, skip_mis_shaped=False):
+    """load_state_dict(strict) with an error that names missing, unexpected and mis-shaped keys.
+
+    skip_mis_shaped: keys present in both with another shape keep the model's own values
+    (fine-tuning across objectives: the output layer); returns their names.
+    """
     own = model.state_dict()
+    if skip_mis_shaped:
+        skipped = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+        load_weights(model, {**state_dict, **{k: own[k] for k in skipped}}, source)
+        return skipped
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     mis_shaped = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
@@ -109,7 +117,7 @@ def load_weights(model, state_dict, source):
         raise CheckpointError(f"{source}: weights are for another architecture: {'; '.join(parts)}; "
                               f"check --model, --image-size, --num-classes and --model-kwargs")
     model.load_state_dict(state_dict, strict=True)
-    return model
+    return []
 
 
 def build_model(config):
@@ -117,8 +125,9 @@ def build_model(config):
     from models import U_DiT, create_model
     kwargs = dict(input_size=config["latent_size"], num_classes=config["num_classes"],
                   in_channels=config["in_channels"], **config.get("model_kwargs", {}))
-    if "class_dropout_prob" in config:
-        kwargs.setdefault("class_dropout_prob", config["class_dropout_prob"])
+    for key in ("class_dropout_prob", "learn_sigma"):
+        if key in config:
+            kwargs.setdefault(key, config[key])
     try:
         model = create_model(config["model"], **kwargs)
     except TypeError as err:

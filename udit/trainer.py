@@ -18,7 +18,6 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from diffusion import create_diffusion
 from models import DiT_models, cache_rope_tables
 from udit.checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_state_dict,
                              save_atomic)
@@ -27,6 +26,7 @@ from udit.data import DataError, ImageDataset, ResumableDistributedSampler, open
 from udit.cuda_graphs import GraphedTrainingStep
 from udit.distributed import (all_gather_objects, all_reduce_mean, barrier, broadcast_module, broadcast_object,
                                configure_matmul_precision, init_distributed)
+from udit.objectives import OBJECTIVES, TIME_SAMPLINGS, create_objective
 from udit.vae import (check_latent_normalization, encode, latent_channels, latent_factor, latent_normalization,
                       load_vae, vae_config_normalization)
 
@@ -81,6 +81,15 @@ def training_parser(description):
     p.add_argument("--class-dropout-prob", type=float, default=0.1)
     p.add_argument("--no-flip", action="store_true",
                    help="no random horizontal flips (for data where a mirror image is not a sample, e.g. digits)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="ddpm",
+                   help="ddpm: the paper's epsilon prediction with learned variance; flow: velocity prediction on "
+                        "SiT's linear interpolant (udit/objectives.py states the time convention)")
+    p.add_argument("--time-sampling", choices=TIME_SAMPLINGS, default="uniform",
+                   help="flow: how training times are drawn (logit-normal as in SD3 / LightningDiT)")
+    p.add_argument("--logit-normal-loc", type=float, default=0.0, help="flow, logit-normal: location")
+    p.add_argument("--logit-normal-scale", type=float, default=1.0, help="flow, logit-normal: scale")
+    p.add_argument("--allow-objective-change", action="store_true",
+                   help="let --ckpt come from a run of the other objective (its output layer is not loaded)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--skip-nonfinite", action="store_true",
@@ -110,6 +119,17 @@ def parse_training_args(parser, argv=None):
         parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.lr <= 0:
         parser.error(f"--lr must be positive, got {args.lr}")
+    if args.objective != "flow" and {"time_sampling", "logit_normal_loc", "logit_normal_scale"} & set(args.given):
+        parser.error("--time-sampling and --logit-normal-* apply to --objective flow only")
+    if args.time_sampling != "logit-normal" and {"logit_normal_loc", "logit_normal_scale"} & set(args.given):
+        parser.error("--logit-normal-loc/--logit-normal-scale apply to --time-sampling logit-normal only")
+    if not args.logit_normal_scale > 0:
+        parser.error(f"--logit-normal-scale must be positive, got {args.logit_normal_scale}")
+    if args.objective == "flow" and args.model_kwargs.get("learn_sigma"):
+        parser.error("--objective flow predicts a velocity without a learned variance: drop learn_sigma from "
+                     "--model-kwargs")
+    if args.allow_objective_change and not args.ckpt:
+        parser.error("--allow-objective-change goes with --ckpt")
     if args.vae == "none" and args.vae_path:
         parser.error(f"--vae-path {args.vae_path} does not apply to pixel space (--vae none): drop one of them")
     if args.vae == "none" and args.feature_path:
@@ -289,7 +309,10 @@ def model_config(args, in_channels, latent_size, normalization, trained_labels):
     return {"model": args.model, "model_kwargs": dict(args.model_kwargs), "image_size": args.image_size,
             "latent_size": latent_size, "in_channels": in_channels, "num_classes": args.num_classes,
             "vae": args.vae, "label_dropout": args.label_dropout, "class_dropout_prob": args.class_dropout_prob,
-            "latent_scale": normalization[0], "latent_shift": normalization[1], "trained_labels": trained_labels}
+            "latent_scale": normalization[0], "latent_shift": normalization[1], "trained_labels": trained_labels,
+            "objective": args.objective, "time_sampling": args.time_sampling,
+            "logit_normal_loc": args.logit_normal_loc, "logit_normal_scale": args.logit_normal_scale,
+            "learn_sigma": args.model_kwargs.get("learn_sigma", args.objective == "ddpm")}
 
 
 def class_coverage_warning(args, trained_labels):
@@ -304,6 +327,27 @@ def class_coverage_warning(args, trained_labels):
 
 def format_labels(labels):
     return ", ".join(map(str, labels[:8])) + (f", ... ({len(labels)} in all)" if len(labels) > 8 else "")
+
+
+def load_initial_weights(model, args):
+    """--ckpt: weights of another run to fine-tune from; refuses another objective unless allowed.
+
+    Returns a log line when the objective changes (the output layer, whose shape differs,
+    keeps its fresh zero initialisation).
+    """
+    checkpoint = load_checkpoint(args.ckpt)
+    saved = checkpoint.get("args", {}) if isinstance(checkpoint, dict) else {}
+    source_objective = saved.get("objective", "ddpm")  # every earlier checkpoint and release is ddpm
+    state_dict = model_state_dict(checkpoint)
+    if source_objective == args.objective:
+        load_weights(model, state_dict, args.ckpt)
+        return None
+    if not args.allow_objective_change:
+        raise ActionableError(f"--ckpt {args.ckpt} was trained with --objective {source_objective}, this run uses "
+                              f"--objective {args.objective}; add --allow-objective-change to fine-tune across them")
+    skipped = load_weights(model, state_dict, args.ckpt, skip_mis_shaped=True)
+    return (f"fine-tuning a {source_objective} checkpoint with --objective {args.objective}: "
+            f"{len(skipped)} tensors of another shape start fresh ({', '.join(skipped)})")
 
 
 def train(args, backend):
@@ -330,8 +374,9 @@ def train(args, backend):
         raise DataError(f"{len(dataset)} samples are fewer than one global batch of {args.global_batch_size}")
     config = model_config(args, in_channels, latent_size, normalization, trained_labels)
     model = build_model(config).to(device)
+    initial_weights_note = None
     if args.ckpt and not args.resume:
-        load_weights(model, model_state_dict(load_checkpoint(args.ckpt)), args.ckpt)
+        initial_weights_note = load_initial_weights(model, args)
 
     if args.resume:
         exp_dir = Path(args.resume)
@@ -342,9 +387,9 @@ def train(args, backend):
             stale.unlink()  # left by a run killed while writing; the final files are intact
     barrier()
     logger = create_logger(exp_dir, rank == 0)
-    warning = class_coverage_warning(args, trained_labels)
-    if warning:
-        logger.info(warning)
+    for note in (class_coverage_warning(args, trained_labels), initial_weights_note):
+        if note:
+            logger.info(note)
     graphed = getattr(backend, "cuda_graph", False)  # train_accelerate's backend has no graphs
     model.grad_checkpointing = args.grad_checkpointing
     ema = deepcopy(model).requires_grad_(False).eval()
@@ -379,14 +424,14 @@ def train(args, backend):
     if args.compile:
         cache_rope_tables(model)  # before compiling: the compiled code reads them, not recomputes them
         train_model = torch.compile(train_model)
-    diffusion = create_diffusion(timestep_respacing="", learn_sigma=model.learn_sigma)
+    objective = create_objective(config)
 
     def model_fn(x, t, **kwargs):
         with backend.autocast():
             return train_model(x, t, **kwargs).float()
 
     def loss_fn(x, t, y):
-        return diffusion.training_losses(model_fn, x, t, {"y": y})["loss"].mean()
+        return objective.losses(model_fn, x, t, y)["loss"].mean()
     graphed_step = GraphedTrainingStep(loss_fn, model.parameters()) if graphed else None
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -424,7 +469,7 @@ def train(args, backend):
             if vae is not None:
                 with backend.autocast():
                     x = encode(vae, x).float()
-            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
+            t = objective.sample_time(x.shape[0], device)
             # Graphed: forward and backward (and the gradient all-reduce) happen here.
             loss = loss_fn(x, t, y) if graphed_step is None else graphed_step(x, t, y)
             # One all-reduce per step carries the loss and every rank's out-of-time flag.
