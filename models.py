@@ -12,7 +12,7 @@ Run `python models.py` for the parameter and GMAC table of every registered mode
 """
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -113,6 +113,31 @@ def compile_blocks(model, **compile_kwargs):
     for block in (model.blocks() if isinstance(model, U_DiT) else model.blocks):
         block.compile(**{"dynamic": False, **compile_kwargs})
     return model
+
+
+@contextmanager
+def capture_block_outputs(model, names):
+    """Inside the `with`, every forward pass stores the outputs of the named blocks: {name: tensor}.
+
+    names: block names as in the state dict, e.g. "latent.3" or "encoder_level_2.1" (U-DiT:
+    channels-last (N, H, W, width)) or "blocks.7" (DiT: (N, tokens, hidden_size)). The
+    tensors keep their autograd graph, so a loss on them trains the layers below: the hook
+    for representation alignment (REPA, Yu et al. 2025; U-REPA), without a second forward
+    pass. An unknown name raises KeyError listing the blocks.
+    """
+    modules = dict(model.named_modules())
+    unknown = [name for name in names if name not in modules]
+    if unknown:
+        blocks = [n for n, m in modules.items() if isinstance(m, (U_DiTBlock, DiTBlock))]
+        raise KeyError(f"no block named {unknown[0]!r}; blocks: {', '.join(blocks)}")
+    outputs = {}
+    handles = [modules[name].register_forward_hook(lambda module, args, out, name=name: outputs.__setitem__(name, out))
+               for name in names]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def guided_output(model_out, cfg_scale, cfg_channels=3):

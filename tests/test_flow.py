@@ -105,3 +105,27 @@ def test_objective_flags_that_cannot_work_exit_2(tiny_data, flags, message, caps
     with pytest.raises(SystemExit) as info:
         train.main(["--data-path", str(tiny_data["small_images"]), *flags])
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_chosen_block_output_is_reachable_for_alignment_losses():
+    from conftest import tiny_udit
+    from models import capture_block_outputs, create_model
+    model = tiny_udit().train()
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.tensor([1, 2])
+    torch.manual_seed(0)
+    plain = model(x, t, y)
+    with capture_block_outputs(model, ["latent.0", "encoder_level_2.0"]) as features:
+        torch.manual_seed(0)
+        out = model(x, t, y)
+    assert torch.equal(out, plain)
+    assert features["latent.0"].shape == (2, 4, 4, 128) and features["encoder_level_2.0"].shape == (2, 8, 8, 64)
+    features["latent.0"].square().mean().backward()
+    assert model.x_embedder.proj.weight.grad.abs().sum() > 0 and model.final_layer.out_proj.weight.grad is None
+    assert not model.latent[0]._forward_hooks  # removed on leaving
+    dit = create_model("DiT-S/8", input_size=16, hidden_size=32, num_heads=2, depth=2, num_classes=2)
+    with capture_block_outputs(dit, ["blocks.1"]) as features:
+        dit(x, t, torch.tensor([0, 1]))
+    assert features["blocks.1"].shape == (2, 4, 32)
+    with pytest.raises(KeyError, match="no block named 'latent.9'; blocks: encoder_level_1.0"):
+        with capture_block_outputs(model, ["latent.9"]):
+            pass
