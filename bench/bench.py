@@ -3,6 +3,7 @@
     python bench/bench.py                                   # CPU: U-DiT-S vs DiT-S/2, fp32, batch 8
     python bench/bench.py --models U-DiT-B U-DiT-L DiT-B/2 DiT-L/2 DiT-XL/2 --batch-size 32 \\
         --precision bf16 --cuda-graph --sampling             # GPU
+    python bench/bench.py --models U-DiT-S --objectives ddpm flow   # the training objectives side by side
 
 Models are measured in one process, alternating between them round by round, so that
 they see the same machine state; each figure is the median over rounds. The ceiling is
@@ -34,6 +35,7 @@ from models import (DiT_models, cache_rope_tables, compile_blocks, count_params,
                     model_report)
 from udit.cuda_graphs import GraphedForward, capture  # noqa: E402
 from udit.distributed import configure_matmul_precision  # noqa: E402
+from udit.objectives import OBJECTIVES, create_objective  # noqa: E402
 
 SAME_MACS = {"U-DiT-S": "DiT-S/2", "U-DiT-B": "DiT-B/2", "U-DiT-L": "DiT-L/2"}
 
@@ -137,19 +139,20 @@ class Case:
     after the eager warm-up; step() and infer() then replay them.
     """
 
-    def __init__(self, name, args, device):
-        self.name = name
+    def __init__(self, name, args, device, objective="ddpm"):
+        self.name = name if objective == "ddpm" else f"{name} {objective}"
+        self.objective = create_objective({"objective": objective})
         torch.manual_seed(0)
-        self.model = create_model(name, input_size=args.latent_size).to(device)
+        self.model = create_model(name, input_size=args.latent_size,
+                                  learn_sigma=self.objective.learn_sigma).to(device)
         self.params = count_params(self.model)
         self.gmacs = model_report([name], args.latent_size)[0][3]  # folded, as the paper counts
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True,
                                      capturable=args.cuda_graph and device.type == "cuda")
-        self.diffusion = create_diffusion("")
         n = args.batch_size
         self.x = torch.randn(n, 4, args.latent_size, args.latent_size, device=device)
         self.y = torch.randint(0, 1000, (n,), device=device)
-        self.t = torch.randint(0, 1000, (n,), device=device)
+        self.t = self.objective.sample_time(n, device)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not args.cuda_graph)
                          if args.precision == "bf16" else nullcontext())
         self.train_fn = compiled(self.model, args.compile)
@@ -167,7 +170,7 @@ class Case:
 
     def eager_step(self):
         with self.autocast:
-            loss = self.diffusion.training_losses(self.train_fn, self.x, self.t, {"y": self.y})["loss"].mean()
+            loss = self.objective.losses(self.train_fn, self.x, self.t, self.y)["loss"].mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -244,7 +247,10 @@ def write_json(path, results):
 
 
 def comparisons(name, models):
-    """The measured models `name` is compared with: the DiT with the same MACs, and DiT-XL/2."""
+    """The measured models `name` is compared with: the DiT with the same MACs, and DiT-XL/2; a flow
+    case with the same model trained as the paper does."""
+    if name.endswith(" flow"):
+        return [name.removesuffix(" flow")] if name.removesuffix(" flow") in models else []
     return [other for other in (SAME_MACS.get(name), "DiT-XL/2") if other in models and other != name]
 
 
@@ -253,7 +259,7 @@ def print_table(results, args):
     compile_note += ", CUDA graphs" if args.cuda_graph else ""
     print(f"{results['device']}, torch {results['torch']}, {args.precision}{compile_note}, batch {args.batch_size}, "
           f"{args.image_size} px; GEMM ceiling {results['gemm_ceiling_gflops']:.0f} GFLOP/s")
-    print(f"{'model':<10} {'GMACs':>7} {'train s':>9} {'steps/s':>8} {'infer s':>9} {'GFLOP/s':>8} {'util':>6} "
+    print(f"{'model':<14} {'GMACs':>7} {'train s':>9} {'steps/s':>8} {'infer s':>9} {'GFLOP/s':>8} {'util':>6} "
           f"{'GiB':>6} {'ops/step':>8}  step-time ratios (train / infer)")
     models = results["models"]
     for name, r in models.items():
@@ -261,7 +267,7 @@ def print_table(results, args):
                   f"{r['infer_s'] / models[other]['infer_s']:.2f}x" for other in comparisons(name, models)]
         memory = f"{r['train_peak_memory_gib']:.1f}" if r["train_peak_memory_gib"] else "-"
         operators = r["train_ops_per_step"] or "-"
-        print(f"{name:<10} {r['gmacs']:>7.2f} {r['train_step_s']:>9.4f} {r['train_steps_per_s']:>8.2f} "
+        print(f"{name:<14} {r['gmacs']:>7.2f} {r['train_step_s']:>9.4f} {r['train_steps_per_s']:>8.2f} "
               f"{r['infer_s']:>9.4f} {r['train_gflops']:>8.0f} {r['utilisation']:>6.0%} "
               f"{memory:>6} {operators:>8}  {'; '.join(ratios)}")
     if any(r["train_kernel_seconds"] for r in models.values()):
@@ -290,6 +296,8 @@ def print_breakdown(models):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--models", nargs="+", default=["U-DiT-S", "DiT-S/2"], choices=list(DiT_models))
+    p.add_argument("--objectives", nargs="+", default=["ddpm"], choices=OBJECTIVES,
+                   help="training objectives to measure each model with (flow: C output channels, no VB term)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
@@ -325,7 +333,7 @@ def main(argv=None):
     gemm_size = args.gemm_size or (8192 if device.type == "cuda" else 2048)
     ceiling = gemm_ceiling(device, gemm_dtype, gemm_size)
 
-    cases = [Case(name, args, device) for name in args.models]
+    cases = [Case(name, args, device, objective) for name in args.models for objective in args.objectives]
     for _ in range(args.warmup):
         for case in cases:
             case.set_mode(True)
