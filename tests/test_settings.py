@@ -56,6 +56,13 @@ def test_checkpoint_of_the_original_trainers_with_namespace_args_samples(tmp_pat
     assert sample.main(["--ckpt", str(tmp_path / "orig.pt"), "--model-kwargs", json.dumps(kwargs), *QUICK,
                         "--cfg-scale", "4", "--output", str(tmp_path / "namespace.png")]) == 0
     assert Image.open(tmp_path / "namespace.png").size == (4 * 18 + 2, 2 * 18 + 2)
+    # Saved through DDP (keys "module.") or torch.compile ("_orig_mod."), with pathlib paths in args.
+    for prefix in ("module.", "_orig_mod."):
+        wrapped = {prefix + k: v for k, v in state_dict.items()}
+        args = argparse.Namespace(**vars(original_args), data_path=Path("/data/imagenet/train"))
+        torch.save({"model": wrapped, "ema": wrapped, "args": args}, tmp_path / "wrapped.pt")
+        assert sample.main(["--ckpt", str(tmp_path / "wrapped.pt"), "--model-kwargs", json.dumps(kwargs), *QUICK,
+                            "--cfg-scale", "1", "--output", str(tmp_path / "wrapped.png")]) == 0
 
 
 def test_model_trained_without_label_dropout_samples_and_refuses_guidance(tiny_data, tmp_path, capsys):

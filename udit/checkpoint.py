@@ -3,6 +3,7 @@
 import argparse
 import errno
 import os
+import pathlib
 import pickle
 import re
 import zipfile
@@ -42,9 +43,12 @@ def save_atomic(obj, path):
         os.close(dir_fd)
 
 
-# The original U-DiT, DiT and fast-DiT train.py save their settings as an argparse.Namespace:
-# plain data, allowed for the duration of a load only (never process-wide).
-PLAIN_DATA_CLASSES = [argparse.Namespace]
+# The original U-DiT, DiT, fast-DiT and SiT train.py save their settings as an argparse.Namespace
+# (paths sometimes as pathlib objects): plain data, allowed for the duration of a load only
+# (never process-wide).
+PLAIN_DATA_CLASSES = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath]
+# Wrappers whose state dicts prefix every key: DDP / DataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -73,7 +77,8 @@ def load_checkpoint(path, mmap=False):
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(err).splitlines()[0]})") from None
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), argparse.Namespace):
-        checkpoint["args"] = vars(checkpoint["args"])
+        checkpoint["args"] = {k: str(v) if isinstance(v, pathlib.PurePath) else v
+                              for k, v in vars(checkpoint["args"]).items()}
     return checkpoint
 
 
@@ -86,11 +91,19 @@ def unpickling_reason(err):
 
 
 def model_state_dict(checkpoint):
-    """The weights to sample with: `ema` of a training checkpoint, else `model`, else the dict itself."""
+    """The weights to sample with: `ema` of a training checkpoint, else `model`, else the dict itself.
+
+    Keys saved through a wrapper (`module.` from DDP, `_orig_mod.` from torch.compile) lose
+    the prefix.
+    """
     if isinstance(checkpoint, dict):
         for key in ("ema", "model", "state_dict"):
             if isinstance(checkpoint.get(key), dict):
-                return checkpoint[key]
+                checkpoint = checkpoint[key]
+                break
+    for prefix in WRAPPER_PREFIXES:
+        if checkpoint and all(k.startswith(prefix) for k in checkpoint):
+            checkpoint = {k[len(prefix):]: v for k, v in checkpoint.items()}
     return checkpoint
 
 
