@@ -102,12 +102,23 @@ def make_tiny_vae(folder, scaling_factor=0.18215):
 TINY_UDIT_KWARGS = '{"hidden_size": 16, "num_heads": 2, "depth": [1, 1, 1, 1, 1]}'
 
 
+def script_env(**extra):
+    """The environment of every script a test launches: one thread, unbuffered output.
+
+    Results compared byte for byte must come from runs with the same settings: oneDNN picks
+    its kernels by thread count, so a result computed with 1 thread can differ in the last
+    bit from one computed with 2 (seen on AMD EPYC). Tests that compare bytes therefore run
+    every compared job as a subprocess with this environment, never one of them in the
+    pytest process, whose thread count depends on the machine.
+    """
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
 def run_script(args, timeout=300, expect=0, env=None):
     """Run a command from the repository root; assert its exit status, return its output."""
     import subprocess
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run([str(a) for a in args], cwd=ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run([str(a) for a in args], cwd=ROOT, env=script_env(**(env or {})), capture_output=True,
+                          text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == expect, f"exit {proc.returncode} (expected {expect}) from {args}:\n{out[-4000:]}"
     return out

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-import extract_features
 import train
-from conftest import ROOT, make_image_folder, run_script
+from conftest import ROOT, make_image_folder, run_script, script_env
 from udit import checkpoint as ckpt_module
 from udit.checkpoint import CheckpointError, load_checkpoint, save_atomic
 
@@ -27,8 +26,7 @@ def test_kill_during_checkpoint_write_keeps_previous_and_resume_works(tiny_data,
     results = tmp_path / "results"
     cmd = [sys.executable, "train.py", "--data-path", str(tiny_data["small_images"]), "--results-dir", str(results),
            "--max-steps", "50", "--ckpt-every", "1", *BIG]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=script_env())
     killed_during = None
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -56,9 +54,11 @@ def test_kill_of_feature_extraction_then_rerun_gives_identical_features(tiny_dat
     common = ["--data-path", str(images), "--vae-path", str(tiny_data["vae"]), "--batch-size", "2",
               "--num-workers", "0"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "extract_features.py", *common, "--features-path", str(killed)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # The killed run, its rerun and the clean run compared with them all run as scripts with
+    # the same environment (script_env): bytes are only comparable under the same settings.
+    extract = [sys.executable, "extract_features.py", *common, "--features-path"]
+    proc = subprocess.Popen([*extract, killed], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=script_env())
     done_count = 0
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -72,8 +72,8 @@ def test_kill_of_feature_extraction_then_rerun_gives_identical_features(tiny_dat
         time.sleep(0.01)
     proc.wait()
     assert 8 <= done_count < 48, "the kill did not land midway"
-    assert extract_features.main([*common, "--features-path", str(killed)]) == 0
-    assert extract_features.main([*common, "--features-path", str(tmp_path / "clean")]) == 0
+    run_script([*extract, killed])
+    run_script([*extract, tmp_path / "clean"])
     for name in ("features.npy", "labels.npy"):
         assert (killed / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
 

@@ -16,7 +16,7 @@ import sample
 import sample_ddp
 import train
 import udit.hub
-from conftest import ROOT, TINY_UDIT_KWARGS, randomize, run_script, torchrun
+from conftest import ROOT, TINY_UDIT_KWARGS, randomize, run_script, script_env, torchrun
 from udit.checkpoint import CheckpointError, build_model, load_checkpoint
 from udit.sampling import write_npz_streaming
 
@@ -63,7 +63,7 @@ def test_one_and_two_processes_give_the_same_images(trained, tmp_path):
 def test_killed_run_resumes_to_the_identical_npz(trained, tmp_path):
     args = [str(a) for a in ddp_args(trained, tmp_path / "killed", n=12, batch=2, steps=40)]
     proc = subprocess.Popen([sys.executable, "sample_ddp.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.DEVNULL, env=script_env())
     deadline = time.time() + 120
     while time.time() < deadline and len(list((tmp_path / "killed").glob("*/*.png"))) < 4:
         time.sleep(0.05)

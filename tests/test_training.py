@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-from conftest import TINY_UDIT_KWARGS, run_script, torchrun
+from conftest import TINY_UDIT_KWARGS, run_script, script_env, torchrun
 
 COMMON = ["--model", "U-DiT-S", "--model-kwargs", TINY_UDIT_KWARGS, "--num-classes", "2",
           "--global-batch-size", "4", "--log-every", "2", "--num-workers", "0"]
@@ -103,7 +103,7 @@ def test_two_nodes_on_localhost_use_local_rank(tiny_data, tmp_path):
                "train.py", "--data-path", str(tiny_data["images"]), "--vae-path", str(tiny_data["vae"]),
                "--image-size", "64", "--max-steps", "2", "--results-dir", str(tmp_path), *COMMON]
         procs.append(subprocess.Popen(cmd, cwd=os.path.dirname(train.__file__), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+                                      stderr=subprocess.STDOUT, text=True, env=script_env()))
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "2 processes x batch 2" in outs[0]
