@@ -70,7 +70,7 @@ def test_torchrun_two_processes_each_feature_layout(tiny_data, tmp_path, layout)
         features = write_public_features(tmp_path / "features", layout)
     results = tmp_path / "results"
     out = torchrun("train.py", "--feature-path", features, "--max-steps", "2", "--results-dir", results, *COMMON)
-    expected = {"fast-DiT": 10, "U-DiT": 9, "compact": 16}[layout]  # U-DiT: the padding entry is dropped
+    expected = {"fast-DiT": 10, "U-DiT": 10, "compact": 16}[layout]  # U-DiT: 10 distinct files, no padding
     assert f"{expected} samples" in out
     assert load(checkpoints(results)[-1])["args"]["in_channels"] == 4
 
@@ -220,7 +220,7 @@ def test_convert_a_public_feature_folder(tmp_path):
     assert extract_features.main(["--convert", str(public), "--features-path", str(tmp_path / "ours"),
                                   "--num-workers", "0"]) == 0
     features = np.load(tmp_path / "ours" / "features.npy")
-    assert features.shape == (5, 1, 2, 4, 32, 32) and not features[:, :, 1].any()  # std 0: the stored sample
+    assert features.shape == (6, 1, 2, 4, 32, 32) and not features[:, :, 1].any()  # std 0: the stored sample
     first = np.load(public / "imagenet256_features" / "0_0.npy")[0]
     assert np.allclose(features[0, 0, 0], first, atol=1e-2)  # float16
     assert json.loads((tmp_path / "ours" / "meta.json").read_text())["complete"]

@@ -198,6 +198,7 @@ def read_compact_meta(root):
 
 
 def _numbered_files(folder, pattern):
+    """{key groups as ints: path} of the files in `folder` whose whole name matches `pattern`."""
     found = {}
     for entry in folder.iterdir():
         match = pattern.fullmatch(entry.name)
@@ -206,13 +207,58 @@ def _numbered_files(folder, pattern):
     return found
 
 
+def _same_entry(a, b):
+    """Whether two (feature, label) file pairs hold byte-identical arrays."""
+    return all(x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes() for x, y in zip(a, b))
+
+
+def udit_release_order(features, labels, where):
+    """Keys of a U-DiT `{i}_{r}.npy` folder in data order, without the padding copies.
+
+    The release was extracted by R processes, each given its share of a DistributedSampler
+    without shuffling, which pads N images to T = R * ceil(N / R) entries with copies of the
+    first T - N (< R) images; process r saved its i-th entry as {i}_{r}.npy. In the order
+    p = i * R + r, entry p is image p for p < N, and the padding entry p >= N copies image
+    (p - N) mod N with the same bytes. The padding k is the largest k < R for which the last k
+    entries are byte-identical (feature and label files) to the images they would copy; only
+    those, at most 2 (R - 1) pairs of files, are read. Real images whose features and labels
+    are byte-identical could be taken for padding; any other sample is kept, and so is a copy
+    that its extraction encoded afresh (another random flip or posterior draw). The reference
+    loader always drops one entry: right when the padding is one (ImageNet on 8 processes,
+    SPEC 5), wrong otherwise.
+
+    Returns (keys, R, k). DataError if a process's files are missing.
+    """
+    processes = max(r for _, r in features) + 1
+    per_process = max(i for i, _ in features) + 1
+    if len(features) != processes * per_process:
+        missing = sorted({(i, r) for i in range(per_process) for r in range(processes)} - set(features))
+        raise DataError(f"{where}: {len(missing)} of the {processes * per_process} files of an extraction by "
+                        f"{processes} processes are missing (e.g. {', '.join(f'{i}_{r}.npy' for i, r in missing[:3])}"
+                        f"); the folder is incomplete")
+    keys = sorted(features, key=lambda k: k[0] * processes + k[1])
+    total = len(keys)
+    loaded = {}
+
+    def entry(p):
+        if p not in loaded:
+            loaded[p] = tuple(np.load(files[keys[p]], allow_pickle=False) for files in (features, labels))
+        return loaded[p]
+
+    for padding in range(processes - 1, 0, -1):
+        count = total - padding
+        if all(_same_entry(entry(p), entry((p - count) % count)) for p in range(count, total)):
+            return keys[:count], processes, padding
+    return keys, processes, 0
+
+
 def open_feature_folder(root, seed=0, flip=True):
     """Dataset for a feature folder in any known layout, detected from its contents.
 
     - ours (extract_features.py): meta.json, features.npy, labels.npy;
     - fast-DiT: <name>_features/{i}.npy and <name>_labels/{i}.npy;
-    - U-DiT release: <name>_features/{i}_{r}.npy (r = extracting process), ordered by
-      i * R + r with the last entry (the padding duplicate) dropped, as the reference does.
+    - U-DiT release: <name>_features/{i}_{r}.npy (r = extracting process), in data order
+      without the copies that padded the extraction (udit_release_order).
     The public layouts fixed the flip at extraction; `flip` only affects ours.
     """
     root = Path(root)
@@ -238,11 +284,13 @@ def open_feature_folder(root, seed=0, flip=True):
     if unpaired:
         raise DataError(f"{root}: {len(unpaired)} feature files have no label file or the reverse "
                         f"(e.g. {sorted(unpaired)[:3]}); the folder is incomplete")
-    keys = sorted(features)
     if name == "U-DiT":
-        processes = max(r for _, r in keys) + 1
-        keys = sorted(keys, key=lambda k: k[0] * processes + k[1])[:-1]
-    log.info("feature folder %s: %s layout, %d samples", root, name, len(keys))
+        keys, processes, padding = udit_release_order(features, labels, features_dir)
+        log.info("feature folder %s: U-DiT layout of %d processes, %d files, %d padding copies left out, "
+                 "%d samples", root, processes, len(features), padding, len(keys))
+    else:
+        keys = sorted(features)
+        log.info("feature folder %s: fast-DiT layout, %d samples", root, len(keys))
     return PublicFeatureDataset([features[k] for k in keys], [labels[k] for k in keys], seed)
 
 
