@@ -1,4 +1,6 @@
-"""What the model trains on is what the data holds: the public feature layouts."""
+"""What the model trains on is what the data holds: hidden files, the public feature layouts."""
+
+import json
 
 import numpy as np
 import pytest
@@ -6,12 +8,64 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 import extract_features
-from udit.data import DataError, open_feature_folder
+from conftest import make_image_folder
+from udit.data import DataError, ImageDataset, list_image_folder, open_feature_folder
 
 
 def latent(j, shape=(1, 4, 8, 8)):
     """Image j's stored latent: distinct bytes per image, the same bytes every time."""
     return np.random.default_rng(j).normal(size=shape).astype(np.float32)
+
+
+# ----------------------------------------------------------------- hidden names
+
+def add_hidden_entries(root):
+    """What Jupyter, git, macOS Finder and macOS zip archives leave in a data folder."""
+    png = next((root / "class_0").iterdir()).read_bytes()
+    for path in [".ipynb_checkpoints/img_0-checkpoint.png", "__MACOSX/class_0/._img_0.png", ".git/objects/a.png",
+                 "class_0/.ipynb_checkpoints/img_0-checkpoint.png", "class_1/._img_0.png",
+                 "class_1/deeper/.cache/img.png", "class_1/__MACOSX/img.png"]:
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(png)
+    (root / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "class_1" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "class_1" / "deeper").mkdir(exist_ok=True)
+    (root / "class_1" / "deeper" / "visible.png").write_bytes(png)  # a real image in a sub-folder counts
+    return root
+
+
+def test_hidden_folders_and_files_are_neither_classes_nor_samples(tmp_path):
+    root = add_hidden_entries(make_image_folder(tmp_path / "images", classes=2, per_class=3, size=8))
+    samples, classes = list_image_folder(root)
+    assert classes == ["class_0", "class_1"]
+    assert [(p[len(str(root)) + 1:], label) for p, label in samples] == [
+        ("class_0/img_0.png", 0), ("class_0/img_1.png", 0), ("class_0/img_2.png", 0),
+        ("class_1/deeper/visible.png", 1), ("class_1/img_0.png", 1), ("class_1/img_1.png", 1),
+        ("class_1/img_2.png", 1)]
+    assert len(ImageDataset(root, 8)) == 7
+
+
+def test_extracted_features_record_only_the_real_classes(tiny_data, tmp_path):
+    root = add_hidden_entries(make_image_folder(tmp_path / "images", classes=2, per_class=1, size=8))
+    assert extract_features.main(["--data-path", str(root), "--features-path", str(tmp_path / "f"), "--vae-path",
+                                  str(tiny_data["vae"]), "--num-workers", "0"]) == 0
+    meta = json.loads((tmp_path / "f" / "meta.json").read_text())
+    assert meta["classes"] == ["class_0", "class_1"] and meta["count"] == 3
+    assert np.load(tmp_path / "f" / "labels.npy").tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize("layout", ["fast-DiT", "U-DiT"])
+def test_hidden_files_in_feature_folders_are_ignored(tmp_path, layout):
+    root = write_release(tmp_path / "f", 4, processes=1 if layout == "fast-DiT" else 2, layout=layout)
+    for folder in ("imagenet256_features", "imagenet256_labels"):
+        (root / folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+        (root / folder / ("._0.npy" if layout == "fast-DiT" else "._0_0.npy")).write_bytes(b"\0\5\26\7")
+        (root / folder / ".ipynb_checkpoints").mkdir()
+    for hidden in (".ipynb_checkpoints", "__MACOSX/imagenet256_features", ".old_labels"):
+        (root / hidden).mkdir(parents=True)
+    (root / "._imagenet256_features").write_bytes(b"\0\5\26\7")
+    dataset = open_feature_folder(root)
+    assert len(dataset) == 4 and torch.equal(dataset[3][0], torch.from_numpy(latent(3)[0]))
 
 
 # ----------------------------------------------------------------- the public layouts

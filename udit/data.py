@@ -8,6 +8,7 @@ data an uninterrupted one would.
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -26,6 +27,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 class DataError(ValueError):
     """Unusable training data; the message says what was found and what is expected."""
+
+
+def is_hidden(name):
+    """True for names that are never data: dot-files and dot-folders (.ipynb_checkpoints, .DS_Store,
+    .git, macOS's ._* AppleDouble files) and the __MACOSX folder that macOS zip archives carry."""
+    return name.startswith(".") or name == "__MACOSX"
 
 
 #################################################################################
@@ -49,18 +56,32 @@ def image_to_tensor(arr):
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
+def image_files(folder):
+    """Sorted image paths under `folder` at any depth, following links as torchvision does.
+
+    Hidden names (is_hidden) are skipped at every depth: a .ipynb_checkpoints folder or a
+    ._img.jpg AppleDouble file inside a class folder is not a sample.
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
+        found += [Path(dirpath, f) for f in filenames
+                  if not is_hidden(f) and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
+
+
 def list_image_folder(root):
-    """(samples [(path, class index)], class names) of root/<class>/<image>, sorted as torchvision does."""
+    """(samples [(path, class index)], class names) of root/<class>/<image>, sorted as torchvision does.
+
+    Hidden folders (is_hidden: .ipynb_checkpoints, .git, __MACOSX, ...) are not classes and
+    hidden files are not images, so they cannot shift the class indices.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"--data-path {root}: no such directory; expected an ImageFolder root "
                         f"(one sub-folder of images per class, e.g. imagenet/train)")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    samples = []
-    for index, name in enumerate(classes):
-        for path in sorted((root / name).rglob("*")):
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
-                samples.append((str(path), index))
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not is_hidden(d.name))
+    samples = [(str(path), index) for index, name in enumerate(classes) for path in image_files(root / name)]
     if not samples:
         raise DataError(f"--data-path {root}: no images found; expected one sub-folder of images per class")
     return samples, classes
@@ -201,7 +222,7 @@ def _numbered_files(folder, pattern):
     """{key groups as ints: path} of the files in `folder` whose whole name matches `pattern`."""
     found = {}
     for entry in folder.iterdir():
-        match = pattern.fullmatch(entry.name)
+        match = None if is_hidden(entry.name) else pattern.fullmatch(entry.name)
         if match:
             found[tuple(int(g) for g in match.groups())] = entry
     return found
@@ -259,19 +280,21 @@ def open_feature_folder(root, seed=0, flip=True):
     - fast-DiT: <name>_features/{i}.npy and <name>_labels/{i}.npy;
     - U-DiT release: <name>_features/{i}_{r}.npy (r = extracting process), in data order
       without the copies that padded the extraction (udit_release_order).
-    The public layouts fixed the flip at extraction; `flip` only affects ours.
+    Hidden names (.DS_Store, ._0.npy, .ipynb_checkpoints, __MACOSX) are ignored. The public
+    layouts fixed the flip at extraction; `flip` only affects ours.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"--feature-path {root}: no such directory")
     if (root / "meta.json").is_file():
         return CompactFeatureDataset(root, seed, flip)
-    feature_dirs = sorted(d for d in root.iterdir() if d.is_dir() and d.name.endswith("_features"))
-    label_dirs = sorted(d for d in root.iterdir() if d.is_dir() and d.name.endswith("_labels"))
+    entries = sorted(d for d in root.iterdir() if not is_hidden(d.name))
+    feature_dirs = [d for d in entries if d.is_dir() and d.name.endswith("_features")]
+    label_dirs = [d for d in entries if d.is_dir() and d.name.endswith("_labels")]
     if len(feature_dirs) != 1 or len(label_dirs) != 1:
         raise DataError(f"--feature-path {root}: unknown layout; expected meta.json (extract_features.py) or "
                         f"exactly one *_features and one *_labels folder (fast-DiT / U-DiT releases), found "
-                        f"{[d.name for d in root.iterdir()][:6]}")
+                        f"{[d.name for d in entries][:6]}")
     features_dir, labels_dir = feature_dirs[0], label_dirs[0]
     for pattern, name in ((re.compile(r"(\d+)\.npy"), "fast-DiT"), (re.compile(r"(\d+)_(\d+)\.npy"), "U-DiT")):
         features = _numbered_files(features_dir, pattern)
