@@ -1,15 +1,21 @@
-"""What the model trains on is what the data holds: hidden files, the public feature layouts."""
+"""What the model trains on is what the data holds: hidden files, labels, the public feature layouts."""
 
 import json
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 import extract_features
-from conftest import make_image_folder
-from udit.data import DataError, ImageDataset, list_image_folder, open_feature_folder
+import train
+from conftest import TINY_UDIT_KWARGS, make_image_folder
+from udit.cli import error_message
+from udit.data import COMPACT_LAYOUT, DataError, ImageDataset, list_image_folder, open_feature_folder
+
+COMMON = ["--model", "U-DiT-S", "--model-kwargs", TINY_UDIT_KWARGS, "--num-classes", "2",
+          "--global-batch-size", "4", "--log-every", "2", "--num-workers", "0"]
 
 
 def latent(j, shape=(1, 4, 8, 8)):
@@ -42,7 +48,7 @@ def test_hidden_folders_and_files_are_neither_classes_nor_samples(tmp_path):
         ("class_0/img_0.png", 0), ("class_0/img_1.png", 0), ("class_0/img_2.png", 0),
         ("class_1/deeper/visible.png", 1), ("class_1/img_0.png", 1), ("class_1/img_1.png", 1),
         ("class_1/img_2.png", 1)]
-    assert len(ImageDataset(root, 8)) == 7
+    assert ImageDataset(root, 8).labels_present() == [0, 1]
 
 
 def test_extracted_features_record_only_the_real_classes(tiny_data, tmp_path):
@@ -94,7 +100,7 @@ def write_release(root, count, processes, layout="U-DiT", label=lambda j: j % 3)
 ])
 def test_udit_layout_gives_exactly_the_images_it_holds(tmp_path, count, processes):
     root = write_release(tmp_path / "f", count, processes)
-    dataset = open_feature_folder(root)
+    dataset = open_feature_folder(root, num_classes=3)
     assert len(dataset) == count
     for j in range(count):
         features, label, _ = dataset[j]
@@ -121,3 +127,61 @@ def test_converting_a_padded_release_keeps_every_image_once(tmp_path):
     features, labels = np.load(tmp_path / "ours" / "features.npy"), np.load(tmp_path / "ours" / "labels.npy")
     assert features.shape == (17, 1, 2, 4, 8, 8) and labels.tolist() == [j % 3 for j in range(17)]
     assert np.array_equal(features[16, 0, 0], latent(16)[0].astype(np.float16))
+
+
+# ----------------------------------------------------------------- labels against --num-classes
+
+def train_on(features, tmp_path, *flags):
+    return train.main(["--feature-path", str(features), "--image-size", "64", "--max-steps", "4",
+                       "--results-dir", str(tmp_path / "r"), *COMMON, *flags])
+
+
+@pytest.mark.parametrize("layout", ["fast-DiT", "U-DiT"])
+@pytest.mark.parametrize("bad", [2, -1])
+def test_a_label_outside_num_classes_is_one_line_naming_the_file(tmp_path, capsys, layout, bad):
+    root = write_release(tmp_path / "f", 8, 1 if layout == "fast-DiT" else 2, layout=layout,
+                         label=lambda j: bad if j == 5 else j % 2)
+    assert train_on(root, tmp_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    name = "5.npy" if layout == "fast-DiT" else "2_1.npy"
+    assert len(err) == 1 and f"imagenet256_labels/{name}: label {bad} is not a class index in 0..1 " \
+                              f"(--num-classes 2)" in err[0]
+
+
+def test_a_label_file_that_is_not_one_integer_is_refused(tmp_path):
+    root = write_release(tmp_path / "f", 2, 1, layout="fast-DiT")
+    np.save(root / "imagenet256_labels" / "1.npy", np.array([1.0]))
+    dataset = open_feature_folder(root, num_classes=2)
+    assert dataset[0][1] == 0 and dataset.labels_present() is None
+    with pytest.raises(DataError, match="1.npy: a label file holds one integer class index, found float64"):
+        dataset[1]
+
+
+def test_a_worker_error_reaches_the_user_as_its_own_line(tmp_path):
+    root = write_release(tmp_path / "f", 2, 1, layout="fast-DiT", label=lambda j: 7)
+    with pytest.raises(DataError) as info:
+        next(iter(DataLoader(open_feature_folder(root, num_classes=2), num_workers=1)))
+    assert error_message(info.value) == (f"{root / 'imagenet256_labels' / '0.npy'}: label 7 is not a class index "
+                                         f"in 0..1 (--num-classes 2); give --num-classes the data's class count, "
+                                         f"or fix the labels")
+
+
+def write_compact(root, labels, classes=None):
+    root.mkdir()
+    np.save(root / "features.npy", np.zeros((len(labels), 1, 2, 4, 4, 4), np.float16))
+    np.save(root / "labels.npy", np.array(labels, dtype=np.int64))
+    meta = {"layout": COMPACT_LAYOUT, "complete": True, "count": len(labels)}
+    (root / "meta.json").write_text(json.dumps(meta if classes is None else {**meta, "classes": classes}))
+    return root
+
+
+def test_compact_labels_are_checked_when_opened(tmp_path):
+    good = write_compact(tmp_path / "good", [3, 0, 3, 1])
+    assert open_feature_folder(good, num_classes=4).labels_present() == [0, 1, 3]
+    with pytest.raises(DataError, match=r"labels.npy \(row 0\): label 3 is not a class index in 0..2 "
+                                        r"\(--num-classes 3\)"):
+        open_feature_folder(good, num_classes=3)
+    with pytest.raises(DataError, match=r"labels.npy \(row 1\): label -2 is negative; class indices start at 0"):
+        open_feature_folder(write_compact(tmp_path / "negative", [0, -2]))
+    with pytest.raises(DataError, match="extracted from 3 class folders, more than --num-classes 2"):
+        open_feature_folder(write_compact(tmp_path / "named", [0, 1], classes=["a", "b", "c"]), num_classes=2)

@@ -19,11 +19,24 @@ def run_guarded(prog, fn):
     try:
         fn()
     except (ActionableError, ValueError, OSError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {error_message(err)}", file=sys.stderr)
         if isinstance(err, ActionableError):
             return err.exit_status
         return 2 if isinstance(err, ValueError) else 1
     return 0
+
+
+def error_message(err):
+    """The message of err; for one re-raised from a DataLoader worker, the worker's own message.
+
+    torch re-raises a worker's exception with the same type and a message made of the
+    worker's whole traceback, whose last line is "module.Type: message".
+    """
+    text = str(err)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.partition(f"{type(err).__name__}: ")[2] or last
 
 
 def json_object(text):

@@ -35,6 +35,17 @@ def is_hidden(name):
     return name.startswith(".") or name == "__MACOSX"
 
 
+def check_label(value, where, num_classes):
+    """A class index as an int; DataError naming `where` if it is negative or >= num_classes (None: unknown)."""
+    value = int(value)
+    if num_classes is None and value < 0:
+        raise DataError(f"{where}: label {value} is negative; class indices start at 0")
+    if num_classes is not None and not 0 <= value < num_classes:
+        raise DataError(f"{where}: label {value} is not a class index in 0..{num_classes - 1} (--num-classes "
+                        f"{num_classes}); give --num-classes the data's class count, or fix the labels")
+    return value
+
+
 #################################################################################
 #                                 Images                                        #
 #################################################################################
@@ -119,8 +130,8 @@ class ImageDataset(SeededDataset):
         return len(self.samples)
 
     def labels_present(self):
-        """The class indices the data holds, sorted: one per class folder."""
-        return list(range(len(self.classes)))
+        """Sorted class indices that have at least one image."""
+        return sorted({label for _, label in self.samples})
 
     def load(self, index):
         path, label = self.samples[index]
@@ -148,26 +159,35 @@ class ImageDataset(SeededDataset):
 #################################################################################
 
 class PublicFeatureDataset(SeededDataset):
-    """The fast-DiT and U-DiT releases: one .npy (1, C, H, W) latent and one (1,) label per image."""
+    """The fast-DiT and U-DiT releases: one .npy (1, C, H, W) latent and one (1,) label per image.
+
+    Labels are checked as items are read (a DataError naming the file if one is not a class
+    index below num_classes): reading all of ImageNet's 1.28M label files up front takes minutes.
+    """
 
     # Both releases were extracted with sd-vae-ft-ema/mse: (scaling factor, shift).
     latent_normalization = (SD_VAE_SCALE, 0.0)
 
-    def __init__(self, feature_files, label_files, seed=0):
+    def __init__(self, feature_files, label_files, seed=0, num_classes=None):
         super().__init__(seed)
         self.feature_files, self.label_files = feature_files, label_files
+        self.num_classes = num_classes
+
+    def __len__(self):
+        return len(self.feature_files)
 
     def labels_present(self):
         """None: unknown without reading every label file."""
         return None
 
-    def __len__(self):
-        return len(self.feature_files)
-
     def __getitem__(self, index):
         features = np.load(self.feature_files[index], allow_pickle=False)
         label = np.load(self.label_files[index], allow_pickle=False)
-        return torch.from_numpy(features.reshape(features.shape[-3:]).astype(np.float32)), int(label.reshape(-1)[0]), True
+        if label.size != 1 or label.dtype.kind not in "iu":
+            raise DataError(f"{self.label_files[index]}: a label file holds one integer class index, found "
+                            f"{label.dtype} of shape {label.shape}")
+        label = check_label(label.reshape(-1)[0], self.label_files[index], self.num_classes)
+        return torch.from_numpy(features.reshape(features.shape[-3:]).astype(np.float32)), label, True
 
 
 class CompactFeatureDataset(SeededDataset):
@@ -177,9 +197,10 @@ class CompactFeatureDataset(SeededDataset):
     1 for converted public sets) the posterior mean and std, already normalised with the
     VAE's (scaling_factor, shift_factor), recorded in meta.json (0.18215, 0 before they were).
     A fresh flip and posterior sample mean + std * eps are drawn every epoch.
+    All labels are checked against num_classes when the folder is opened.
     """
 
-    def __init__(self, root, seed=0, flip=True):
+    def __init__(self, root, seed=0, flip=True, num_classes=None):
         super().__init__(seed)
         self.root = Path(root)
         self.flip = flip
@@ -191,13 +212,21 @@ class CompactFeatureDataset(SeededDataset):
         self.labels = np.load(self.root / "labels.npy", allow_pickle=False)
         self.latent_normalization = (float(self.meta.get("scaling_factor", SD_VAE_SCALE)),
                                      float(self.meta.get("shift_factor", 0.0)))
+        self.present = np.unique(self.labels).tolist()
+        classes = self.meta.get("classes")
+        if num_classes is not None and classes is not None and len(classes) > num_classes:
+            raise DataError(f"--feature-path {root}: extracted from {len(classes)} class folders, more than "
+                            f"--num-classes {num_classes}")
+        for value in (self.present[:1] + self.present[-1:]):
+            check_label(value, f"{self.root / 'labels.npy'} (row {int(np.argmax(self.labels == value))})",
+                        num_classes)
 
     def __len__(self):
         return len(self.labels)
 
     def labels_present(self):
-        """The class indices the data holds, sorted."""
-        return np.unique(self.labels).tolist()
+        """Sorted class indices that have at least one sample."""
+        return self.present
 
     def __getitem__(self, index):
         if self.features is None:
@@ -273,21 +302,22 @@ def udit_release_order(features, labels, where):
     return keys, processes, 0
 
 
-def open_feature_folder(root, seed=0, flip=True):
+def open_feature_folder(root, seed=0, flip=True, num_classes=None):
     """Dataset for a feature folder in any known layout, detected from its contents.
 
     - ours (extract_features.py): meta.json, features.npy, labels.npy;
     - fast-DiT: <name>_features/{i}.npy and <name>_labels/{i}.npy;
     - U-DiT release: <name>_features/{i}_{r}.npy (r = extracting process), in data order
       without the copies that padded the extraction (udit_release_order).
-    Hidden names (.DS_Store, ._0.npy, .ipynb_checkpoints, __MACOSX) are ignored. The public
+    Hidden names (.DS_Store, ._0.npy, .ipynb_checkpoints, __MACOSX) are ignored. Labels are
+    checked against num_classes (None: only that they are class indices >= 0). The public
     layouts fixed the flip at extraction; `flip` only affects ours.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"--feature-path {root}: no such directory")
     if (root / "meta.json").is_file():
-        return CompactFeatureDataset(root, seed, flip)
+        return CompactFeatureDataset(root, seed, flip, num_classes)
     entries = sorted(d for d in root.iterdir() if not is_hidden(d.name))
     feature_dirs = [d for d in entries if d.is_dir() and d.name.endswith("_features")]
     label_dirs = [d for d in entries if d.is_dir() and d.name.endswith("_labels")]
@@ -314,7 +344,7 @@ def open_feature_folder(root, seed=0, flip=True):
     else:
         keys = sorted(features)
         log.info("feature folder %s: fast-DiT layout, %d samples", root, len(keys))
-    return PublicFeatureDataset([features[k] for k in keys], [labels[k] for k in keys], seed)
+    return PublicFeatureDataset([features[k] for k in keys], [labels[k] for k in keys], seed, num_classes)
 
 
 #################################################################################

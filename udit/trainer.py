@@ -282,7 +282,7 @@ def open_training_data(args, seed):
     recorded in the checkpoint, and a VAE named for sampling must have the same.
     """
     if args.feature_path:
-        dataset = open_feature_folder(args.feature_path, seed, flip=not args.no_flip)
+        dataset = open_feature_folder(args.feature_path, seed, flip=not args.no_flip, num_classes=args.num_classes)
         sample = dataset[0][0]
         expected = args.image_size // 8
         if sample.shape[-1] != expected:
