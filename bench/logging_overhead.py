@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import udit.monitor  # noqa: E402
-from udit.trainer import DDPBackend, check_args, train, training_parser  # noqa: E402
+from udit.trainer import DDPBackend, parse_training_args, train, training_parser  # noqa: E402
 
 
 def write_features(root, count, seed=0):
@@ -84,12 +84,11 @@ def main(argv=None):
         for round_ in range(args.rounds):
             for kind in ("tensorboard", "no_tensorboard"):
                 parser = training_parser("bench")
-                run_args = parser.parse_args(
-                    ["--feature-path", str(features), "--model", "U-DiT-S", "--global-batch-size", str(args.batch),
-                     "--max-steps", str(args.steps), "--log-every", "1", "--ckpt-every", "1000000",
-                     "--sample-every", "0", "--num-workers", "0", "--results-dir", str(Path(tmp) / "results"),
-                     *(["--no-tensorboard"] if kind == "no_tensorboard" else [])])
-                check_args(parser, run_args)
+                run_args = parse_training_args(parser, [
+                    "--feature-path", str(features), "--model", "U-DiT-S", "--global-batch-size", str(args.batch),
+                    "--max-steps", str(args.steps), "--log-every", "1", "--ckpt-every", "1000000",
+                    "--sample-every", "0", "--num-workers", "0", "--results-dir", str(Path(tmp) / "results"),
+                    *(["--no-tensorboard"] if kind == "no_tensorboard" else [])])
                 train(run_args, DDPBackend("fp32"))
                 for what, values in zip(("step", "hook", "grad_norm"), timings.take()):
                     results[kind][what] += values

@@ -165,4 +165,4 @@ def test_bad_monitor_flags_exit_2_with_one_line(tiny_data, tmp_path, capsys):
         assert info.value.code == 2 and message in err[-1]
     assert train.main(["--data-path", str(tiny_data["small_images"]), *TINY, "--sample-classes", "5",
                        "--results-dir", str(tmp_path)]) == 2
-    assert "--sample-classes [5] are outside 0..1" in capsys.readouterr().err
+    assert "--sample-classes [5]: not among the classes this run trains (0, 1)" in capsys.readouterr().err

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from udit.cli import positive_int
 from udit.distributed import all_reduce_mean
-from udit.sampling import (batches_of_rank, default_class_labels, generate, image_grid, labels_for, save_png_atomic,
+from udit.sampling import (batches_of_rank, default_labels, generate, image_grid, labels_for, save_png_atomic,
                            write_npz_streaming)
 from udit.vae import load_vae, to_uint8
 
@@ -50,10 +50,10 @@ def add_monitor_args(p):
                    help="a fixed-seed grid from the EMA model every N steps and at the end (samples/NNNNNNN.png); "
                         "0: none")
     g.add_argument("--sample-classes", type=int, nargs="+",
-                   help="class labels of the grid (default: DiT's 8 ImageNet classes, or 0..7)")
+                   help="class labels of the grid (default: DiT's 8 ImageNet classes, else the first 8 trained)")
     g.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps of the grid (cfg 4)")
-    g.add_argument("--eval-every", type=positive_int,
-                   help="evaluate the EMA model every N steps (default: never; see README, Training)")
+    g.add_argument("--eval-every", type=int, default=0,
+                   help="evaluate the EMA model every N steps (default 0: never; see README, Training)")
     g.add_argument("--eval-samples", type=positive_int, default=10_000, help="images per evaluation")
     g.add_argument("--eval-ref", metavar="REF.npz",
                    help="reference batch for evaluator.py, e.g. VIRTUAL_imagenet256_labeled.npz")
@@ -68,8 +68,12 @@ def add_monitor_args(p):
 
 def check_monitor_args(parser, args):
     """Exit with status 2 and one line on a bad value (class labels are checked against the model later)."""
-    if args.sample_every < 0:
-        parser.error(f"--sample-every must be >= 0 (0: no grids), got {args.sample_every}")
+    for flag in ("sample_every", "eval_every"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 0 (0: never), got {getattr(args, flag)}")
+    if args.eval_every and args.objective != "ddpm":
+        parser.error(f"--eval-every: udit/sampling.py has no sampler for --objective {args.objective} yet; "
+                     f"evaluate its checkpoints after training")
     if args.eval_every and not (args.eval_ref or args.eval_command):
         parser.error("--eval-every needs --eval-ref REF.npz (the reference batch evaluator.py compares with) "
                      "or --eval-command")
@@ -149,14 +153,22 @@ class Monitor:
 
     def __init__(self, args, exp_dir, config, rank, world_size, device, vae, batch_size, start_step, logger):
         self.args, self.exp_dir, self.rank, self.world_size, self.device = args, Path(exp_dir), rank, world_size, device
-        self.settings, self.vae, self.logger = config, vae, logger
+        self.vae, self.logger = vae, logger
+        # Labels are drawn from the classes the data holds (all of them when unknown), as sample_ddp.py does.
+        self.settings = {**config, "trained_labels": config["trained_labels"] or list(range(config["num_classes"]))}
         self.precision = "bf16" if getattr(args, "precision", "fp32") == "bf16" else "fp32"
-        self.labels = args.sample_classes or default_class_labels(config["num_classes"])
-        bad = [c for c in self.labels if not 0 <= c < config["num_classes"]]
+        self.labels = args.sample_classes or default_labels(self.settings["trained_labels"])
+        trained = self.settings["trained_labels"]
+        bad = [c for c in self.labels if c not in set(trained)]
         if bad:
-            raise ValueError(f"--sample-classes {bad} are outside 0..{config['num_classes'] - 1} for this model")
+            shown = ", ".join(map(str, trained[:8])) + (f", ... ({len(trained)} in all)" if len(trained) > 8 else "")
+            raise ValueError(f"--sample-classes {bad}: not among the classes this run trains ({shown})")
         self.evaluation = Evaluation(self, args, batch_size) if args.eval_every else None
         self.grids = args.sample_every > 0
+        if self.grids and config["objective"] != "ddpm":
+            logger.info("sample grids off: udit/sampling.py has no sampler for --objective %s yet",
+                        config["objective"])
+            self.grids = False
         if config["vae"] != "none" and vae is None and (self.grids or self.evaluation):
             self._load_vae()
         self.writer = None
@@ -329,7 +341,7 @@ class Evaluation:
         images = (parts[rank][row] for _, rank, row in sorted(where))
         size = m.settings["image_size"]
         write_npz_streaming(npz, n, (size, size, 3), images,
-                            labels_for(n, self.args.global_seed, m.settings["num_classes"]))
+                            labels_for(n, self.args.global_seed, m.settings["trained_labels"]))
 
     def scorer_env(self):
         """The scorer sees rank 0's GPU only (TensorFlow would otherwise take memory on every GPU)."""
