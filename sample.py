@@ -12,19 +12,9 @@ import torch
 
 from udit.cli import ActionableError
 from udit.distributed import configure_matmul_precision
-from udit.sampling import (add_sampling_args, check_sampling_args, generate, image_grid_png,
-                           load_sampling_model, save_png_atomic)
+from udit.sampling import (DEFAULT_CLASSES, add_sampling_args, check_sampling_args, default_labels, generate,
+                           image_grid_png, load_sampling_model, save_png_atomic)
 from udit.vae import to_uint8
-
-DEFAULT_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
-
-
-def default_labels(trained):
-    """DiT's eight ImageNet classes for a model of all 1000, else the first trained classes (8 images)."""
-    if len(trained) >= 1000:
-        return DEFAULT_CLASSES
-    return [trained[i % len(trained)] for i in range(8)]
-
 
 def describe_labels(labels):
     if labels == list(range(len(labels))):

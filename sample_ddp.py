@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from download import resolve_checkpoint
 from udit.cli import positive_int, run_guarded
 from udit.distributed import barrier, broadcast_object, cleanup, configure_matmul_precision, init_distributed
-from udit.sampling import (add_sampling_args, check_sampling_args, file_sha256, generate, initial_draws,
-                           load_sampling_model, manifest_digest, open_sample_folder, save_png_atomic,
+from udit.sampling import (add_sampling_args, batches_of_rank, check_sampling_args, file_sha256, generate,
+                           labels_for, load_sampling_model, manifest_digest, open_sample_folder, save_png_atomic,
                            write_npz_streaming)
 from udit.vae import to_uint8, vae_source
 
@@ -50,17 +50,6 @@ def run_name(args, settings, manifest):
     return (f"{settings['model'].replace('/', '-')}-{ckpt}-size-{settings['image_size']}-vae-{settings['vae']}-"
             f"cfg-{args.cfg_scale}-{args.sampler}{args.num_sampling_steps}-seed-{args.global_seed}-"
             f"{manifest_digest(manifest)}")
-
-
-def batches_of_rank(count, batch_size, rank, world_size):
-    """Index runs [b B, (b + 1) B) for b = rank, rank + W, ... (the last may be shorter)."""
-    starts = range(rank * batch_size, count, world_size * batch_size)
-    return [list(range(s, min(s + batch_size, count))) for s in starts]
-
-
-def labels_for(count, seed, label_pool):
-    """The class label of every image index, as the sampler draws it (uniform over the trained classes)."""
-    return initial_draws(seed, range(count), (1,), label_pool)[0].numpy()
 
 
 def main(argv=None):

@@ -35,6 +35,17 @@ class AccelerateBackend:
     def backward(self, loss):
         self.accelerator.backward(loss)
 
+    def clip_grad_norm(self, parameters, max_norm=None):
+        """Total L2 norm of the unscaled gradients (before clipping); scaled down to max_norm if above it.
+
+        With fp16 the gradients are unscaled first (GradScaler then steps without unscaling
+        again and still skips a step whose gradients overflowed).
+        """
+        if max_norm is None:
+            self.accelerator.unscale_gradients()
+            return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None], foreach=True)
+        return self.accelerator.clip_grad_norm_(parameters, max_norm)
+
     def unwrap(self, model):
         return self.accelerator.unwrap_model(model)
 

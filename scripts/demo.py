@@ -5,14 +5,18 @@ written once as an ImageFolder; 297 are held out for scoring. The real scripts r
 `torchrun --nproc_per_node=2 train.py` in pixel space, `sample_ddp.py`, `sample.py`
 for a grid with one row per class. Scoring uses a classifier trained on the real
 digits: the share of generated samples it assigns to the requested class, and a
-Frechet distance in its hidden-layer feature space against the held-out digits.
+Frechet distance in its hidden-layer feature space against the held-out digits. The
+same scorer evaluates the run while it trains (train.py --eval-command runs this script
+with --fd), and curves.png plots the loss and that distance against the steps.
 
     python scripts/demo.py [--minutes 8] [--out results/demo]
     python scripts/demo.py --score results/demo/checkpoint.pt --out results/demo_rescored
+    python scripts/demo.py --fd SAMPLES.npz --json METRICS.json [--out results/demo]   # the scorer alone
 """
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -27,14 +31,20 @@ sys.path.insert(0, str(ROOT))
 
 from evaluator import compute_statistics, frechet_distance  # noqa: E402
 from udit.checkpoint import load_checkpoint  # noqa: E402
+from udit.monitor import read_scalars  # noqa: E402
 
 HELD_OUT = 297
 MODEL_KWARGS = {"hidden_size": 24, "num_heads": 2, "depth": [1, 1, 2, 1, 1], "down_factor": [2, 2, 1, 2, 2]}
 TRAIN_FLAGS = ["--model", "U-DiT-S", "--model-kwargs", json.dumps(MODEL_KWARGS), "--vae", "none",
                "--image-size", "8", "--num-classes", "10", "--global-batch-size", "128", "--lr", "1e-3",
-               "--ema-decay", "0.999", "--ema-warmup", "--no-flip", "--num-workers", "0", "--log-every", "250",
-               "--max-steps", "1000000", "--global-seed", "0"]
+               "--ema-decay", "0.999", "--ema-warmup", "--no-flip", "--num-workers", "0", "--log-every", "50",
+               "--max-steps", "1000000", "--global-seed", "0", "--sample-every", "250",
+               "--sample-classes", *map(str, range(10))]
 SAMPLE_FLAGS = ["--num-sampling-steps", "100", "--cfg-scale", "4.0"]
+# Evaluation while training: the final scorer, on fewer samples drawn with a quarter of the final steps.
+EVAL_SAMPLES, EVAL_DDIM_STEPS = 500, 25
+EVAL_FLAGS = ["--eval-samples", str(EVAL_SAMPLES), "--eval-sampler", "ddim", "--eval-sampling-steps",
+              str(EVAL_DDIM_STEPS), "--eval-cfg-scale", "4.0"]
 
 
 def digits():
@@ -71,15 +81,47 @@ def to_features(images_rgb_or_gray):
     return arr.reshape(len(arr), -1) / 255.0
 
 
-def train_classifier(features, labels):
-    from sklearn.neural_network import MLPClassifier
-    clf = MLPClassifier(hidden_layer_sizes=(128,), max_iter=600, random_state=0)
-    return clf.fit(features, labels)
+class Classifier:
+    """A one-hidden-layer MLP (scikit-learn's) on the real digits; kept as its weights in an .npz."""
+
+    def __init__(self, weights):
+        self.w1, self.b1, self.w2, self.b2 = (weights[k] for k in ("w1", "b1", "w2", "b2"))
+
+    @classmethod
+    def train(cls, features, labels):
+        from sklearn.neural_network import MLPClassifier
+        clf = MLPClassifier(hidden_layer_sizes=(128,), max_iter=600, random_state=0).fit(features, labels)
+        assert list(clf.classes_) == list(range(10))
+        return cls({"w1": clf.coefs_[0], "b1": clf.intercepts_[0], "w2": clf.coefs_[1], "b2": clf.intercepts_[1]})
+
+    @classmethod
+    def load(cls, path):
+        with np.load(path, allow_pickle=False) as weights:
+            return cls(dict(weights))
+
+    def save(self, path):
+        np.savez(path, w1=self.w1, b1=self.b1, w2=self.w2, b2=self.b2)
+
+    def hidden(self, features):
+        """Activations of the hidden layer (ReLU), the space for the Frechet distance."""
+        return np.maximum(features @ self.w1 + self.b1, 0.0)
+
+    def predict(self, features):
+        return np.argmax(self.hidden(features) @ self.w2 + self.b2, axis=1)
 
 
-def hidden_features(clf, features):
-    """Activations of the classifier's hidden layer (ReLU), the space for the Frechet distance."""
-    return np.maximum(features @ clf.coefs_[0] + clf.intercepts_[0], 0.0)
+def fd_to_held_out(clf, images, held_x):
+    """Frechet distance between images and the held-out digits in the classifier's hidden features."""
+    return frechet_distance(*compute_statistics(clf.hidden(to_features(images))),
+                            *compute_statistics(clf.hidden(to_features(held_x))))
+
+
+def score_samples(clf, npz, held_x):
+    """{"fd_classifier", "class_accuracy"} of an .npz of samples (arr_0 images, arr_1 requested labels)."""
+    with np.load(npz, allow_pickle=False) as data:
+        images, labels = data["arr_0"], data["arr_1"]
+    return {"fd_classifier": fd_to_held_out(clf, images, held_x),
+            "class_accuracy": float((clf.predict(to_features(images)) == labels).mean())}
 
 
 def run(cmd, log):
@@ -90,14 +132,14 @@ def run(cmd, log):
                                 text=True)
         for line in proc.stdout:
             f.write(line)
-            if any(key in line for key in ("Train Loss", "sampling ", "wrote", "error")):
+            if any(key in line for key in ("Train Loss", "evaluation at", "sampling ", "wrote", "error")):
                 print("  " + line.rstrip().split("] ")[-1].split("\r")[-1], flush=True)
         proc.wait()
     if proc.returncode:
         sys.exit(f"demo: step failed (exit {proc.returncode}); see {log}")
 
 
-def sample_and_score(ckpt, out, samples, train_x, train_y, held_x, held_y, log, times):
+def sample_and_score(ckpt, out, samples, clf, train_x, held_x, held_y, log, times):
     """Stages 2-4 for a checkpoint: samples with sample_ddp.py, a grid with sample.py, the scores."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     t0 = time.time()
@@ -118,23 +160,42 @@ def sample_and_score(ckpt, out, samples, train_x, train_y, held_x, held_y, log, 
     times["grid_s"] = time.time() - t0
 
     t0 = time.time()
-    print("[4/4] scoring with a classifier trained on the real digits")
-    clf = train_classifier(to_features(train_x), train_y)
-    with np.load(out / "samples.npz", allow_pickle=False) as data_npz:
-        gen_images, gen_labels = data_npz["arr_0"], data_npz["arr_1"]
-    gen_features, held_features = to_features(gen_images), to_features(held_x)
+    print("[4/4] scoring with the classifier trained on the real digits")
     summary = {
-        "class_accuracy": float((clf.predict(gen_features) == gen_labels).mean()),
-        "fd_classifier": frechet_distance(*compute_statistics(hidden_features(clf, gen_features)),
-                                          *compute_statistics(hidden_features(clf, held_features))),
-        "fd_classifier_real_vs_real": frechet_distance(*compute_statistics(hidden_features(clf, to_features(train_x[:HELD_OUT]))),
-                                                       *compute_statistics(hidden_features(clf, held_features))),
-        "real_accuracy": float(clf.score(held_features, held_y)),
-        "samples": int(len(gen_images)),
+        **score_samples(clf, out / "samples.npz", held_x),
+        "fd_classifier_real_vs_real": fd_to_held_out(clf, train_x[:HELD_OUT], held_x),
+        "real_accuracy": float((clf.predict(to_features(held_x)) == held_y).mean()),
+        "samples": samples,
         "training_steps": int(load_checkpoint(ckpt)["step"]),
     }
     times["score_s"] = time.time() - t0
     return summary
+
+
+def plot_curves(exp_dir, summary, path):
+    """Training loss and FD in classifier features against steps (matplotlib), from the run's TensorBoard events."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    scalars = read_scalars(exp_dir / "tensorboard")
+    fig, (ax_loss, ax_fd) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(*zip(*scalars["train/loss"]), color="C0")
+    ax_loss.set(xlabel="training step", ylabel="training loss (mse + vb)", yscale="log",
+                title="loss (mean of each log interval, both processes)")
+    if "eval/fd_classifier" in scalars:
+        ax_fd.plot(*zip(*scalars["eval/fd_classifier"]), marker="o", color="C0",
+                   label=f"during training: {EVAL_SAMPLES:,} samples, DDIM {EVAL_DDIM_STEPS}")
+    ax_fd.plot([summary["training_steps"]], [summary["fd_classifier"]], marker="*", markersize=14, color="C3",
+               linestyle="none", label=f"end: {summary['samples']:,} samples, DDPM 100")
+    ax_fd.axhline(summary["fd_classifier_real_vs_real"], linestyle="--", color="gray", label="real vs real")
+    ax_fd.set(xlabel="training step", ylabel="FD in classifier features", yscale="log",
+              title="FD to held-out digits (cfg 4)")
+    ax_fd.legend()
+    for ax in (ax_loss, ax_fd):
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -144,17 +205,32 @@ def main(argv=None):
     p.add_argument("--out", default="results/demo")
     p.add_argument("--save-every", type=int, default=1_000_000, help="also keep a checkpoint every N steps")
     p.add_argument("--score", metavar="CKPT", help="skip training: sample and score this checkpoint")
+    p.add_argument("--eval-every", type=int, default=300, help="score the run every N steps while it trains (0: never)")
+    p.add_argument("--fd", metavar="SAMPLES.npz",
+                   help="only score these samples with the classifier of --out (what train.py runs while training)")
+    p.add_argument("--json", metavar="METRICS.json", help="with --fd: write the metrics here")
     args = p.parse_args(argv)
     out = ROOT / args.out
+    (train_x, train_y), (held_x, held_y) = split(*digits())
+    if args.fd:
+        metrics = score_samples(Classifier.load(out / "classifier.npz"), args.fd, held_x)
+        if args.json:
+            Path(args.json).write_text(json.dumps(metrics) + "\n")
+        else:
+            print(json.dumps(metrics))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     log = out / "demo.log"
     log.write_text("")
     times = {}
 
     t0 = time.time()
-    (train_x, train_y), (held_x, held_y) = split(*digits())
     data = write_image_folder(train_x, train_y, ROOT / "results" / "digits_train")
     times["data_s"] = time.time() - t0
+    t0 = time.time()
+    clf = Classifier.train(to_features(train_x), train_y)
+    clf.save(out / "classifier.npz")
+    times["classifier_s"] = time.time() - t0
 
     if args.score:
         ckpt = Path(args.score).resolve()
@@ -162,17 +238,21 @@ def main(argv=None):
         t0 = time.time()
         shutil.rmtree(out / "train", ignore_errors=True)
         print(f"[1/4] training a pixel-space U-DiT on {len(train_x)} digits for {args.minutes} minutes "
-              f"(train.py, 2 processes)")
+              f"(train.py, 2 processes), scored every {args.eval_every} steps")
+        scorer = " ".join(shlex.quote(str(a)) for a in (sys.executable, Path(__file__).resolve(), "--out", out, "--fd"))
+        evaluation = ["--eval-every", args.eval_every, "--eval-command", scorer, *EVAL_FLAGS] if args.eval_every else []
         run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
              "--data-path", data, "--results-dir", out / "train", "--max-minutes", args.minutes,
-             *TRAIN_FLAGS, "--ckpt-every", args.save_every], log)
+             *TRAIN_FLAGS, *evaluation, "--ckpt-every", args.save_every], log)
         last = sorted((out / "train").glob("*/checkpoints/*.pt"))[-1]
         ckpt = out / "checkpoint.pt"
         shutil.copy(last, ckpt)
         shutil.copy(last.parents[1] / "log.txt", out / "train_log.txt")
         times["train_s"] = time.time() - t0
 
-    summary = sample_and_score(ckpt, out, args.samples, train_x, train_y, held_x, held_y, log, times)
+    summary = sample_and_score(ckpt, out, args.samples, clf, train_x, held_x, held_y, log, times)
+    if not args.score:
+        plot_curves(last.parents[1], summary, out / "curves.png")
     summary["minutes_budget"] = None if args.score else args.minutes
     summary["wall_seconds"] = {k: round(v, 1) for k, v in times.items()}
     summary["wall_seconds"]["total_s"] = round(sum(times.values()), 1)
@@ -183,7 +263,8 @@ def main(argv=None):
     print(f"Frechet distance in classifier features: {summary['fd_classifier']:.2f} "
           f"(real vs real: {summary['fd_classifier_real_vs_real']:.2f})")
     print(f"{summary['training_steps']} training steps; wall time {summary['wall_seconds']['total_s'] / 60:.1f} min")
-    print(f"outputs in {out}: grid.png, samples.npz, checkpoint.pt, train_log.txt, summary.json")
+    print(f"outputs in {out}: grid.png, curves.png, samples.npz, checkpoint.pt, train_log.txt, summary.json "
+          f"(TensorBoard: tensorboard --logdir {out / 'train'})")
     return 0
 
 

@@ -64,14 +64,16 @@ def training_args(data, results, *extra):
     parser = training_parser("test")
     return parse_training_args(parser, ["--data-path", str(data), "--vae", "none", "--image-size", "16", "--model", "U-DiT-S",
                               "--model-kwargs", TINY_UDIT_KWARGS, "--num-classes", "2", "--global-batch-size", "4",
-                              "--num-workers", "0", "--max-steps", "3", "--results-dir", str(results), *extra])
+                              "--num-workers", "0", "--max-steps", "3", "--sample-every", "0", "--results-dir",
+                              str(results), *extra])
 
 
-def test_graphed_training_steps_match_eager_ones(tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("clipping", [[], ["--max-grad-norm", "0.05"]], ids=["", "clipped"])
+def test_graphed_training_steps_match_eager_ones(tiny_data, tmp_path, monkeypatch, clipping):
     monkeypatch.setattr(cuda_graphs, "capture", Deferred)
     states = []
     for cuda_graph in (False, True):
-        exp_dir = run_training(training_args(tiny_data["small_images"], tmp_path / str(cuda_graph)),
+        exp_dir = run_training(training_args(tiny_data["small_images"], tmp_path / str(cuda_graph), *clipping),
                                DDPBackend("fp32", cuda_graph=cuda_graph))
         ckpt = torch.load(exp_dir / "checkpoints" / "0000003.pt", map_location="cpu", weights_only=True)
         states.append((ckpt["model"], ckpt["ema"], ckpt["opt"]["state"]))
@@ -106,10 +108,10 @@ def _average_gradients_worker(rank, world, init_file, results):
     data = torch.randn(world, 5, 3, generator=torch.Generator().manual_seed(1))
 
     def loss_fn(x, t, y):
-        return model(x).square().mean() * t.sum() + y.sum()
+        return {"loss": model(x).square().mean() * t.sum() + y.sum()}
 
     step = GraphedTrainingStep(loss_fn, model.parameters())
-    losses = [step(data[rank], torch.ones(1), torch.zeros(1)) for _ in range(2)]
+    losses = [step(data[rank], torch.ones(1), torch.zeros(1))["loss"] for _ in range(2)]
     # What each process's own gradients average to, computed eagerly from all batches.
     reference = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     reference.load_state_dict(model.state_dict(), strict=False)  # all but the buffer

@@ -9,7 +9,8 @@ from udit.checkpoint import load_checkpoint
 from udit.objectives import EpsilonObjective, FlowObjective, create_objective
 
 PIXEL = ["--model", "U-DiT-S", "--model-kwargs", TINY_UDIT_KWARGS, "--vae", "none", "--image-size", "16",
-         "--num-classes", "2", "--global-batch-size", "4", "--num-workers", "0", "--log-every", "1"]
+         "--num-classes", "2", "--global-batch-size", "4", "--num-workers", "0", "--log-every", "1",
+         "--sample-steps", "2"]
 
 
 def test_flow_loss_is_the_velocity_mse_written_out():

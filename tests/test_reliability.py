@@ -19,7 +19,7 @@ from udit.checkpoint import CheckpointError, load_checkpoint, save_atomic
 # A pixel-space model large enough (about 80 MB per checkpoint) that writing takes a while.
 BIG = ["--model", "U-DiT-S", "--model-kwargs", '{"hidden_size": 64, "num_heads": 2, "depth": [1, 2, 2, 2, 1]}',
        "--vae", "none", "--image-size", "16", "--num-classes", "2", "--global-batch-size", "4",
-       "--num-workers", "0", "--log-every", "1"]
+       "--num-workers", "0", "--log-every", "1", "--sample-steps", "2"]
 
 
 def test_kill_during_checkpoint_write_keeps_previous_and_resume_works(tiny_data, tmp_path):

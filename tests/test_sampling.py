@@ -28,7 +28,7 @@ def trained(tiny_data, tmp_path_factory):
     assert train.main(["--data-path", str(tiny_data["images"]), "--vae-path", str(tiny_data["vae"]),
                        "--image-size", "64", "--model", "U-DiT-S", "--model-kwargs", TINY_UDIT_KWARGS,
                        "--num-classes", "2", "--global-batch-size", "4", "--max-steps", "2", "--num-workers", "0",
-                       "--results-dir", str(results)]) == 0
+                       "--sample-steps", "2", "--results-dir", str(results)]) == 0
     return {"ckpt": next(results.glob("*/checkpoints/0000002.pt")), "vae": tiny_data["vae"]}
 
 

@@ -23,7 +23,7 @@ from udit.checkpoint import load_checkpoint
 from udit.trainer import parse_training_args, training_parser
 
 PIXEL = ["--model", "U-DiT-S", "--model-kwargs", TINY_UDIT_KWARGS, "--vae", "none", "--image-size", "16",
-         "--global-batch-size", "4", "--num-workers", "0", "--log-every", "1"]
+         "--global-batch-size", "4", "--num-workers", "0", "--log-every", "1", "--sample-steps", "2"]
 QUICK = ["--num-sampling-steps", "2"]
 
 
@@ -175,7 +175,7 @@ def test_latent_normalisation_comes_from_the_vae_and_mismatches_are_refused(tiny
     assert torch.equal(encode(vae, x, torch.Generator().manual_seed(0)), raw * 0.13025)
 
     tiny = ["--model", "U-DiT-S", "--model-kwargs", TINY_UDIT_KWARGS, "--num-classes", "2", "--image-size", "64",
-            "--global-batch-size", "4", "--num-workers", "0", "--max-steps", "1"]
+            "--global-batch-size", "4", "--num-workers", "0", "--max-steps", "1", "--sample-steps", "2"]
     assert train.main(["--data-path", str(tiny_data["images"]), "--vae-path", str(other_vae),
                        "--results-dir", str(tmp_path / "r"), *tiny]) == 0
     ckpt = next((tmp_path / "r").glob("*/checkpoints/0000001.pt"))

@@ -11,7 +11,7 @@ import train
 from conftest import TINY_UDIT_KWARGS, run_script, script_env, torchrun
 
 COMMON = ["--model", "U-DiT-S", "--model-kwargs", TINY_UDIT_KWARGS, "--num-classes", "2",
-          "--global-batch-size", "4", "--log-every", "2", "--num-workers", "0"]
+          "--global-batch-size", "4", "--log-every", "2", "--num-workers", "0", "--sample-steps", "2"]
 
 
 def checkpoints(results):

@@ -63,9 +63,10 @@ class GraphedForward:
 
 
 class GraphedTrainingStep:
-    """Forward and backward of a training step replayed from a CUDA graph; returns the loss.
+    """Forward and backward of a training step replayed from a CUDA graph; returns the loss terms.
 
-    loss_fn(x, t, y) -> scalar loss. The graph is recorded on the first call (after
+    loss_fn(x, t, y) -> dict of scalar tensors: "loss" is minimised, the others (e.g. the
+    objective's parts) are returned with it. The graph is recorded on the first call (after
     capture's warm-up runs, which compute gradients but change no weight); later calls
     copy the batch into static buffers and replay. Gradients land in one flat buffer
     (zeroed inside the graph) that the parameters' `.grad` are views of, so that several
@@ -81,12 +82,12 @@ class GraphedTrainingStep:
         for p in params:
             p.grad = self.grads[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
-        self.static, self.graph, self.loss = None, None, None
+        self.static, self.graph, self.terms = None, None, None
 
     def _step(self):
         self.grads.zero_()
-        self.loss = self.loss_fn(self.static["x"], self.static["t"], self.static["y"])
-        self.loss.backward()
+        self.terms = self.loss_fn(self.static["x"], self.static["t"], self.static["y"])
+        self.terms["loss"].backward()
 
     def __call__(self, x, t, y):
         batch = {"x": x, "t": t, "y": y}
@@ -103,4 +104,4 @@ class GraphedTrainingStep:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(self.grads)
             self.grads /= dist.get_world_size()
-        return self.loss.detach().clone()
+        return {name: value.detach().clone() for name, value in self.terms.items()}

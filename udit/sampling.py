@@ -27,6 +27,7 @@ from udit.vae import (SD_VAE_SCALE, check_latent_normalization, decode, latent_c
                       latent_normalization, load_vae, vae_source)
 
 FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # so that the same images give the same .npz bytes
+DEFAULT_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
 
 
 #################################################################################
@@ -162,6 +163,24 @@ def seeded_generator(seed, index, stream, device="cpu"):
     return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def default_labels(trained):
+    """DiT's eight ImageNet classes for a model of all 1000, else the first trained classes (8 images)."""
+    if len(trained) >= 1000:
+        return DEFAULT_CLASSES
+    return [trained[i % len(trained)] for i in range(8)]
+
+
+def batches_of_rank(count, batch_size, rank, world_size):
+    """Index runs [b B, (b + 1) B) for b = rank, rank + W, ... (the last may be shorter)."""
+    starts = range(rank * batch_size, count, world_size * batch_size)
+    return [list(range(s, min(s + batch_size, count))) for s in starts]
+
+
+def labels_for(count, seed, label_pool):
+    """The class label of every image index, as the sampler draws it (uniform over the trained classes)."""
+    return initial_draws(seed, range(count), (1,), label_pool)[0].numpy()
+
+
 def initial_draws(seed, indices, shape, label_pool, labels=None):
     """Labels (N,) and initial noise (N, *shape) on the CPU: the label first, then the noise.
 
@@ -293,9 +312,14 @@ def write_npz_streaming(path, count, image_shape, images, labels):
     os.replace(tmp, path)
 
 
-def image_grid_png(images, path, nrow):
-    """Save images (N, 3, H, W) in [-1, 1] as one grid PNG with `nrow` images per row (2 px padding)."""
+def image_grid(images, nrow):
+    """Images (N, 3, H, W) in [-1, 1] -> one uint8 (H', W', 3) grid, `nrow` images per row (2 px padding)."""
     from torchvision.utils import make_grid
     grid = make_grid(images.float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
-    save_png_atomic(grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy(), path)
+    return grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
+
+
+def image_grid_png(images, path, nrow):
+    """Save images (N, 3, H, W) in [-1, 1] as one grid PNG with `nrow` images per row (2 px padding)."""
+    save_png_atomic(image_grid(images, nrow), path)
 

@@ -26,6 +26,7 @@ from udit.data import DataError, ImageDataset, ResumableDistributedSampler, open
 from udit.cuda_graphs import GraphedTrainingStep
 from udit.distributed import (all_gather_objects, all_reduce_mean, barrier, broadcast_module, broadcast_object,
                                configure_matmul_precision, init_distributed)
+from udit.monitor import MONITOR_SETTINGS, Monitor, add_monitor_args, check_monitor_args
 from udit.objectives import OBJECTIVES, TIME_SAMPLINGS, create_objective
 from udit.vae import (check_latent_normalization, encode, latent_channels, latent_factor, latent_normalization,
                       load_vae, vae_config_normalization)
@@ -36,7 +37,7 @@ log = logging.getLogger("train")
 # value: it shapes the network, the data order or the meaning of the saved step.
 RESUMABLE = ("max_steps", "max_minutes", "epochs", "log_every", "ckpt_every", "num_workers", "data_path",
              "feature_path", "vae_path", "compile", "grad_checkpointing", "skip_nonfinite", "lr", "ema_decay",
-             "ema_warmup", "precision", "cuda_graph", "resume")
+             "ema_warmup", "precision", "cuda_graph", "resume", "max_grad_norm", *MONITOR_SETTINGS)
 
 
 class NonFiniteLoss(ActionableError):
@@ -94,6 +95,9 @@ def training_parser(description):
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip (and count) steps whose loss is NaN/Inf instead of stopping")
+    p.add_argument("--max-grad-norm", type=float,
+                   help="clip the gradients' total L2 norm to this (default: no clipping, as the paper)")
+    add_monitor_args(p)
     return p
 
 
@@ -138,6 +142,9 @@ def parse_training_args(parser, argv=None):
     if getattr(args, "cuda_graph", False) and (args.compile or args.grad_checkpointing):
         parser.error("--cuda-graph does not combine with --compile or --grad-checkpointing (given now or kept by "
                      "the resumed experiment): train without --cuda-graph")
+    if args.max_grad_norm is not None and not args.max_grad_norm > 0:
+        parser.error(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
+    check_monitor_args(parser, args)
     return args
 
 
@@ -198,6 +205,12 @@ class DDPBackend:
 
     def backward(self, loss):
         loss.backward()
+
+    def clip_grad_norm(self, parameters, max_norm=None):
+        """Total L2 norm of the gradients (0-dim tensor, before clipping); scaled down to max_norm if above it."""
+        if max_norm is None:
+            return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None], foreach=True)
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True)
 
     def unwrap(self, model):
         model = getattr(model, "_orig_mod", model)
@@ -431,12 +444,14 @@ def train(args, backend):
             return train_model(x, t, **kwargs).float()
 
     def loss_fn(x, t, y):
-        return objective.losses(model_fn, x, t, y)["loss"].mean()
+        """Batch means of the objective's terms: "loss" (minimised) and its parts (e.g. "mse", "vb")."""
+        return {name: value.mean() for name, value in objective.losses(model_fn, x, t, y).items()}
     graphed_step = GraphedTrainingStep(loss_fn, model.parameters()) if graphed else None
 
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("experiment %s: %s (%s params), %d samples, %d processes x batch %d, %d steps/epoch",
                 exp_dir, args.model, f"{n_params:,}", len(dataset), world, local_batch, steps_per_epoch)
+    monitor = Monitor(args, exp_dir, config, rank, world, device, vae, local_batch, step, logger)
 
     def save_checkpoint():
         states = all_gather_objects(rng_state(device))
@@ -451,8 +466,8 @@ def train(args, backend):
             logger.info("saved checkpoint %s", path)
         barrier()
 
-    running_loss = torch.zeros((), device=device)
-    log_steps, skipped_images, skipped_steps = 0, 0, 0
+    running, grad_norm = None, torch.tensor(math.nan)  # device sums of the loss terms since the last log
+    log_steps, skipped_images, skipped_steps, clipped_steps = 0, 0, 0, 0
     start = run_start = time.time()
     done = step >= args.max_steps or (args.epochs is not None and epoch >= args.epochs)
     while not done:
@@ -471,13 +486,18 @@ def train(args, backend):
                     x = encode(vae, x).float()
             t = objective.sample_time(x.shape[0], device)
             # Graphed: forward and backward (and the gradient all-reduce) happen here.
-            loss = loss_fn(x, t, y) if graphed_step is None else graphed_step(x, t, y)
-            # One all-reduce per step carries the loss and every rank's out-of-time flag.
+            terms = loss_fn(x, t, y) if graphed_step is None else graphed_step(x, t, y)
+            names = ["loss", *sorted(terms.keys() - {"loss"})]
+            # One all-reduce per step carries the loss terms, the unreadable images and every rank's out-of-time flag.
             out_of_time = args.max_minutes is not None and time.time() - run_start > 60 * args.max_minutes
-            reduced = all_reduce_mean(torch.stack([loss.detach(), torch.tensor(float(out_of_time), device=device)]))
-            mean_loss, stop_now = reduced[0], bool(reduced[1] > 0)
+            flags = torch.tensor([float((~ok).sum()), float(out_of_time)], device=device)
+            reduced = all_reduce_mean(torch.cat([torch.stack([terms[name].detach() for name in names]), flags]))
+            mean_loss, stop_now = reduced[0], bool(reduced[-1] > 0)
+            skipped_images += reduced[-2] * world
             step += 1
             position += 1
+            stop_now = stop_now or step >= args.max_steps
+            log_now = step % args.log_every == 0 or stop_now
             if not torch.isfinite(mean_loss):
                 if not args.skip_nonfinite:
                     raise NonFiniteLoss(f"loss is {mean_loss.item()} at step {step}: stopping; the last checkpoint "
@@ -488,33 +508,43 @@ def train(args, backend):
             else:
                 if graphed_step is None:
                     opt.zero_grad(set_to_none=True)
-                    backend.backward(loss)
+                    backend.backward(terms["loss"])
+                # The norm costs a pass over the gradients: every step when clipping, else at log steps only.
+                if args.max_grad_norm is not None or log_now:
+                    grad_norm = backend.clip_grad_norm(backend.unwrap(train_model).parameters(), args.max_grad_norm)
+                    if args.max_grad_norm is not None:
+                        clipped_steps += grad_norm > args.max_grad_norm
                 opt.step()
                 decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
                 update_ema(ema, backend.unwrap(train_model), decay)
-                running_loss += mean_loss
+                running = reduced[:len(names)] if running is None else running + reduced[:len(names)]
                 log_steps += 1
-            skipped_images += int((~ok).sum())
 
-            stop_now = stop_now or step >= args.max_steps
-            if step % args.log_every == 0 or stop_now:
+            if log_now:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.time() - start
                 steps_per_sec = log_steps / elapsed if log_steps else 0.0
-                avg_loss = (running_loss / max(log_steps, 1)).item()
+                means = (running / log_steps).tolist() if log_steps else [math.nan] * len(names)
                 eta = (args.max_steps - step) / steps_per_sec if steps_per_sec else math.inf
                 if args.max_minutes is not None:
                     eta = min(eta, max(0.0, 60 * args.max_minutes - (time.time() - run_start)))
-                extra = f", skipped images: {skipped_images}" if skipped_images else ""
-                logger.info("(step=%07d) Train Loss: %.4f, Train Steps/Sec: %.2f, Images/Sec: %.1f, ETA: %s%s",
-                            step, avg_loss, steps_per_sec, steps_per_sec * args.global_batch_size,
-                            format_seconds(eta), extra)
-                running_loss.zero_()
-                log_steps = 0
+                values = {**dict(zip(names, means)), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
+                          "steps_per_sec": steps_per_sec, "images_per_sec": steps_per_sec * args.global_batch_size,
+                          "skipped_images": round(float(skipped_images)), "skipped_steps": skipped_steps}
+                extra = f", skipped images: {values['skipped_images']}" if values["skipped_images"] else ""
+                if args.max_grad_norm is not None:
+                    values["clipped_fraction"] = float(clipped_steps) / max(log_steps, 1)
+                    extra += f", clipped: {values['clipped_fraction']:.0%}"
+                logger.info("(step=%07d) Train Loss: %.4f, Grad Norm: %.3g, Train Steps/Sec: %.2f, Images/Sec: %.1f, "
+                            "ETA: %s%s", step, means[0], values["grad_norm"], steps_per_sec,
+                            values["images_per_sec"], format_seconds(eta), extra)
+                monitor.log(step, values)
+                running, log_steps, clipped_steps = None, 0, 0
                 start = time.time()
             if step % args.ckpt_every == 0 or stop_now:
                 save_checkpoint()
+            start += monitor.after_step(step, ema)  # grids and evaluations are not training time
             if stop_now:
                 done = True
                 break
@@ -524,6 +554,7 @@ def train(args, backend):
             done = args.epochs is not None and epoch >= args.epochs
             if done and step % args.ckpt_every:
                 save_checkpoint()
+    monitor.close(step, ema)
     logger.info("done: step %d, epoch %d", step, epoch)
     return exp_dir
 
