@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from udit.cli import positive_int
+from udit.cli import ActionableError, positive_int
 from udit.distributed import all_reduce_mean
 from udit.sampling import (batches_of_rank, default_labels, generate, image_grid, labels_for, save_png_atomic,
                            write_npz_streaming)
@@ -182,7 +182,7 @@ class Monitor:
         error = None
         try:
             self.vae = load_vae(self.settings["vae"], self.args.vae_path, self.device)
-        except (ValueError, OSError) as err:  # VAEUnavailable is a ValueError
+        except (ActionableError, ValueError, OSError) as err:  # VAEUnavailable: offline, no local copy
             error = err
         if all_reduce_mean(torch.tensor([float(error is not None)], device=self.device)).item() > 0:
             self.logger.info("sample grids and evaluation off: no VAE to decode latents (%s)",
