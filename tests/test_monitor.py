@@ -2,6 +2,7 @@
 
 import json
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import udit.monitor
 from conftest import TINY_UDIT_KWARGS, torchrun
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from udit.checkpoint import build_model, load_checkpoint
-from udit.monitor import read_scalars
+from udit.monitor import Evaluation, read_scalars
 from udit.sampling import batches_of_rank, generate, write_npz_streaming
 from udit.vae import to_uint8
 
@@ -123,16 +124,28 @@ def test_a_failing_evaluation_is_one_line_and_training_goes_on(tiny_data, tmp_pa
             raise RuntimeError("CUDA out of memory (simulated)\nmore detail")
         return real_generate(*args, **kwargs)
     monkeypatch.setattr(udit.monitor, "generate", out_of_memory_once)
-    assert train.main(["--data-path", str(tiny_data["small_images"]), *TINY, "--max-steps", "3",
+    assert train.main(["--data-path", str(tiny_data["small_images"]), *TINY, "--max-steps", "2",
                        "--sample-every", "0", "--eval-every", "1", "--eval-samples", "2", "--eval-ref", str(bad_ref),
                        "--eval-sampling-steps", "2",
                        "--results-dir", str(tmp_path / "r")]) == 0
     log = (the_experiment(tmp_path / "r") / "log.txt").read_text()
     failures = [line for line in log.splitlines() if "evaluation at step" in line and "failed" in line]
-    assert len(failures) == 3, failures  # step 1 while sampling; steps 2 and 3 while scoring
+    assert len(failures) == 2, failures  # step 1 while sampling, step 2 while scoring
     assert "step 1 failed while sampling (RuntimeError: CUDA out of memory (simulated)); training goes on" in failures[0]
-    assert "step 2 failed: evaluator.py: error:" in log and "dtype float32, expected uint8" in log
-    assert "done: step 3" in log
+    assert "step 2 failed: evaluator.py: error:" in failures[1] and "dtype float32, expected uint8" in failures[1]
+    assert "done: step 2" in log
+
+
+def test_an_evaluation_is_skipped_while_the_previous_one_is_scored(tmp_path):
+    lines = []
+    monitor = SimpleNamespace(exp_dir=tmp_path, rank=0, world_size=1, device=torch.device("cpu"),
+                              logger=SimpleNamespace(info=lambda fmt, *args: lines.append(fmt % args)))
+    evaluation = Evaluation(monitor, SimpleNamespace(eval_samples=4, global_seed=0), 2)
+    evaluation.pending = (100, SimpleNamespace(poll=lambda: None), 0.0, 0.0)  # a scorer still running
+    evaluation.run(200, ema=None)
+    assert lines == ["evaluation at step 200 skipped: the evaluation of step 100 is still being scored "
+                     "(raise --eval-every)"]
+    assert list((tmp_path / "eval").iterdir()) == []  # nothing sampled
 
 
 def test_clipping_scales_the_gradients_to_max_norm(tiny_data, tmp_path):

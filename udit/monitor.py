@@ -278,8 +278,20 @@ class Evaluation:
         return self.folder / f".{step:07d}-part-{rank}.npy"
 
     def run(self, step, ema):
-        """All processes: sample this step's images; rank 0 starts scoring them (after the previous scoring ends)."""
+        """All processes: sample this step's images; rank 0 starts scoring them.
+
+        Skipped (one log line) while the previous evaluation is still being scored: training
+        never waits for a scorer, so a slow one cannot stall the other processes into their
+        collective timeout.
+        """
         m, n = self.monitor, self.args.eval_samples
+        self.collect()
+        busy = self.pending is not None  # rank 0's scorer; the others follow its decision
+        if all_reduce_mean(torch.tensor([float(busy)], device=m.device)).item() > 0:
+            if m.rank == 0:
+                m.logger.info("evaluation at step %d skipped: the evaluation of step %d is still being scored "
+                              "(raise --eval-every)", step, self.pending[0])
+            return
         start = time.time()
         error = None
         try:
@@ -298,7 +310,6 @@ class Evaluation:
                 return
             npz = self.folder / f"{step:07d}.npz"
             self.write_npz(step, npz)
-            self.collect(wait=True)  # one scorer at a time
             log = open(self.folder / f"{step:07d}.log", "w")
             proc = subprocess.Popen([*self.command(), str(npz), "--json", str(self.folder / f"{step:07d}.json")],
                                     stdout=log, stderr=subprocess.STDOUT, env=self.scorer_env())
