@@ -12,8 +12,9 @@ import torch
 
 from udit.cli import ActionableError
 from udit.distributed import configure_matmul_precision
-from udit.sampling import (DEFAULT_CLASSES, add_sampling_args, check_sampling_args, default_labels, generate,
-                           image_grid_png, load_sampling_model, save_png_atomic)
+from udit.sampling import (DEFAULT_CLASSES, accounting, add_sampling_args, check_sampling_args, default_labels,
+                           describe_run, generate, guidance_from_args, image_grid_png, load_guide_model,
+                           load_sampling_model, sampler_from_args, save_png_atomic)
 from udit.vae import to_uint8
 
 def describe_labels(labels):
@@ -40,6 +41,7 @@ def main(argv=None):
     configure_matmul_precision(args.precision, device)
     try:
         model, vae, settings = load_sampling_model(args, device)
+        guide = load_guide_model(args.guide_ckpt, settings, device) if args.guide_ckpt else None
     except (ActionableError, ValueError) as err:
         p.exit(2, f"sample.py: error: {err}\n")
     trained = settings["trained_labels"]
@@ -52,12 +54,12 @@ def main(argv=None):
         p.exit(2, f"sample.py: error: class labels {untrained} were never trained: this model learned "
                   f"{describe_labels(trained)}\n")
 
+    sampler = sampler_from_args(args)
+    guidance = guidance_from_args(args, sampler, guide)
     print(f"sampling {len(labels)} images: {settings['model']} at {settings['image_size']} px, "
-          f"{args.sampler.upper()} {args.num_sampling_steps} steps, cfg {args.cfg_scale}, on {device}")
-    images, _ = generate(model, vae, settings, args.seed, range(len(labels)), args.num_sampling_steps, args.sampler,
-                         args.cfg_scale,
-                         labels=labels, precision=args.precision,
-                         cfg_channels=args.cfg_channels, cuda_graph=args.cuda_graph)
+          f"{describe_run(accounting(sampler, guidance, args.guide_ckpt))}, on {device}")
+    images, _ = generate(model, vae, settings, args.seed, range(len(labels)), sampler, guidance, labels=labels,
+                         precision=args.precision, cuda_graph=args.cuda_graph, progress=True)
     image_grid_png(images, args.output, args.nrow)
     print(f"wrote {args.output}")
     if args.save_individual:

@@ -1,17 +1,21 @@
 """Sample many images with DDP into a folder of PNGs and one .npz for the evaluator (resumable).
 
     torchrun --nnodes=1 --nproc_per_node=8 sample_ddp.py --ckpt U-DiT-B-400K --cfg-scale 1.5
+    torchrun --nnodes=1 --nproc_per_node=8 sample_ddp.py --ckpt U-DiT-B-400K --cfg-scale 1.5 --sampler dpm++2m-sde
 
 Image i depends only on (--global-seed, i), so the same command gives the same images on
 any number of processes. Batches are fixed runs of --per-proc-batch-size consecutive
 indices dealt round-robin to the processes; a rerun after a crash skips finished
 batches, and the final .npz is identical to that of an uninterrupted run. The sample
-folder is named after a hash of everything that decides the images (checkpoint
-contents included) and keeps it in manifest.json: images are reused only by the run
-that would have made them.
+folder is named after a hash of everything that decides the images (checkpoint and
+guide contents included) and keeps it in manifest.json: images are reused only by the
+run that would have made them. Beside the .npz, a .json records the settings and the
+network evaluations per image.
 """
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,34 +26,50 @@ from tqdm.auto import tqdm
 from download import resolve_checkpoint
 from udit.cli import positive_int, run_guarded
 from udit.distributed import barrier, broadcast_object, cleanup, configure_matmul_precision, init_distributed
-from udit.sampling import (add_sampling_args, batches_of_rank, check_sampling_args, file_sha256, generate,
-                           labels_for, load_sampling_model, manifest_digest, open_sample_folder, save_png_atomic,
+from udit.sampling import (accounting, add_sampling_args, batches_of_rank, check_sampling_args, describe_run,
+                           file_sha256, generate, guidance_from_args, labels_for, load_guide_model,
+                           load_sampling_model, manifest_digest, open_sample_folder, sampler_from_args,
+                           save_png_atomic,
                            write_npz_streaming)
 from udit.vae import to_uint8, vae_source
 
+# Accounting entries that are not settings: derived from them, or named by their contents instead.
+NOT_IN_MANIFEST = ("guide_ckpt", "nfe_per_image", "nfe_main_per_image", "nfe_guide_per_image")
 
-def run_manifest(args, settings, checkpoint_sha256):
+
+def run_manifest(args, settings, info, checkpoint_sha256, guide_sha256):
     """Everything that decides image i besides i; the sample folder is named after it and keeps a copy.
 
-    Not in it: --num-fid-samples (image i does not depend on the count) and --cuda-graph
-    (a replay computes the same values).
+    info: the accounting() of the run (solver, steps, spacing, guidance). Not in it:
+    --num-fid-samples (image i does not depend on the count) and --cuda-graph (a replay
+    computes the same values).
     """
     return {"checkpoint_sha256": checkpoint_sha256, "model": settings["model"],
             "model_kwargs": settings["model_kwargs"], "image_size": settings["image_size"],
             "num_classes": settings["num_classes"], "trained_labels": settings["trained_labels"],
             "vae": vae_source(settings["vae"], args.vae_path) if settings["vae"] != "none" else "none",
-            "sampler": args.sampler, "num_sampling_steps": args.num_sampling_steps, "cfg_scale": args.cfg_scale,
-            "cfg_channels": "all" if args.cfg_channels is None else args.cfg_channels,
+            **{k: v for k, v in info.items() if k not in NOT_IN_MANIFEST}, "guide_sha256": guide_sha256,
             "global_seed": args.global_seed, "per_proc_batch_size": args.per_proc_batch_size,
             "precision": args.precision}
 
 
-def run_name(args, settings, manifest):
+def run_name(args, settings, info, manifest):
     """Readable settings, then the manifest's hash: another checkpoint or setting gets another folder."""
-    ckpt = Path(args.ckpt).stem if Path(args.ckpt).is_file() else args.ckpt
-    return (f"{settings['model'].replace('/', '-')}-{ckpt}-size-{settings['image_size']}-vae-{settings['vae']}-"
-            f"cfg-{args.cfg_scale}-{args.sampler}{args.num_sampling_steps}-seed-{args.global_seed}-"
-            f"{manifest_digest(manifest)}")
+    def stem(ckpt):
+        return Path(ckpt).stem if Path(ckpt).is_file() else ckpt
+    name = (f"{settings['model'].replace('/', '-')}-{stem(args.ckpt)}-size-{settings['image_size']}-"
+            f"vae-{settings['vae']}-cfg-{args.cfg_scale}-{info['sampler']}{info['steps']}")
+    if info["cfg_interval"] is not None:
+        name += "-interval-{:g}-{:g}".format(*info["cfg_interval"])
+    if args.guide_ckpt is not None:
+        name += f"-guided-by-{stem(args.guide_ckpt)}"
+    return f"{name}-seed-{args.global_seed}-{manifest_digest(manifest)}"
+
+
+def write_json_atomic(path, data):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -74,9 +94,15 @@ def sample_all(args, ctx):
     """Sample this rank's missing batches, then (rank 0) write the .npz from the PNGs."""
     configure_matmul_precision(args.precision, ctx.device)
     model, vae, settings = load_sampling_model(args, ctx.device)
-    checkpoint_sha256 = broadcast_object(file_sha256(resolve_checkpoint(args.ckpt)) if ctx.is_main else None)
-    manifest = run_manifest(args, settings, checkpoint_sha256)
-    folder = Path(args.sample_dir) / run_name(args, settings, manifest)
+    guide = load_guide_model(args.guide_ckpt, settings, ctx.device) if args.guide_ckpt else None
+    sampler = sampler_from_args(args)
+    guidance = guidance_from_args(args, sampler, guide)
+    info = accounting(sampler, guidance, args.guide_ckpt)
+    checkpoint_sha256, guide_sha256 = broadcast_object(
+        (file_sha256(resolve_checkpoint(args.ckpt)), args.guide_ckpt and file_sha256(resolve_checkpoint(args.guide_ckpt)))
+        if ctx.is_main else None)
+    manifest = run_manifest(args, settings, info, checkpoint_sha256, guide_sha256)
+    folder = Path(args.sample_dir) / run_name(args, settings, info, manifest)
     if ctx.is_main:
         open_sample_folder(folder, manifest)
     barrier()
@@ -85,14 +111,12 @@ def sample_all(args, ctx):
             if not all((folder / f"{i:06d}.png").is_file() for i in b)]
     already = sum(1 for i in range(n) if (folder / f"{i:06d}.png").is_file()) if ctx.is_main else 0
     if ctx.is_main:
-        print(f"sampling {n} images into {folder} with {ctx.world_size} processes "
-              f"({already} already there), {args.sampler.upper()} {args.num_sampling_steps} steps, "
-              f"cfg {args.cfg_scale}")
+        print(f"sampling {n} images into {folder} with {ctx.world_size} processes ({already} already there), "
+              f"{describe_run(info)}")
     bar = tqdm(total=n, initial=already, unit="img", desc="sampling", disable=not ctx.is_main, smoothing=0.1)
     for batch in todo:
-        images, _ = generate(model, vae, settings, args.global_seed, batch, args.num_sampling_steps, args.sampler,
-                             args.cfg_scale, precision=args.precision,
-                             cfg_channels=args.cfg_channels, cuda_graph=args.cuda_graph)
+        images, _ = generate(model, vae, settings, args.global_seed, batch, sampler, guidance,
+                             precision=args.precision, cuda_graph=args.cuda_graph)
         for i, array in zip(batch, to_uint8(images).numpy()):
             save_png_atomic(array, folder / f"{i:06d}.png")
         bar.update(min(len(batch) * ctx.world_size, n - bar.n))  # rank 0 reports for all
@@ -107,7 +131,10 @@ def sample_all(args, ctx):
                 for i in tqdm(range(n), desc="writing .npz", unit="img"))
         npz = folder.parent / f"{folder.name}.npz"
         write_npz_streaming(npz, n, (size, size, 3), pngs, labels_for(n, args.global_seed, settings["trained_labels"]))
-        print(f"wrote {npz}: arr_0 uint8 ({n}, {size}, {size}, 3), arr_1 labels ({n},)")
+        write_json_atomic(npz.with_suffix(".json"), {"ckpt": args.ckpt, **manifest, **info, "num_samples": n,
+                                                     "npz": npz.name})
+        print(f"wrote {npz}: arr_0 uint8 ({n}, {size}, {size}, 3), arr_1 labels ({n},); settings and "
+              f"{info['nfe_per_image']} network evaluations per image in {npz.with_suffix('.json').name}")
     barrier()
 
 

@@ -63,3 +63,39 @@ def test_operator_count_skips_views_and_counts_backward():
     assert bench.count_operators(lambda: x * 2) == 1
     # forward: mul, sum; backward: ones_like (the seed gradient), mul (the expand is a view)
     assert bench.count_operators(lambda: (x * 2).sum().backward()) == 4
+
+
+# ----------------------------------------------------------------- sampler benchmarks
+
+def test_sampler_speed_reports_nfe_time_and_h200_projection(tmp_path, capsys):
+    import sampler_speed
+    out = tmp_path / "speed.json"
+    sampler_speed.main(["--model", "U-DiT-S", "--batch-size", "1", "--rounds", "1", "--json", str(out),
+                        "--configs", "ddpm 2", "unipc 3 interval=0.5,10 autoguidance"])
+    results = {r["config"]: r for r in json.loads(out.read_text())["results"]}
+    # DDPM: 2 guided steps. UniPC on log-SNR spacing visits sigma 157, 1.25, 0.01: one inside the interval.
+    assert results["ddpm 2"]["nfe"] == 4 and results["unipc 3 interval=0.5,10 autoguidance"]["nfe"] == 4
+    assert all(r["cpu_s_per_image"] > 0 for r in results.values())
+    assert results["ddpm 2"]["h200_hours_50k"] == pytest.approx(50_000 * 4 / (2.41 * 500) / 3600)
+    assert "| ddpm 2 | 4 |" in capsys.readouterr().out
+
+
+def test_sampling_front_table_states_whether_the_targets_are_met(capsys):
+    import sampling_front
+    from types import SimpleNamespace
+
+    def record(sampler, steps, seed, fd, nfe, **kw):
+        cfg = sampling_front.config(sampler, steps, **kw)
+        return {"key": sampling_front.key(cfg), "config": cfg, "seed": seed, "fd_classifier": fd,
+                "class_accuracy": 1.0, "nfe": nfe}
+    records = [record("ddpm", 250, s, fd, 500) for s, fd in ((0, 2.0), (1, 2.2))]
+    records += [record("unipc", 10, s, fd, 14, spacing="logsnr", final="zero", interval=[0.5, 10.0])
+                for s, fd in ((0, 2.1), (1, 2.2))]
+    records += [record("dpm++2m", 20, s, fd, 40, spacing="logsnr", final="zero") for s, fd in ((0, 1.9), (1, 2.0))]
+    records.append(record("euler", 5, 0, 1.0, 10, spacing="karras", final="zero"))  # one seed only: not a result
+    sampling_front.print_table(SimpleNamespace(records=records), SimpleNamespace(samples=1000, seeds=[0, 1]))
+    out = capsys.readouterr().out
+    assert "| unipc-10 logsnr/zero interval (0.5, 10] | 14 | 2.10 | 2.20 | 2.15 | 1.000 |" in out
+    assert "euler" not in out
+    assert "best at <= 50 NFE: dpm++2m-20 logsnr/zero (NFE 40): FD 1.950 = 0.93x DDPM-250's; target <= 1.0x met" in out
+    assert "best at <= 20 NFE: unipc-10 logsnr/zero interval (0.5, 10] (NFE 14): FD 2.150 = 1.02x" in out

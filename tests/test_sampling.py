@@ -1,5 +1,6 @@
 """sample.py, sample_ddp.py and download.py: the .npz contract, determinism, resume, safety."""
 
+import json
 import os
 import signal
 import subprocess
@@ -52,12 +53,6 @@ def test_npz_contract(trained, tmp_path):
         pngs = sorted(npz.with_name(npz.name[:-4]).glob("*.png"))
         assert len(pngs) == 5
         assert np.array_equal(np.asarray(Image.open(pngs[3])), data["arr_0"][3])
-
-
-def test_one_and_two_processes_give_the_same_images(trained, tmp_path):
-    run_script([sys.executable, "sample_ddp.py", *ddp_args(trained, tmp_path / "one")])
-    torchrun("sample_ddp.py", *ddp_args(trained, tmp_path / "two"))
-    assert only_npz(tmp_path / "one").read_bytes() == only_npz(tmp_path / "two").read_bytes()
 
 
 def test_killed_run_resumes_to_the_identical_npz(trained, tmp_path):
@@ -227,3 +222,80 @@ def test_vae_offline_error_says_what_to_fetch(tmp_path, monkeypatch):
     assert "https://huggingface.co/stabilityai/sd-vae-ft-mse" in message and "--vae-path" in message
     with pytest.raises(VAEUnavailable, match="not a diffusers VAE folder"):
         load_vae("ema", tmp_path)
+
+
+# ----------------------------------------------------------------- solvers and guidance in the scripts
+
+@pytest.fixture(scope="module")
+def random_ckpt(trained, tmp_path_factory):
+    """The trained checkpoint with random weights: a guide that differs from the main model."""
+    ckpt = load_checkpoint(trained["ckpt"])
+    ckpt["ema"] = randomize(build_model(ckpt["args"]), seed=3).state_dict()
+    path = tmp_path_factory.mktemp("guide") / "guide.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("flags", [
+    [],  # DDPM, the paper's protocol
+    ["--sampler", "unipc", "--cfg-interval", "0.5", "10"],  # an ODE solver with the guidance interval
+    ["--sampler", "dpm++2m-sde", "--guide-ckpt", "GUIDE"],  # an SDE solver, autoguided
+])
+def test_one_and_two_processes_and_a_resumed_run_give_one_npz(trained, random_ckpt, tmp_path, flags):
+    args = [*ddp_args(trained, tmp_path / "one", n=5, batch=2, steps=4),
+            *[str(random_ckpt) if f == "GUIDE" else f for f in flags]]
+    run_script([sys.executable, "sample_ddp.py", *args])
+    two = [str(tmp_path / "two") if a == tmp_path / "one" else a for a in args]
+    out = torchrun("sample_ddp.py", *two)
+    npz = only_npz(tmp_path / "one")
+    assert npz.read_bytes() == only_npz(tmp_path / "two").read_bytes()
+    info = json.loads(npz.with_suffix(".json").read_text())
+    assert (info["sampler"], info["steps"], info["cfg_scale"]) == ((flags or ["", "ddpm"])[1], 4, 1.5)
+    assert f"{info['nfe_per_image']} network evaluations per image" in out
+    if "--guide-ckpt" in flags:  # 4 main and 4 guide evaluations
+        assert (info["nfe_per_image"], info["nfe_main_per_image"], info["nfe_guide_per_image"]) == (8, 4, 4)
+    elif "--cfg-interval" in flags:  # some steps outside the interval: no unconditional pass
+        assert 4 < info["nfe_per_image"] < 8 and info["cfg_interval"] == [0.5, 10.0]
+    else:
+        assert (info["nfe_per_image"], info["cfg_channels"]) == (8, 3)
+    # Resume: a rerun after losing the .npz and some images redraws exactly those.
+    folder = only_npz(tmp_path / "two").with_suffix("")
+    for png in sorted(folder.glob("*.png"))[1::2]:
+        png.unlink()
+    only_npz(tmp_path / "two").unlink()
+    assert "(3 already there)" in run_script([sys.executable, "sample_ddp.py", *two])
+    assert only_npz(tmp_path / "two").read_bytes() == npz.read_bytes()
+
+
+def test_other_sampler_settings_sample_into_another_folder(trained, tmp_path):
+    base = [str(a) for a in ddp_args(trained, tmp_path, n=2, batch=2, steps=2)]
+    assert sample_ddp.main([*base, "--sampler", "euler"]) == 0
+    assert sample_ddp.main([*base, "--sampler", "euler", "--spacing", "logsnr"]) == 0
+    assert sample_ddp.main([*base, "--sampler", "euler", "--spacing", "logsnr", "--cfg-interval", "1", "5"]) == 0
+    assert len(list(tmp_path.glob("*.npz"))) == 3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sampler", "ddpm", "--spacing", "karras"], "settings of the diffusers solvers"),
+    (["--cfg-interval", "5", "1"], "needs 0 <= LOW < HIGH"),
+    (["--cfg-scale", "1", "--cfg-interval", "0.5", "5"], "--cfg-interval has no effect without guidance"),
+    (["--sampler", "ddim", "--num-sampling-steps", "600"], "integer stride"),
+    (["--guide-ckpt", "nowhere.pt"], "--guide-ckpt nowhere.pt: neither a file"),
+])
+def test_bad_solver_and_guidance_flags_exit_2(trained, flags, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        sample.main(["--ckpt", str(trained["ckpt"]), *flags])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_guide_of_another_latent_space_or_class_count_exits_2(trained, tmp_path, capsys):
+    ckpt = load_checkpoint(trained["ckpt"])
+    ckpt["args"] = {**ckpt["args"], "num_classes": 3}
+    ckpt["ema"] = build_model(ckpt["args"]).state_dict()
+    torch.save(ckpt, tmp_path / "three_classes.pt")
+    with pytest.raises(SystemExit) as info:
+        sample.main(["--ckpt", str(trained["ckpt"]), "--vae-path", str(trained["vae"]),
+                     "--guide-ckpt", str(tmp_path / "three_classes.pt")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert "the guide must share the main model's latent space and classes; it differs in classes 3 vs 2" in err

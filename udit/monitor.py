@@ -29,6 +29,7 @@ from udit.cli import ActionableError, positive_int
 from udit.distributed import all_reduce_mean
 from udit.sampling import (batches_of_rank, default_labels, generate, image_grid, labels_for, save_png_atomic,
                            write_npz_streaming)
+from udit.samplers import Guidance, make_sampler
 from udit.vae import load_vae, to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,8 +232,8 @@ class Monitor:
             return
         try:
             images, _ = generate(ema, self.vae, self.settings, self.args.global_seed, range(len(self.labels)),
-                                 self.args.sample_steps, GRID_SAMPLER, GRID_CFG_SCALE, labels=self.labels,
-                                 precision=self.precision)
+                                 make_sampler(GRID_SAMPLER, self.args.sample_steps), Guidance(scale=GRID_CFG_SCALE),
+                                 labels=self.labels, precision=self.precision)
             grid = image_grid(images, grid_columns(len(self.labels)))
             save_png_atomic(grid, self.exp_dir / "samples" / f"{step:07d}.png")
             if self.writer is not None:
@@ -333,8 +334,8 @@ class Evaluation:
         row = 0
         for batch in tqdm(batches, desc=f"evaluation samples (step {step})", unit="batch", disable=m.rank != 0):
             images, _ = generate(ema, m.vae, m.settings, self.args.global_seed, batch,
-                                 self.args.eval_sampling_steps, self.args.eval_sampler, self.args.eval_cfg_scale,
-                                 precision=m.precision)
+                                 make_sampler(self.args.eval_sampler, self.args.eval_sampling_steps),
+                                 Guidance(scale=self.args.eval_cfg_scale), precision=m.precision)
             part[row:row + len(batch)] = to_uint8(images).numpy()
             row += len(batch)
         part.flush()

@@ -1,9 +1,9 @@
-"""What sample.py and sample_ddp.py share: settings from checkpoints, seeded noise, the sampler, outputs.
+"""What sample.py and sample_ddp.py share: settings from checkpoints, seeded noise, generation, outputs.
 
 Image i of a run depends only on (seed, i): its class label and initial noise come
 from a CPU generator and the noise of every sampling step from a device generator,
 both seeded by those two numbers, so the same command gives the same images whatever
-the number of processes.
+the number of processes. The solvers and guidance live in udit/samplers.py.
 """
 
 import argparse
@@ -11,18 +11,16 @@ import hashlib
 import json
 import os
 import zipfile
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from diffusion import create_diffusion
 from models import DiT_models
 from udit.checkpoint import build_model, load_checkpoint, load_weights, model_state_dict
 from udit.cli import json_object
-from udit.cuda_graphs import GraphedForward
+from udit.samplers import SAMPLERS, SPACINGS, Guidance, GuidedModel, VPSchedule, make_sampler
 from udit.vae import (SD_VAE_SCALE, check_latent_normalization, decode, latent_channels, latent_factor,
                       latent_normalization, load_vae, vae_source)
 
@@ -35,10 +33,10 @@ DEFAULT_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py cla
 #################################################################################
 
 def cfg_channels(text):
-    """--cfg-channels: 3 (the DiT convention) or 'all' (None: every output channel)."""
+    """--cfg-channels: 3 (the DiT convention) or 'all' (every output channel)."""
     if text not in ("3", "all"):
         raise argparse.ArgumentTypeError(f"must be 3 or all, got {text!r}")
-    return 3 if text == "3" else None
+    return 3 if text == "3" else "all"
 
 
 def add_sampling_args(p):
@@ -51,10 +49,23 @@ def add_sampling_args(p):
     p.add_argument("--num-classes", type=int, help="default: from the checkpoint, else 1000")
     p.add_argument("--vae", choices=["ema", "mse", "none"], help="default: from the checkpoint, else ema")
     p.add_argument("--vae-path", help="local diffusers VAE folder (default: the hub id stabilityai/sd-vae-ft-{ema,mse})")
-    p.add_argument("--num-sampling-steps", type=int, default=250)
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--cfg-channels", type=cfg_channels, default=3, metavar="{3,all}",
-                   help="guide the first 3 output channels (the DiT convention) or all of them")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddpm",
+                   help="ddpm (the paper's protocol) and ddim through diffusion/; the others are diffusers' solvers "
+                        "(README, Sampling)")
+    p.add_argument("--num-sampling-steps", type=int,
+                   help="default: the sampler's recommended count (" +
+                        ", ".join(f"{name} {s.steps}" for name, s in SAMPLERS.items()) + ")")
+    p.add_argument("--spacing", choices=SPACINGS, help="timestep spacing of a diffusers solver (default: its "
+                                                       "measured best)")
+    p.add_argument("--cfg-channels", type=cfg_channels, metavar="{3,all}",
+                   help="guide the first 3 output channels (the DiT convention, default for ddpm and ddim) or all "
+                        "of them (default for the other solvers, which guide epsilon)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="guide only at noise levels LOW < sigma <= HIGH, sigma = sqrt((1 - abar_t) / abar_t) "
+                        "(0.01 .. 157); elsewhere the unconditional pass is skipped")
+    p.add_argument("--guide-ckpt", metavar="CKPT",
+                   help="autoguidance: a weaker checkpoint (smaller model or earlier step, same latent space and "
+                        "classes) whose conditional prediction replaces the null-label one")
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     p.add_argument("--tf32", action="store_true", help="same as --precision tf32")
     p.add_argument("--cuda-graph", action="store_true",
@@ -65,18 +76,59 @@ def add_sampling_args(p):
 def check_sampling_args(parser, args):
     """Exit with status 2 and one line on values argparse cannot check."""
     from download import RELEASED
-    if not Path(args.ckpt).is_file() and args.ckpt not in RELEASED:
-        parser.error(f"--ckpt {args.ckpt}: neither a file nor a released checkpoint ({', '.join(RELEASED)})")
+    for flag, ckpt in (("--ckpt", args.ckpt), ("--guide-ckpt", args.guide_ckpt)):
+        if ckpt is not None and not Path(ckpt).is_file() and ckpt not in RELEASED:
+            parser.error(f"{flag} {ckpt}: neither a file nor a released checkpoint ({', '.join(RELEASED)})")
     if args.cfg_scale < 1.0:
         parser.error(f"--cfg-scale must be >= 1 (1 = no guidance), got {args.cfg_scale}")
-    if args.num_sampling_steps < 1 or args.num_sampling_steps > 1000:
-        parser.error(f"--num-sampling-steps must be in 1..1000, got {args.num_sampling_steps}")
+    if args.cfg_scale == 1.0:
+        for flag, value in (("--cfg-interval", args.cfg_interval), ("--guide-ckpt", args.guide_ckpt),
+                            ("--cfg-channels", args.cfg_channels)):
+            if value is not None:
+                parser.error(f"{flag} has no effect without guidance; give --cfg-scale > 1 or drop it")
+    if args.cfg_interval is not None and not 0 <= args.cfg_interval[0] < args.cfg_interval[1]:
+        parser.error(f"--cfg-interval LOW HIGH needs 0 <= LOW < HIGH, got {args.cfg_interval[0]} {args.cfg_interval[1]}")
+    try:
+        sampler_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     if args.vae_path and not Path(args.vae_path).is_dir():
         parser.error(f"--vae-path {args.vae_path}: no such directory")
     if args.tf32:
         args.precision = "tf32"
     if args.cuda_graph and not torch.cuda.is_available():
         parser.error("--cuda-graph needs a CUDA GPU (it replays recorded GPU kernels); drop it on this machine")
+
+
+def sampler_from_args(args):
+    """The configured sampler of --sampler, --num-sampling-steps and --spacing (ValueError if impossible)."""
+    return make_sampler(args.sampler, args.num_sampling_steps, args.spacing)
+
+
+def guidance_from_args(args, sampler, guide=None):
+    """The Guidance of the flags: the sampler's default channels unless --cfg-channels says otherwise."""
+    channels = {None: "default", 3: 3, "all": None}[args.cfg_channels]
+    interval = tuple(args.cfg_interval) if args.cfg_interval is not None else None
+    return Guidance(scale=args.cfg_scale, channels=channels, interval=interval, guide=guide).for_sampler(sampler)
+
+
+def accounting(sampler, guidance, guide_ckpt=None):
+    """What determines the images and what they cost: solver settings, guidance, network evaluations per image."""
+    nfe = sampler.evaluations_per_image(guidance)
+    return {**sampler.describe(), **guidance.for_sampler(sampler).describe(), "guide_ckpt": guide_ckpt,
+            "nfe_per_image": nfe["total"], "nfe_main_per_image": nfe["main"], "nfe_guide_per_image": nfe["guide"]}
+
+
+def describe_run(info):
+    """One line for the logs from an accounting() dict."""
+    text = f"{info['sampler']} {info['steps']} steps"
+    if "spacing" in info:
+        text += f" ({info['spacing']} spacing)"
+    if info["cfg_scale"] != 1.0:
+        text += f", {'autoguidance' if info['autoguidance'] else 'cfg'} {info['cfg_scale']} on {info['cfg_channels']} channels"
+        if info["cfg_interval"] is not None:
+            text += f" for sigma in ({info['cfg_interval'][0]}, {info['cfg_interval'][1]}]"
+    return text + f", {info['nfe_per_image']} network evaluations per image"
 
 
 # The settings of the original U-DiT / DiT / fast-DiT train.py (an argparse.Namespace) that
@@ -137,9 +189,10 @@ def load_sampling_model(args, device):
     saved = checkpoint.get("args", {}) if isinstance(checkpoint, dict) and "ema" in checkpoint else {}
     state_dict = model_state_dict(checkpoint)
     settings = resolve_settings(args, saved if isinstance(saved, dict) else {}, state_dict)
-    if args.cfg_scale > 1 and not has_null_label(settings):
+    if args.cfg_scale > 1 and not args.guide_ckpt and not has_null_label(settings):
         raise ValueError(f"{path}: this model was trained without label dropout (--class-dropout-prob 0), so it "
-                         f"has no null label and classifier-free guidance cannot work; sample with --cfg-scale 1")
+                         f"has no null label and classifier-free guidance cannot work; sample with --cfg-scale 1 "
+                         f"or with autoguidance (--guide-ckpt)")
     if settings["vae"] == "none" and args.vae_path:
         raise ValueError(f"--vae-path {args.vae_path} does not apply: this model works in pixel space (--vae none)")
     vae = load_vae(settings["vae"], args.vae_path, device)
@@ -151,6 +204,47 @@ def load_sampling_model(args, device):
     model = build_model(settings)
     load_weights(model, state_dict, path)
     return model.to(device).eval(), vae, settings
+
+
+# The SD VAEs ft-EMA and ft-MSE fine-tuned the decoder only: one latent space.
+LATENT_SPACES = {"none": "pixels", "ema": "sd-vae", "mse": "sd-vae"}
+
+
+def load_guide_model(ckpt, settings, device):
+    """The autoguidance network (eval mode) of checkpoint `ckpt` for the main model's `settings`.
+
+    Its settings come from the checkpoint (saved args, released name, weights) as for the
+    main model; what the checkpoint does not record is taken to be the main model's (an
+    earlier checkpoint of the same run saved as a state dict). Raises ValueError (one
+    line) when its latent space, latent shape or classes differ from the main model's.
+    """
+    from download import RELEASED, resolve_checkpoint
+    path = resolve_checkpoint(ckpt)
+    checkpoint = load_checkpoint(path)
+    saved = checkpoint.get("args", {}) if isinstance(checkpoint, dict) and "ema" in checkpoint else {}
+    saved = saved if isinstance(saved, dict) else {}
+    state_dict = model_state_dict(checkpoint)
+    known = {**RELEASED.get(ckpt, {}), **saved}
+    flags = argparse.Namespace(ckpt=ckpt, **{key: None if key in known else settings[key]
+                                             for key in ("model", "image_size", "num_classes", "vae")})
+    flags.model_kwargs = (settings["model_kwargs"] if "model_kwargs" not in known and
+                          known.get("model", settings["model"]) == settings["model"] else None)
+    guide = resolve_settings(flags, saved, state_dict)
+    guide.setdefault("in_channels", settings["in_channels"])
+    guide["latent_size"] = guide["image_size"] * settings["latent_size"] // settings["image_size"]
+    differ = [f"{what} {guide[key]} vs {settings[key]}" for what, key in
+              (("latent channels", "in_channels"), ("latent size", "latent_size"), ("classes", "num_classes"))
+              if guide[key] != settings[key]]
+    if LATENT_SPACES[guide["vae"]] != LATENT_SPACES[settings["vae"]]:
+        differ.insert(0, f"latent space (vae) {guide['vae']} vs {settings['vae']}")
+    elif guide.get("latent_normalization", settings.get("latent_normalization")) != settings.get("latent_normalization"):
+        differ.insert(0, f"latent normalisation {guide['latent_normalization']} vs {settings['latent_normalization']}")
+    if differ:
+        raise ValueError(f"--guide-ckpt {ckpt}: the guide must share the main model's latent space and classes; "
+                         f"it differs in {', '.join(differ)}")
+    model = build_model(guide)
+    load_weights(model, state_dict, path)
+    return model.to(device).eval()
 
 
 #################################################################################
@@ -199,45 +293,35 @@ def initial_draws(seed, indices, shape, label_pool, labels=None):
     return y, torch.stack(zs)
 
 
-def generate(model, vae, settings, seed, indices, steps, sampler="ddpm", cfg_scale=1.0, labels=None,
-             precision="fp32", cfg_channels=3, cuda_graph=False):
+def generate(model, vae, settings, seed, indices, sampler="ddpm", guidance=Guidance(), labels=None,
+             precision="fp32", cuda_graph=False, progress=False):
     """Images (N, 3, H, W) in [-1, 1] and labels (N,) for the image indices given.
 
-    cuda_graph: replay each model call from a CUDA graph recorded for this batch.
+    sampler: a name of udit.samplers.SAMPLERS (recommended settings) or a configured
+    sampler (udit.samplers.make_sampler). guidance: udit.samplers.Guidance (scale,
+    channels, interval, guide network). The network evaluations per image are
+    `sampler.evaluations_per_image(guidance)`. cuda_graph: replay each network call
+    from a CUDA graph recorded for this batch (one per batch shape).
+
+        from udit.samplers import Guidance, make_sampler
+        images, labels = generate(model, vae, settings, seed=0, indices=range(8),
+                                  sampler=make_sampler("dpm++2m-sde", 10),
+                                  guidance=Guidance(scale=4.0, interval=(0.5, 10.0)))
     """
+    if isinstance(sampler, str):
+        sampler = make_sampler(sampler)
     device = next(model.parameters()).device
     shape = (settings["in_channels"], settings["latent_size"], settings["latent_size"])
     y, z = initial_draws(seed, indices, shape, settings["trained_labels"], labels)
     y, z = y.to(device), z.to(device)
     generators = [seeded_generator(seed, i, 1, device) for i in indices]
-    guided = cfg_scale > 1.0
-    if guided:
-        z = torch.cat([z, z])
-        y = torch.cat([y, torch.full_like(y, settings["num_classes"])])
-        forward, kwargs = model.forward_with_cfg, {"y": y, "cfg_scale": cfg_scale, "cfg_channels": cfg_channels}
-    else:
-        forward, kwargs = model.forward, {"y": y}
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-    def model_fn(x, t, **kw):
-        with autocast:
-            return forward(x, t, **kw).float()
-    if cuda_graph:
-        model_fn = GraphedForward(model_fn)
-
-    def step_noise(x):
-        noise = torch.stack([torch.randn(x.shape[1:], generator=g, device=device) for g in generators])
-        return torch.cat([noise, noise]) if guided else noise
-
-    diffusion = create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps), learn_sigma=model.learn_sigma)
-    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    schedule = VPSchedule.training(learn_sigma=model.learn_sigma)
+    model_fn = GuidedModel(model, y, settings["num_classes"], guidance.for_sampler(sampler), schedule, precision,
+                           cuda_graph)
     with torch.no_grad():
-        latents = loop(model_fn, z.shape, z, clip_denoised=False, model_kwargs=kwargs, device=device,
-                       step_noise=step_noise)
-        if guided:
-            latents = latents[: len(indices)]
+        latents = sampler.sample(model_fn, z, generators, schedule, progress=progress)
         images = decode(vae, latents).clamp(-1, 1)
-    return images, y[: len(indices)]
+    return images, y
 
 
 #################################################################################

@@ -137,8 +137,8 @@ def parse_training_args(parser, argv=None):
     if args.vae == "none" and args.vae_path:
         parser.error(f"--vae-path {args.vae_path} does not apply to pixel space (--vae none): drop one of them")
     if args.vae == "none" and args.feature_path:
-        parser.error(f"--feature-path holds VAE latents, --vae none is for pixel-space training from --data-path; "
-                     f"name the VAE of the features (--vae / --vae-path)")
+        parser.error("--feature-path holds VAE latents, --vae none is for pixel-space training from --data-path; "
+                     "name the VAE of the features (--vae / --vae-path)")
     if getattr(args, "cuda_graph", False) and (args.compile or args.grad_checkpointing):
         parser.error("--cuda-graph does not combine with --compile or --grad-checkpointing (given now or kept by "
                      "the resumed experiment): train without --cuda-graph")

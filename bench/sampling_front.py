@@ -1,0 +1,271 @@
+"""Quality against network evaluations: every solver, step count, spacing and guidance on one checkpoint.
+
+Samples the digits model of `make demo` in-process with udit.sampling.generate (what
+sample_ddp.py runs: image i from (seed, i), uniformly random classes) and scores the
+samples with make demo's classifier (scripts/demo.py DigitScorer): class accuracy and
+Frechet distance (FD) in its features against the held-out digits, per seed and as the
+mean over seeds, against network evaluations per image (NFE, guidance included).
+
+    python bench/sampling_front.py --ckpt results/demo/checkpoint.pt --workers 2 \\
+        --guide-ckpts results/demo/train/000-U-DiT-S/checkpoints/0000{250,500}.pt
+
+Stages, in order (each uses the choices of those before; --stages runs a subset):
+
+  baseline        DDPM at 100 and 250 steps, DDIM at 10, 20, 50 (the paper's samplers)
+  spacing         each diffusers solver at 10 steps with each spacing, then the better
+                  final step: picks each solver's spacing and final step
+  front           each diffusers solver at 5, 10, 20, 50 steps with its picks
+  interval        a grid of guidance intervals on the solver with the best FD at 10
+                  steps: picks the interval
+  front-interval  the front again with that interval
+  autoguidance    each guide checkpoint x scale on that solver at 10 steps, then the
+                  best pair at 5, 10, 20, 50 steps, with and without the interval
+  ddpm-interval   DDPM at 100 and 250 steps with the interval (not run by default)
+
+Picks use the first seed and --select-samples samples (the ranking, not the figure, is
+what they need). Every (configuration, seed) is appended to the JSON as soon as it is
+measured and a rerun skips those already there, so an interrupted sweep resumes.
+--workers N measures N configurations at a time, one process each. Prints the table.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from demo import DigitScorer  # noqa: E402
+from udit.samplers import SAMPLERS, DiffusersSolver, Guidance, make_sampler  # noqa: E402
+from udit.sampling import add_sampling_args, generate, load_guide_model, load_sampling_model  # noqa: E402
+from udit.vae import to_uint8  # noqa: E402
+
+SOLVERS = [name for name, s in SAMPLERS.items() if isinstance(s, DiffusersSolver)]
+STEPS = (5, 10, 20, 50)
+CANDIDATE_SPACINGS = ("trailing", "karras", "logsnr")  # "linspace" is "trailing" shifted by at most one timestep
+NO_LIMIT = 1000.0  # above the schedule's sigma_max (157): an interval open at the top
+INTERVALS = [[lo, hi] for lo in (0.0, 0.2, 0.5, 1.0) for hi in (2.0, 5.0, 10.0, NO_LIMIT) if [lo, hi] != [0.0, NO_LIMIT]]
+GUIDE_SCALES = (1.5, 2.0, 3.0)
+STAGES = ("baseline", "spacing", "front", "interval", "front-interval", "autoguidance", "ddpm-interval")
+DEFAULT_STAGES = STAGES[:-1]
+
+
+def config(sampler, steps, spacing=None, final=None, cfg=4.0, interval=None, guide=None, samples=1000):
+    """One measurement's settings as plain data (its JSON is the measurement's key)."""
+    return {"sampler": sampler, "steps": steps, "spacing": spacing, "final": final, "cfg": cfg,
+            "interval": None if interval is None else list(interval), "guide": guide, "samples": samples}
+
+
+def key(cfg):
+    return json.dumps(cfg, sort_keys=True)
+
+
+def label(cfg):
+    text = f"{cfg['sampler']}-{cfg['steps']}"
+    if cfg["spacing"]:
+        text += f" {cfg['spacing']}" + (f"/{cfg['final']}" if cfg["final"] else "")
+    if cfg["guide"]:
+        text += f" autoguided by {Path(cfg['guide']).stem} x{cfg['cfg']:g}"
+    elif cfg["cfg"] != 4.0:
+        text += f" cfg {cfg['cfg']:g}"
+    if cfg["interval"]:
+        low, high = cfg["interval"]
+        text += f" interval ({low:g}, {'inf' if high >= NO_LIMIT else f'{high:g}'}]"
+    return text
+
+
+#################################################################################
+#                                 Measuring                                     #
+#################################################################################
+
+class Measurer:
+    """The model, guides and scorer of one process: measure(cfg, seed) -> record."""
+
+    def __init__(self, ckpt, threads):
+        torch.set_num_threads(threads)
+        self.device = torch.device("cpu")
+        parser = argparse.ArgumentParser()
+        add_sampling_args(parser)
+        parser.add_argument("--cfg-scale", type=float, default=4.0)  # only checked: the model has a null label
+        self.model, self.vae, self.settings = load_sampling_model(parser.parse_args(["--ckpt", ckpt]), self.device)
+        self.guides = {}
+        self.scorer = DigitScorer.default()
+
+    def measure(self, cfg, seed, batch_size=500):
+        sampler = make_sampler(cfg["sampler"], cfg["steps"], cfg["spacing"], cfg["final"])
+        if cfg["guide"] and cfg["guide"] not in self.guides:
+            self.guides[cfg["guide"]] = load_guide_model(cfg["guide"], self.settings, self.device)
+        guidance = Guidance(scale=cfg["cfg"], interval=None if cfg["interval"] is None else tuple(cfg["interval"]),
+                            guide=self.guides.get(cfg["guide"]))
+        start = time.time()
+        images, labels = [], []
+        for first in range(0, cfg["samples"], batch_size):
+            batch = range(first, min(first + batch_size, cfg["samples"]))
+            x, y = generate(self.model, self.vae, self.settings, seed, batch, sampler, guidance)
+            images.append(to_uint8(x).numpy())
+            labels.append(y.numpy())
+        scores = self.scorer.score(np.concatenate(images), np.concatenate(labels))
+        return {"key": key(cfg), "config": cfg, "seed": seed, **scores,
+                "nfe": sampler.evaluations_per_image(guidance)["total"], "seconds": round(time.time() - start, 1)}
+
+
+_measurer = None
+
+
+def _start_worker(ckpt, threads):
+    global _measurer
+    _measurer = Measurer(ckpt, threads)
+
+
+def _measure(cfg, seed):
+    return _measurer.measure(cfg, seed)
+
+
+class Sweep:
+    """The measurements so far (the JSON file) and the workers that add to them."""
+
+    def __init__(self, args):
+        self.path = Path(args.json)
+        self.records = json.loads(self.path.read_text()) if self.path.is_file() else []
+        if args.workers > 1:
+            self.pool = ProcessPoolExecutor(args.workers, initializer=_start_worker, initargs=(args.ckpt, args.threads))
+        else:
+            self.pool = None
+            _start_worker(args.ckpt, args.threads)
+
+    def measured(self, cfg, seed):
+        return next((r for r in self.records if r["key"] == key(cfg) and r["seed"] == seed), None)
+
+    def run(self, cfgs, seeds):
+        """Measure every (cfg, seed) not measured yet, several at a time with workers."""
+        todo = [(c, s) for c in cfgs for s in seeds if not self.measured(c, s)]
+        results = (self.pool.map(_measure, *zip(*todo)) if self.pool and todo else
+                   (_measure(c, s) for c, s in todo))
+        for record in results:
+            self.records.append(record)
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text(json.dumps(self.records, indent=1) + "\n")
+            os.replace(tmp, self.path)
+            print(f"{label(record['config']):62s} seed {record['seed']}: NFE {record['nfe']:4d}  "
+                  f"FD {record['fd_classifier']:6.3f}  accuracy {record['class_accuracy']:.3f}  "
+                  f"({record['seconds']:.0f} s)", flush=True)
+
+    def fd(self, cfg, seeds):
+        return float(np.mean([self.measured(cfg, s)["fd_classifier"] for s in seeds]))
+
+    def best(self, cfgs, seeds):
+        """The configuration with the lowest mean FD over `seeds` (measuring what is missing)."""
+        self.run(cfgs, seeds)
+        return min(cfgs, key=lambda c: self.fd(c, seeds))
+
+
+#################################################################################
+#                                   Stages                                      #
+#################################################################################
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--ckpt", default="results/demo/checkpoint.pt", help="a checkpoint of the make demo model")
+    p.add_argument("--guide-ckpts", nargs="*", default=[], help="autoguidance candidates (earlier checkpoints)")
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--select-samples", type=int, default=500, help="samples for the picks (first seed only)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(DEFAULT_STAGES))
+    p.add_argument("--json", default="bench/sampling_front.json")
+    p.add_argument("--workers", type=int, default=1, help="configurations measured at a time (one process each)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per worker (one: OpenMP threads spin on a shared machine)")
+    args = p.parse_args(argv)
+    sweep = Sweep(args)
+    first, n, picks = args.seeds[:1], args.samples, args.select_samples
+
+    if "baseline" in args.stages:
+        sweep.run([config("ddpm", s, samples=n) for s in (100, 250)] +
+                  [config("ddim", s, samples=n) for s in (10, 20, 50)], args.seeds)
+
+    # Each solver's spacing, then its final step (where it has a choice), at 10 steps.
+    picked = {}
+    if "spacing" in args.stages:
+        candidates = {name: [config(name, 10, s, SAMPLERS[name].final, samples=picks) for s in CANDIDATE_SPACINGS]
+                      for name in SOLVERS}
+        sweep.run([c for cs in candidates.values() for c in cs], first)
+        for name, cs in candidates.items():
+            best = sweep.best(cs, first)
+            if best["final"] is not None:
+                best = sweep.best([best, {**best, "final": "sigma_min"}], first)
+            picked[name] = {**best, "samples": n}
+    else:
+        picked = {name: config(name, 10, SAMPLERS[name].spacing, SAMPLERS[name].final, samples=n) for name in SOLVERS}
+
+    def solver(name, steps, **changes):
+        return {**picked[name], "steps": steps, **changes}
+
+    if "front" in args.stages:
+        sweep.run([solver(name, s) for name in SOLVERS for s in STEPS], args.seeds)
+
+    measured_at_10 = [name for name in SOLVERS if sweep.measured(solver(name, 10), first[0])]
+    pivot = min(measured_at_10, key=lambda name: sweep.fd(solver(name, 10), first)) if measured_at_10 else "dpm++2m"
+    interval = None
+    if "interval" in args.stages:
+        best = sweep.best([solver(pivot, 10, interval=iv, samples=picks) for iv in INTERVALS], first)
+        interval = best["interval"]
+        print(f"picked: interval {interval} on {pivot}-10", flush=True)
+
+    if "front-interval" in args.stages and interval:
+        sweep.run([solver(name, s, interval=interval) for name in SOLVERS for s in STEPS], args.seeds)
+
+    if "autoguidance" in args.stages and args.guide_ckpts:
+        best = sweep.best([solver(pivot, 10, guide=g, cfg=scale, samples=picks)
+                           for g in args.guide_ckpts for scale in GUIDE_SCALES], first)
+        print(f"picked: guide {best['guide']} at scale {best['cfg']}", flush=True)
+        runs = [{**best, "steps": s, "samples": n} for s in STEPS]
+        sweep.run(runs + ([{**r, "interval": interval} for r in runs] if interval else []), args.seeds)
+
+    if "ddpm-interval" in args.stages and interval:
+        sweep.run([config("ddpm", s, interval=interval, samples=n) for s in (100, 250)], args.seeds)
+
+    print_table(sweep, args)
+    return 0
+
+
+def print_table(sweep, args):
+    """Markdown: every configuration measured on all seeds with the full sample count; then the targets."""
+    rows = {}
+    for r in sweep.records:
+        if r["config"]["samples"] == args.samples:
+            rows.setdefault(r["key"], {})[r["seed"]] = r
+    full = [rs for rs in rows.values() if set(rs) >= set(args.seeds)]
+    full.sort(key=lambda rs: (next(iter(rs.values()))["config"]["guide"] is not None,
+                              next(iter(rs.values()))["config"]["interval"] is not None,
+                              next(iter(rs.values()))["config"]["sampler"], next(iter(rs.values()))["nfe"]))
+    print(f"\n| configuration | NFE | {' | '.join(f'FD seed {s}' for s in args.seeds)} | FD mean | class accuracy |")
+    print("|---|---:|" + "---:|" * len(args.seeds) + "---:|---:|")
+    summary = []
+    for rs in full:
+        fds = [rs[s]["fd_classifier"] for s in args.seeds]
+        some = rs[args.seeds[0]]
+        summary.append((float(np.mean(fds)), some["nfe"], label(some["config"])))
+        print(f"| {label(some['config'])} | {some['nfe']} | " + " | ".join(f"{fd:.2f}" for fd in fds) +
+              f" | {np.mean(fds):.2f} | {np.mean([rs[s]['class_accuracy'] for s in args.seeds]):.3f} |")
+    reference = rows.get(key(config("ddpm", 250, samples=args.samples)))
+    if reference and set(reference) >= set(args.seeds):
+        ref_fd = float(np.mean([reference[s]["fd_classifier"] for s in args.seeds]))
+        print(f"\nDDPM-250 (NFE 500): FD {ref_fd:.3f} (mean of seeds {args.seeds})")
+        for budget, slack in ((50, 1.0), (20, 1.1)):
+            fits = [row for row in summary if row[1] <= budget]
+            if fits:
+                fd, nfe, name = min(fits)
+                print(f"best at <= {budget} NFE: {name} (NFE {nfe}): FD {fd:.3f} = {fd / ref_fd:.2f}x DDPM-250's; "
+                      f"target <= {slack:.1f}x {'met' if fd <= slack * ref_fd else 'missed'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""Samplers: a name maps to an object that turns a model call into images.
+
+Three parts, each in one place:
+
+- the noise process (`VPSchedule`): the training betas, the noise level sigma of a
+  network timestep, and what the network output means (epsilon in its first channels);
+- guidance (`Guidance`, `GuidedModel`): the one model call every sampler makes, with
+  classifier-free guidance or autoguidance, an optional guidance interval, bf16
+  autocast, CUDA-graph replay and a count of network evaluations per image (NFE);
+- the solvers (`SAMPLERS`): DDPM and DDIM through `diffusion/` (the DiT API and random
+  order the golden vectors check) and diffusers' DPM-Solver++, UniPC, Euler and Heun
+  schedulers configured with the training betas.
+
+A sampler sees only `model_fn(x, t) -> network output` (N images at one timestep t of
+the training schedule) and per-image random generators; it returns x_0. The
+flow-matching objective adds its own process (a noise level for its time) and solvers
+behind the same `Sampler` interface.
+
+Noise level. sigma(t) = sqrt((1 - abar_t) / abar_t): x_t / sqrt(abar_t) = x_0 + sigma eps,
+the sigma of the equivalent variance-exploding process that EDM (Karras et al. 2022) and
+the guidance-interval paper (Kynkaanniemi et al. 2024) use. For the linear betas it runs
+from 0.0100 (t = 0) to 157 (t = 999).
+"""
+
+import dataclasses
+import importlib
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffusion import create_diffusion, gd
+from udit.cuda_graphs import GraphedForward
+
+
+#################################################################################
+#                             The noise process                                 #
+#################################################################################
+
+class VPSchedule:
+    """The variance-preserving diffusion of training: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+
+    betas: (T,) the training betas (linear 1e-4 .. 0.02 over T = 1000 steps, SPEC §2).
+    The network predicts epsilon in its first C output channels (C = the input's
+    channels); with learn_sigma, C more channels hold DiT's learned variance, which only
+    `diffusion/`'s DDPM uses.
+    """
+
+    def __init__(self, betas, learn_sigma=True):
+        self.betas = np.asarray(betas, dtype=np.float64)
+        self.learn_sigma = learn_sigma
+        self.alphas_cumprod = np.cumprod(1.0 - self.betas)
+        self.log_sigmas = 0.5 * np.log((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+
+    @classmethod
+    def training(cls, learn_sigma=True):
+        """The schedule every U-DiT and DiT checkpoint of the `ddpm` objective was trained with."""
+        return cls(gd.get_named_beta_schedule("linear", 1000), learn_sigma)
+
+    @property
+    def num_timesteps(self):
+        return len(self.betas)
+
+    def sigma(self, t):
+        """Noise level (float) of a network timestep t (float; fractional t between training steps).
+
+        log sigma is interpolated linearly between integer timesteps: the inverse of the
+        sigma -> t map that diffusers' schedulers use for Karras and log-SNR spacings, so
+        sigma(t) is the noise level the solver meant when it evaluated the network at t.
+        """
+        return float(np.exp(np.interp(t, np.arange(self.num_timesteps), self.log_sigmas)))
+
+    @staticmethod
+    def epsilon(output, x):
+        """The epsilon prediction (N, C, H, W) in a network output (N, C_out >= C, H, W) for input x."""
+        return output[:, : x.shape[1]]
+
+
+#################################################################################
+#                                   Guidance                                    #
+#################################################################################
+
+@dataclass(frozen=True)
+class Guidance:
+    """How the model call is guided.
+
+    scale: s in out = uncond + s (cond - uncond); 1 = no guidance.
+    channels: guide the first `channels` output channels (3: DiT's convention, which also
+        leaves the 4th latent channel unguided), None: every channel, "default": the
+        sampler's (3 for ddpm and ddim, every epsilon channel for the diffusers solvers;
+        `for_sampler` resolves it). The other channels come from the conditional prediction.
+    interval: (sigma_low, sigma_high): guide only where sigma_low < sigma(t) <= sigma_high
+        (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval improves sample
+        and distribution quality"); outside, only the conditional prediction is computed.
+    guide: autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of
+        itself"): a weaker network whose *conditional* prediction replaces the null-label one,
+        out = guide + s (main - guide). None: classifier-free guidance with the null label.
+    """
+    scale: float = 1.0
+    channels: int | None | str = "default"
+    interval: tuple[float, float] | None = None
+    guide: torch.nn.Module | None = None
+
+    def for_sampler(self, sampler):
+        """These settings with "default" channels replaced by the sampler's."""
+        if self.channels != "default":
+            return self
+        return dataclasses.replace(self, channels=sampler.default_cfg_channels)
+
+    def active(self, sigma):
+        """Whether a call at noise level sigma is guided."""
+        if self.scale == 1.0:
+            return False
+        return self.interval is None or self.interval[0] < sigma <= self.interval[1]
+
+    def describe(self):
+        """The settings as plain data (the guide network is named by the caller)."""
+        return {"cfg_scale": self.scale, "cfg_channels": "all" if self.channels is None else self.channels,
+                "cfg_interval": None if self.interval is None else list(self.interval),
+                "autoguidance": self.guide is not None}
+
+
+def combine(cond, uncond, scale, channels):
+    """uncond + scale (cond - uncond) on the first `channels` channels (None: all); the rest from cond."""
+    if channels is None or channels >= cond.shape[1]:
+        return uncond + scale * (cond - uncond)
+    guided = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
+    return torch.cat([guided, cond[:, channels:]], dim=1)
+
+
+class GuidedModel:
+    """The model call every sampler makes: (x (N, C, H, W), t (N,)) -> network output (N, C_out, H, W).
+
+    model, guide: networks called as model(x, t, y). y: (N,) class labels. null_label:
+    the label of the unconditional prediction (the label table's extra row).
+    schedule: gives the noise level of t, which decides whether a call is guided.
+    A guided classifier-free call runs one batch [x; x] with labels [y; null]; a guided
+    autoguidance call runs the main and the guide network on x; an unguided call (scale 1,
+    or outside the interval) runs the main network on x alone.
+
+    precision "bf16": autocast; outputs are float32. cuda_graph: every network call is
+    replayed from a CUDA graph, one per batch shape (the interval alternates two).
+    evaluations / guide_evaluations: network evaluations per image so far, main model
+    (conditional + unconditional) and guide model.
+    """
+
+    def __init__(self, model, y, null_label, guidance, schedule, precision="fp32", cuda_graph=False):
+        if guidance.channels == "default":
+            raise ValueError("resolve the guided channels first: Guidance.for_sampler(sampler)")
+        self.y, self.guidance, self.schedule = y, guidance, schedule
+        self.null = torch.full_like(y, null_label)
+        device_type = y.device.type
+        self.autocast = torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+        def network(net):
+            def call(x, t, y):
+                with self.autocast:
+                    return net(x, t, y).float()
+            return GraphedForward(call) if cuda_graph else call
+        self.cond, self.pair = network(model), network(model)
+        self.guide = network(guidance.guide) if guidance.guide is not None else None
+        self.evaluations, self.guide_evaluations = 0, 0
+
+    def __call__(self, x, t):
+        g = self.guidance
+        # All images of a call share t; reading it is a device sync, paid only with an interval.
+        guided = g.scale != 1.0 and (g.interval is None or g.active(self.schedule.sigma(t[0].item())))
+        if not guided:
+            self.evaluations += 1
+            return self.cond(x, t, y=self.y)
+        if self.guide is not None:
+            self.evaluations += 1
+            self.guide_evaluations += 1
+            return combine(self.cond(x, t, y=self.y), self.guide(x, t, y=self.y), g.scale, g.channels)
+        self.evaluations += 2
+        cond, uncond = self.pair(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([self.y, self.null])).chunk(2)
+        return combine(cond, uncond, g.scale, g.channels)
+
+
+#################################################################################
+#                                   Samplers                                    #
+#################################################################################
+
+TRAINING = VPSchedule.training()
+
+
+class Sampler:
+    """A solver with its settings: `sample(model_fn, z, generators, schedule) -> x_0`.
+
+    model_fn(x (N, C, H, W), t (N,)) -> network output; z: (N, C, H, W) standard normal
+    initial noise; generators: one torch.Generator per image on z's device, the only
+    source of the noise a stochastic solver adds, so that image i depends on its own
+    generator alone; schedule: the noise process the network was trained on.
+    `timesteps()` lists the network timesteps in the order the solver evaluates them (one
+    network evaluation each, before guidance).
+    """
+    name: str
+    steps: int
+    stochastic: bool
+    default_cfg_channels: int | None
+
+    def describe(self):
+        """The settings as plain data, for logs, the accounting JSON and the sample folder's identity."""
+        return {"sampler": self.name, "steps": self.steps}
+
+    def evaluations_per_image(self, guidance, schedule=TRAINING):
+        """{"main", "guide", "total"}: network evaluations per image with this guidance, as GuidedModel counts them."""
+        timesteps = self.timesteps()
+        guided = sum(guidance.active(schedule.sigma(t)) for t in timesteps)
+        if guidance.guide is None:
+            return {"main": len(timesteps) + guided, "guide": 0, "total": len(timesteps) + guided}
+        return {"main": len(timesteps), "guide": guided, "total": len(timesteps) + guided}
+
+
+@dataclass(frozen=True)
+class DiffusionLoop(Sampler):
+    """DDPM ancestral sampling or DDIM (eta 0) through `diffusion/`: the paper's protocol.
+
+    Timesteps: `diffusion/`'s respacing (DDPM "N": N evenly spaced of 1000, from 999 down
+    to 0; DDIM "ddimN": stride 1000 / N from 1000 - stride down to 0). The last step, at
+    t = 0, returns the posterior mean (DDPM) or the x_0 estimate (DDIM). DDPM's step noise
+    has the network's learned variance. One normal draw per image and step from its own
+    generator, in the reference's order (DDIM draws and discards it).
+    """
+    name: str
+    loop: str
+    respacing: str
+    stochastic: bool
+    steps: int
+    default_cfg_channels: int | None = 3
+
+    def _diffusion(self, schedule=TRAINING):
+        return create_diffusion(self.respacing.format(steps=self.steps), learn_sigma=schedule.learn_sigma)
+
+    def timesteps(self):
+        return self._diffusion().timestep_map[::-1]
+
+    def sample(self, model_fn, z, generators, schedule=TRAINING, progress=False):
+        def step_noise(x):
+            return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device) for g in generators])
+        return getattr(self._diffusion(schedule), self.loop)(model_fn, z.shape, z, clip_denoised=False,
+                                                             device=z.device, progress=progress, step_noise=step_noise)
+
+
+SPACINGS = ("linspace", "trailing", "karras", "logsnr")
+FINAL_STEPS = ("zero", "sigma_min")
+
+
+@dataclass(frozen=True)
+class DiffusersSolver(Sampler):
+    """A diffusers scheduler configured with the training betas, run as diffusers' own loop.
+
+    scheduler: the diffusers class name (imported on first use: importing diffusers takes
+    seconds, which a DDPM run need not pay); config: its fixed keywords ((key, value)
+    pairs: the algorithm and order). spacing: "linspace" / "trailing" (timesteps evenly spaced from
+    999; diffusers' `timestep_spacing`), "karras" (EDM's rho = 7 spacing of sigma, Karras
+    et al. 2022, Eq. 5) or "logsnr" (uniform in log sigma, i.e. in log-SNR, as DPM-Solver
+    recommends for pixel-space models, Lu et al. 2022), the last two between the training
+    schedule's sigma_min 0.0100 and sigma_max 157. final: the last step goes to sigma = 0
+    and returns the x_0 estimate ("zero") or stops at sigma_min ("sigma_min"); None for
+    a scheduler that always ends at 0 (Heun).
+
+    The solvers integrate with epsilon: the learned-variance channels are dropped, and
+    guidance acts on epsilon (all its channels by default). Stochastic solvers draw each
+    image's noise from its own generator (diffusers' randn_tensor draws one tensor per
+    generator of a list).
+    """
+    name: str
+    scheduler: str
+    config: tuple
+    stochastic: bool
+    steps: int
+    spacing: str
+    final: str | None = "zero"
+    default_cfg_channels: int | None = None
+
+    def describe(self):
+        return {**super().describe(), "spacing": self.spacing, "final_sigma": self.final or "zero"}
+
+    def make_scheduler(self, schedule=TRAINING):
+        """The configured scheduler with its timesteps set (kept on the CPU: the loop reads them)."""
+        config = dict(self.config)
+        if self.final is not None:
+            config["final_sigmas_type"] = self.final
+        if self.spacing in ("linspace", "trailing"):
+            config["timestep_spacing"] = self.spacing
+        else:
+            config[{"karras": "use_karras_sigmas", "logsnr": "use_exponential_sigmas"}[self.spacing]] = True
+        scheduler_class = getattr(importlib.import_module("diffusers"), self.scheduler)
+        scheduler = scheduler_class(num_train_timesteps=schedule.num_timesteps, trained_betas=schedule.betas,
+                                    prediction_type="epsilon", **config)
+        scheduler.set_timesteps(self.steps)
+        return scheduler
+
+    def timesteps(self):
+        return self.make_scheduler().timesteps.numpy()
+
+    def sample(self, model_fn, z, generators, schedule=TRAINING, progress=False):
+        scheduler = self.make_scheduler(schedule)
+        noise = {"generator": list(generators)} if self.stochastic else {}
+        x = z * scheduler.init_noise_sigma
+        for t in tqdm(scheduler.timesteps, desc=f"{self.name} {self.steps} steps", leave=False, disable=not progress):
+            output = model_fn(scheduler.scale_model_input(x, t), t.reshape(1).to(z.device).expand(len(z)))
+            x = scheduler.step(schedule.epsilon(output, x), t, x, **noise).prev_sample
+        return x
+
+
+#################################################################################
+#                                   Registry                                    #
+#################################################################################
+
+class _SamplerRegistry(dict):
+    """name -> prototype sampler; an unknown name lists the available ones."""
+
+    def __missing__(self, name):
+        raise KeyError(f"unknown sampler {name!r}; available: {', '.join(self)}")
+
+
+def _registry():
+    dpm, unipc, euler, heun = ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "EulerDiscreteScheduler",
+                               "HeunDiscreteScheduler")
+    samplers = [
+        DiffusionLoop("ddpm", "p_sample_loop", "{steps}", stochastic=True, steps=250),
+        DiffusionLoop("ddim", "ddim_sample_loop", "ddim{steps}", stochastic=False, steps=50),
+        DiffusersSolver("dpm++2m", dpm, (("algorithm_type", "dpmsolver++"), ("solver_order", 2)),
+                        stochastic=False, steps=20, spacing="logsnr"),
+        DiffusersSolver("dpm++3m", dpm, (("algorithm_type", "dpmsolver++"), ("solver_order", 3)),
+                        stochastic=False, steps=20, spacing="logsnr"),
+        DiffusersSolver("dpm++2m-sde", dpm, (("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2)),
+                        stochastic=True, steps=20, spacing="logsnr"),
+        DiffusersSolver("unipc", unipc, (("solver_order", 2),), stochastic=False, steps=20, spacing="logsnr"),
+        DiffusersSolver("euler", euler, (), stochastic=False, steps=20, spacing="karras"),
+        DiffusersSolver("heun", heun, (), stochastic=False, steps=20, spacing="karras", final=None),
+    ]
+    return _SamplerRegistry((s.name, s) for s in samplers)
+
+
+SAMPLERS = _registry()
+
+
+def make_sampler(name, steps=None, spacing=None, final=None):
+    """The sampler `name` with its recommended settings (steps, spacing, final step), or the ones given.
+
+    Raises ValueError (one line) for a step count the solver cannot take or a setting it
+    does not have.
+    """
+    sampler = SAMPLERS[name]
+    changes = {"steps": steps} if steps is not None else {}
+    if spacing is not None or final is not None:
+        if not isinstance(sampler, DiffusersSolver):
+            raise ValueError(f"--spacing and the final step are settings of the diffusers solvers; {name} uses "
+                             f"diffusion/'s respacing (the paper's protocol)")
+        if spacing is not None:
+            if spacing not in SPACINGS:
+                raise ValueError(f"unknown spacing {spacing!r}; available: {', '.join(SPACINGS)}")
+            changes["spacing"] = spacing
+        if final is not None:
+            if sampler.final is None:
+                raise ValueError(f"{name} always ends at sigma = 0")
+            if final not in FINAL_STEPS:
+                raise ValueError(f"unknown final step {final!r}; available: {', '.join(FINAL_STEPS)}")
+            changes["final"] = final
+    sampler = dataclasses.replace(sampler, **changes)
+    if not 1 <= sampler.steps <= 1000:
+        raise ValueError(f"the number of sampling steps must be in 1..1000, got {sampler.steps}")
+    sampler.timesteps()  # raises for a step count the solver cannot take (e.g. ddim with no integer stride)
+    return sampler
