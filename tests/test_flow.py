@@ -130,3 +130,13 @@ def test_a_chosen_block_output_is_reachable_for_alignment_losses():
     with pytest.raises(KeyError, match="no block named 'latent.9'; blocks: encoder_level_1.0"):
         with capture_block_outputs(model, ["latent.9"]):
             pass
+
+
+def test_a_flow_checkpoint_is_not_sampled_with_a_diffusion_sampler(tiny_data, tmp_path, capsys):
+    import sample
+    assert train.main(["--data-path", str(tiny_data["small_images"]), *PIXEL, "--max-steps", "1", "--objective",
+                       "flow", "--results-dir", str(tmp_path)]) == 0
+    ckpt = next(tmp_path.glob("*/checkpoints/0000001.pt"))
+    with pytest.raises(SystemExit) as info:
+        sample.main(["--ckpt", str(ckpt), "--num-sampling-steps", "2", "--output", str(tmp_path / "g.png")])
+    assert info.value.code == 2 and "trained with --objective flow" in capsys.readouterr().err

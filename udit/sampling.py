@@ -145,6 +145,10 @@ def resolve_settings(args, saved, state_dict):
     """
     from download import RELEASED
     released = RELEASED.get(args.ckpt, {})
+    if saved.get("objective", "ddpm") != "ddpm":
+        raise ValueError(f"{args.ckpt}: this model was trained with --objective {saved['objective']}, and "
+                         f"{', '.join(SAMPLERS)} sample the ddpm objective only; flow-matching solvers are not "
+                         f"available yet")
     if "latent_size" not in saved:
         saved = {k: saved[k] for k in FOREIGN_RELIABLE if k in saved}
     defaults = {"model": "U-DiT-B", "model_kwargs": {}, "image_size": 256, "num_classes": 1000, "vae": "ema"}
