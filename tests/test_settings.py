@@ -217,3 +217,7 @@ def test_flags_that_would_be_ignored_are_refused(tiny_data, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         sample.main(["--ckpt", str(ckpt), "--vae-path", str(tiny_data["vae"]), *QUICK, "--output", str(tmp_path / "g.png")])
     assert info.value.code == 2 and "does not apply: this model works in pixel space" in last_error_line(capsys)
+    # --model alone changes the architecture, not the latent space: the error is about the weights.
+    with pytest.raises(SystemExit) as info:
+        sample.main(["--ckpt", str(ckpt), "--model", "U-DiT-B", *QUICK, "--output", str(tmp_path / "b.png")])
+    assert info.value.code == 2 and "weights are for another architecture" in last_error_line(capsys)

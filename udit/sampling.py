@@ -153,7 +153,9 @@ def resolve_settings(args, saved, state_dict):
         saved = {k: saved[k] for k in FOREIGN_RELIABLE if k in saved}
     defaults = {"model": "U-DiT-B", "model_kwargs": {}, "image_size": 256, "num_classes": 1000, "vae": "ema"}
     if args.model is not None and args.model != saved.get("model", released.get("model")):
-        saved = {}  # another architecture: none of the checkpoint's settings apply
+        # Another architecture: none of the checkpoint's settings apply but the latent space it
+        # was trained in, so that a mismatch is reported as one of weights, not of a VAE.
+        saved = {k: saved[k] for k in ("vae", "latent_scale", "latent_shift") if k in saved}
     settings = {}
     for key, default in defaults.items():
         value = getattr(args, key)
