@@ -15,6 +15,7 @@ from conftest import TINY_UDIT_KWARGS, torchrun
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from udit.checkpoint import build_model, load_checkpoint
 from udit.monitor import Evaluation, read_scalars
+from udit.samplers import Guidance, make_sampler
 from udit.sampling import batches_of_rank, generate, write_npz_streaming
 from udit.vae import to_uint8
 
@@ -99,7 +100,7 @@ def test_evaluation_during_training_gives_the_evaluators_metrics(tiny_data, tmp_
     ema = build_model(ckpt["args"])
     ema.load_state_dict(ckpt["ema"])
     ema.eval()
-    images = torch.cat([generate(ema, None, ckpt["args"], 0, batch, 3, "ddpm", 2.0)[0]
+    images = torch.cat([generate(ema, None, ckpt["args"], 0, batch, make_sampler("ddpm", 3), Guidance(scale=2.0))[0]
                         for batch in batches_of_rank(6, 4, 0, 1)])
     again = tmp_path / "again.npz"
     write_npz_streaming(again, 6, (16, 16, 3), to_uint8(images).numpy(), np.zeros(6))

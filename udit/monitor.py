@@ -29,15 +29,16 @@ from udit.cli import ActionableError, positive_int
 from udit.distributed import all_reduce_mean
 from udit.sampling import (batches_of_rank, default_labels, generate, image_grid, labels_for, save_png_atomic,
                            write_npz_streaming)
-from udit.samplers import Guidance, make_sampler
+from udit.samplers import SAMPLERS, Guidance, make_sampler
 from udit.vae import load_vae, to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID_SAMPLER, GRID_CFG_SCALE = "ddim", 4.0  # DiT's guidance scale for pictures
 
 # Flags that change only what is watched: --resume may change them.
-MONITOR_SETTINGS = ("no_tensorboard", "sample_every", "sample_classes", "sample_steps", "eval_every", "eval_samples", "eval_ref",
-                    "inception_graph", "eval_command", "eval_sampler", "eval_sampling_steps", "eval_cfg_scale")
+MONITOR_SETTINGS = ("no_tensorboard", "sample_every", "sample_classes", "sample_steps", "eval_every", "eval_samples",
+                    "eval_ref", "inception_graph", "eval_command", "eval_sampler", "eval_sampling_steps",
+                    "eval_cfg_scale")
 
 
 #################################################################################
@@ -62,8 +63,10 @@ def add_monitor_args(p):
     g.add_argument("--eval-command",
                    help="score with this command instead of evaluator.py: it is run with SAMPLES.npz --json "
                         "METRICS.json appended and writes a JSON object of numbers there")
-    g.add_argument("--eval-sampler", choices=["ddpm", "ddim"], default="ddim")
-    g.add_argument("--eval-sampling-steps", type=positive_int, default=50)
+    g.add_argument("--eval-sampler", choices=list(SAMPLERS), default="ddim",
+                   help="a sampler of udit/samplers.py (README, Sampling)")
+    g.add_argument("--eval-sampling-steps", type=positive_int,
+                   help="default: the sampler's recommended count (ddim: 50)")
     g.add_argument("--eval-cfg-scale", type=float, default=1.0, help="1 = no guidance")
 
 
@@ -75,6 +78,12 @@ def check_monitor_args(parser, args):
     if args.eval_every and args.objective != "ddpm":
         parser.error(f"--eval-every: udit/sampling.py has no sampler for --objective {args.objective} yet; "
                      f"evaluate its checkpoints after training")
+    for flag, sampler, steps in (("--sample-steps", GRID_SAMPLER, args.sample_steps),
+                                 ("--eval-sampling-steps", args.eval_sampler, args.eval_sampling_steps)):
+        try:
+            make_sampler(sampler, steps)
+        except ValueError as err:
+            parser.error(f"{flag} {steps} with {sampler}: {err}")
     if args.eval_every and not (args.eval_ref or args.eval_command):
         parser.error("--eval-every needs --eval-ref REF.npz (the reference batch evaluator.py compares with) "
                      "or --eval-command")
