@@ -11,21 +11,26 @@ mean over seeds, against network evaluations per image (NFE, guidance included).
 
 Stages, in order (each uses the choices of those before; --stages runs a subset):
 
-  baseline        DDPM at 100 and 250 steps, DDIM at 10, 20, 50 (the paper's samplers)
+  baseline        DDPM at 100 and 250 steps, DDIM at 10, 20, 50 (the paper's samplers),
+                  and DDPM-250 unguided (cfg 1: what FD alone would prefer)
   spacing         each diffusers solver at 10 steps with each spacing, then the better
                   final step: picks each solver's spacing and final step
   front           each diffusers solver at 5, 10, 20, 50 steps with its picks
   interval        a grid of guidance intervals on the solver with the best FD at 10
-                  steps: picks the interval
+                  steps, run at 20 steps: picks the interval
   front-interval  the front again with that interval
-  autoguidance    each guide checkpoint x scale on that solver at 10 steps, then the
+  autoguidance    each guide checkpoint x scale on that solver at 20 steps, then the
                   best pair at 5, 10, 20, 50 steps, with and without the interval
   ddpm-interval   DDPM at 100 and 250 steps with the interval (not run by default)
 
 Picks use the first seed and --select-samples samples (the ranking, not the figure, is
-what they need). Every (configuration, seed) is appended to the JSON as soon as it is
-measured and a rerun skips those already there, so an interrupted sweep resumes.
---workers N measures N configurations at a time, one process each. Prints the table.
+what they need). FD rewards diversity, so on its own it prefers weaker guidance; an
+interval or an autoguidance setting is eligible only if it keeps the class accuracy of
+guidance at every step (cfg 4) within ACCURACY_SLACK, and the targets are judged on
+configurations that keep DDPM-250's. Every (configuration, seed) is appended to the JSON
+as soon as it is measured and a rerun skips those already there, so an interrupted sweep
+resumes. --workers N measures N configurations at a time, one process each. Prints the
+table.
 """
 
 import argparse
@@ -54,6 +59,7 @@ CANDIDATE_SPACINGS = ("trailing", "karras", "logsnr")  # "linspace" is "trailing
 NO_LIMIT = 1000.0  # above the schedule's sigma_max (157): an interval open at the top
 INTERVALS = [[lo, hi] for lo in (0.0, 0.2, 0.5, 1.0) for hi in (2.0, 5.0, 10.0, NO_LIMIT) if [lo, hi] != [0.0, NO_LIMIT]]
 GUIDE_SCALES = (1.5, 2.0, 3.0)
+ACCURACY_SLACK = 0.005  # class accuracy a guidance setting may lose against cfg 4 at every step
 STAGES = ("baseline", "spacing", "front", "interval", "front-interval", "autoguidance", "ddpm-interval")
 DEFAULT_STAGES = STAGES[:-1]
 
@@ -161,10 +167,14 @@ class Sweep:
     def fd(self, cfg, seeds):
         return float(np.mean([self.measured(cfg, s)["fd_classifier"] for s in seeds]))
 
-    def best(self, cfgs, seeds):
-        """The configuration with the lowest mean FD over `seeds` (measuring what is missing)."""
+    def accuracy(self, cfg, seeds):
+        return float(np.mean([self.measured(cfg, s)["class_accuracy"] for s in seeds]))
+
+    def best(self, cfgs, seeds, min_accuracy=0.0):
+        """The configuration with the lowest mean FD over `seeds` among those with the class accuracy asked."""
         self.run(cfgs, seeds)
-        return min(cfgs, key=lambda c: self.fd(c, seeds))
+        eligible = [c for c in cfgs if self.accuracy(c, seeds) >= min_accuracy]
+        return min(eligible or cfgs, key=lambda c: self.fd(c, seeds))
 
 
 #################################################################################
@@ -189,7 +199,8 @@ def main(argv=None):
 
     if "baseline" in args.stages:
         sweep.run([config("ddpm", s, samples=n) for s in (100, 250)] +
-                  [config("ddim", s, samples=n) for s in (10, 20, 50)], args.seeds)
+                  [config("ddim", s, samples=n) for s in (10, 20, 50)] + [config("ddpm", 250, cfg=1.0, samples=n)],
+                  args.seeds)
 
     # Each solver's spacing, then its final step (where it has a choice), at 10 steps.
     picked = {}
@@ -213,18 +224,24 @@ def main(argv=None):
 
     measured_at_10 = [name for name in SOLVERS if sweep.measured(solver(name, 10), first[0])]
     pivot = min(measured_at_10, key=lambda name: sweep.fd(solver(name, 10), first)) if measured_at_10 else "dpm++2m"
+    # Guidance settings are picked at 20 steps, keeping cfg 4's class accuracy there.
+    reference = solver(pivot, 20, samples=picks)
     interval = None
     if "interval" in args.stages:
-        best = sweep.best([solver(pivot, 10, interval=iv, samples=picks) for iv in INTERVALS], first)
+        sweep.run([reference], first)
+        floor = sweep.accuracy(reference, first) - ACCURACY_SLACK
+        best = sweep.best([solver(pivot, 20, interval=iv, samples=picks) for iv in INTERVALS], first, floor)
         interval = best["interval"]
-        print(f"picked: interval {interval} on {pivot}-10", flush=True)
+        print(f"picked: interval {interval} on {pivot}-20 (class accuracy >= {floor:.3f})", flush=True)
 
     if "front-interval" in args.stages and interval:
         sweep.run([solver(name, s, interval=interval) for name in SOLVERS for s in STEPS], args.seeds)
 
     if "autoguidance" in args.stages and args.guide_ckpts:
-        best = sweep.best([solver(pivot, 10, guide=g, cfg=scale, samples=picks)
-                           for g in args.guide_ckpts for scale in GUIDE_SCALES], first)
+        sweep.run([reference], first)
+        floor = sweep.accuracy(reference, first) - ACCURACY_SLACK
+        best = sweep.best([solver(pivot, 20, guide=g, cfg=scale, samples=picks)
+                           for g in args.guide_ckpts for scale in GUIDE_SCALES], first, floor)
         print(f"picked: guide {best['guide']} at scale {best['cfg']}", flush=True)
         runs = [{**best, "steps": s, "samples": n} for s in STEPS]
         sweep.run(runs + ([{**r, "interval": interval} for r in runs] if interval else []), args.seeds)
@@ -252,15 +269,18 @@ def print_table(sweep, args):
     for rs in full:
         fds = [rs[s]["fd_classifier"] for s in args.seeds]
         some = rs[args.seeds[0]]
-        summary.append((float(np.mean(fds)), some["nfe"], label(some["config"])))
+        summary.append((float(np.mean(fds)), some["nfe"], label(some["config"]),
+                        float(np.mean([rs[s]["class_accuracy"] for s in args.seeds]))))
         print(f"| {label(some['config'])} | {some['nfe']} | " + " | ".join(f"{fd:.2f}" for fd in fds) +
               f" | {np.mean(fds):.2f} | {np.mean([rs[s]['class_accuracy'] for s in args.seeds]):.3f} |")
     reference = rows.get(key(config("ddpm", 250, samples=args.samples)))
     if reference and set(reference) >= set(args.seeds):
         ref_fd = float(np.mean([reference[s]["fd_classifier"] for s in args.seeds]))
-        print(f"\nDDPM-250 (NFE 500): FD {ref_fd:.3f} (mean of seeds {args.seeds})")
+        ref_accuracy = float(np.mean([reference[s]["class_accuracy"] for s in args.seeds]))
+        print(f"\nDDPM-250 (NFE 500): FD {ref_fd:.3f}, class accuracy {ref_accuracy:.3f} (mean of seeds {args.seeds}); "
+              f"configurations that keep that accuracy within {ACCURACY_SLACK}:")
         for budget, slack in ((50, 1.0), (20, 1.1)):
-            fits = [row for row in summary if row[1] <= budget]
+            fits = [row[:3] for row in summary if row[1] <= budget and row[3] >= ref_accuracy - ACCURACY_SLACK]
             if fits:
                 fd, nfe, name = min(fits)
                 print(f"best at <= {budget} NFE: {name} (NFE {nfe}): FD {fd:.3f} = {fd / ref_fd:.2f}x DDPM-250's; "

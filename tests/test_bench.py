@@ -84,15 +84,18 @@ def test_sampling_front_table_states_whether_the_targets_are_met(capsys):
     import sampling_front
     from types import SimpleNamespace
 
-    def record(sampler, steps, seed, fd, nfe, **kw):
+    def record(sampler, steps, seed, fd, nfe, accuracy=1.0, **kw):
         cfg = sampling_front.config(sampler, steps, **kw)
         return {"key": sampling_front.key(cfg), "config": cfg, "seed": seed, "fd_classifier": fd,
-                "class_accuracy": 1.0, "nfe": nfe}
+                "class_accuracy": accuracy, "nfe": nfe}
     records = [record("ddpm", 250, s, fd, 500) for s, fd in ((0, 2.0), (1, 2.2))]
     records += [record("unipc", 10, s, fd, 14, spacing="logsnr", final="zero", interval=[0.5, 10.0])
                 for s, fd in ((0, 2.1), (1, 2.2))]
     records += [record("dpm++2m", 20, s, fd, 40, spacing="logsnr", final="zero") for s, fd in ((0, 1.9), (1, 2.0))]
     records.append(record("euler", 5, 0, 1.0, 10, spacing="karras", final="zero"))  # one seed only: not a result
+    # The lowest FD, but guidance switched off where it counts: the classes are lost, so it does not qualify.
+    records += [record("dpm++2m-sde", 10, s, 1.0, 10, accuracy=0.97, spacing="logsnr", final="zero",
+                       interval=[1.0, 2.0]) for s in (0, 1)]
     sampling_front.print_table(SimpleNamespace(records=records), SimpleNamespace(samples=1000, seeds=[0, 1]))
     out = capsys.readouterr().out
     assert "| unipc-10 logsnr/zero interval (0.5, 10] | 14 | 2.10 | 2.20 | 2.15 | 1.000 |" in out
