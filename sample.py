@@ -41,6 +41,7 @@ def main(argv=None):
     configure_matmul_precision(args.precision, device)
     try:
         model, vae, settings = load_sampling_model(args, device)
+        sampler = sampler_from_args(args, settings["objective"])
         guide = load_guide_model(args.guide_ckpt, settings, device) if args.guide_ckpt else None
     except (ActionableError, ValueError) as err:
         p.exit(2, f"sample.py: error: {err}\n")
@@ -54,7 +55,6 @@ def main(argv=None):
         p.exit(2, f"sample.py: error: class labels {untrained} were never trained: this model learned "
                   f"{describe_labels(trained)}\n")
 
-    sampler = sampler_from_args(args)
     guidance = guidance_from_args(args, sampler, guide)
     print(f"sampling {len(labels)} images: {settings['model']} at {settings['image_size']} px, "
           f"{describe_run(accounting(sampler, guidance, args.guide_ckpt))}, on {device}")

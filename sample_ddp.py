@@ -2,6 +2,7 @@
 
     torchrun --nnodes=1 --nproc_per_node=8 sample_ddp.py --ckpt U-DiT-B-400K --cfg-scale 1.5
     torchrun --nnodes=1 --nproc_per_node=8 sample_ddp.py --ckpt U-DiT-B-400K --cfg-scale 1.5 --sampler dpm++2m-sde
+    torchrun --nnodes=1 --nproc_per_node=8 sample_ddp.py --ckpt results/001-U-DiT-B/checkpoints/0400000.pt  # flow: flow-sde
 
 Image i depends only on (--global-seed, i), so the same command gives the same images on
 any number of processes. Batches are fixed runs of --per-proc-batch-size consecutive
@@ -94,8 +95,8 @@ def sample_all(args, ctx):
     """Sample this rank's missing batches, then (rank 0) write the .npz from the PNGs."""
     configure_matmul_precision(args.precision, ctx.device)
     model, vae, settings = load_sampling_model(args, ctx.device)
+    sampler = sampler_from_args(args, settings["objective"])
     guide = load_guide_model(args.guide_ckpt, settings, ctx.device) if args.guide_ckpt else None
-    sampler = sampler_from_args(args)
     guidance = guidance_from_args(args, sampler, guide)
     info = accounting(sampler, guidance, args.guide_ckpt)
     checkpoint_sha256, guide_sha256 = broadcast_object(

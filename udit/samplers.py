@@ -11,15 +11,17 @@ Three parts, each in one place:
   order the golden vectors check) and diffusers' DPM-Solver++, UniPC, Euler and Heun
   schedulers configured with the training betas.
 
-A sampler sees only `model_fn(x, t) -> network output` (N images at one timestep t of
-the training schedule) and per-image random generators; it returns x_0. The
-flow-matching objective adds its own process (a noise level for its time) and solvers
-behind the same `Sampler` interface.
+A sampler sees only `model_fn(x, t) -> network output` (N images at one network
+timestep t) and per-image random generators; it returns x_0. Each sampler belongs to
+one training objective (`Sampler.objective`): the `ddpm` ones above, and for `flow`
+(udit/objectives.py) Euler and Heun on the velocity ODE and SiT's Euler-Maruyama SDE
+(`FlowSolver`) on the linear interpolant (`FlowSchedule`).
 
-Noise level. sigma(t) = sqrt((1 - abar_t) / abar_t): x_t / sqrt(abar_t) = x_0 + sigma eps,
-the sigma of the equivalent variance-exploding process that EDM (Karras et al. 2022) and
-the guidance-interval paper (Kynkaanniemi et al. 2024) use. For the linear betas it runs
-from 0.0100 (t = 0) to 157 (t = 999).
+Noise level. Both processes are, up to a scale, x_0 + sigma eps: sigma is the noise
+level of the equivalent variance-exploding process that EDM (Karras et al. 2022) and the
+guidance-interval paper (Kynkaanniemi et al. 2024) use, so one --cfg-interval means the
+same noise for both objectives. DDPM: sigma = sqrt((1 - abar_t) / abar_t), from 0.0100
+(t = 0) to 157 (t = 999). Flow: sigma = t / (1 - t), from 0 (data) to infinity (noise).
 """
 
 import dataclasses
@@ -33,6 +35,7 @@ from tqdm.auto import tqdm
 
 from diffusion import create_diffusion, gd
 from udit.cuda_graphs import GraphedForward
+from udit.objectives import OBJECTIVES, TIMESTEP_SCALE
 
 
 #################################################################################
@@ -47,6 +50,8 @@ class VPSchedule:
     channels); with learn_sigma, C more channels hold DiT's learned variance, which only
     `diffusion/`'s DDPM uses.
     """
+
+    objective = "ddpm"
 
     def __init__(self, betas, learn_sigma=True):
         self.betas = np.asarray(betas, dtype=np.float64)
@@ -76,6 +81,37 @@ class VPSchedule:
     def epsilon(output, x):
         """The epsilon prediction (N, C, H, W) in a network output (N, C_out >= C, H, W) for input x."""
         return output[:, : x.shape[1]]
+
+
+class FlowSchedule:
+    """The linear interpolant of `--objective flow`: x_t = (1 - t) x_0 + t eps, t in [0, 1].
+
+    The network sees the timestep 1000 t and predicts the velocity v = eps - x_0 in all
+    its output channels (udit/objectives.py).
+    """
+
+    objective = "flow"
+    learn_sigma = False
+
+    @staticmethod
+    def sigma(t):
+        """Noise level of a network timestep t = 1000 t_flow: x_t / (1 - t_flow) = x_0 + sigma eps."""
+        t = float(t) / TIMESTEP_SCALE
+        return float("inf") if t >= 1.0 else t / (1.0 - t)
+
+    @staticmethod
+    def velocity(output, x):
+        """The velocity prediction (N, C, H, W) of a network output for input x."""
+        return output[:, : x.shape[1]]
+
+
+def schedule_for(objective, learn_sigma=True):
+    """The noise process a model of `objective` ("ddpm" or "flow") was trained on."""
+    if objective == "flow":
+        return FlowSchedule()
+    if objective == "ddpm":
+        return VPSchedule.training(learn_sigma)
+    raise ValueError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
 
 
 #################################################################################
@@ -184,6 +220,7 @@ class GuidedModel:
 #################################################################################
 
 TRAINING = VPSchedule.training()
+FLOW = FlowSchedule()
 
 
 class Sampler:
@@ -192,21 +229,23 @@ class Sampler:
     model_fn(x (N, C, H, W), t (N,)) -> network output; z: (N, C, H, W) standard normal
     initial noise; generators: one torch.Generator per image on z's device, the only
     source of the noise a stochastic solver adds, so that image i depends on its own
-    generator alone; schedule: the noise process the network was trained on.
-    `timesteps()` lists the network timesteps in the order the solver evaluates them (one
-    network evaluation each, before guidance).
+    generator alone; schedule: the noise process the network was trained on, of the
+    sampler's `objective`. `timesteps()` lists the network timesteps in the order the
+    solver evaluates them (one network evaluation each, before guidance).
     """
     name: str
     steps: int
     stochastic: bool
     default_cfg_channels: int | None
+    objective = "ddpm"
 
     def describe(self):
         """The settings as plain data, for logs, the accounting JSON and the sample folder's identity."""
         return {"sampler": self.name, "steps": self.steps}
 
-    def evaluations_per_image(self, guidance, schedule=TRAINING):
+    def evaluations_per_image(self, guidance, schedule=None):
         """{"main", "guide", "total"}: network evaluations per image with this guidance, as GuidedModel counts them."""
+        schedule = schedule or (FLOW if self.objective == "flow" else TRAINING)
         timesteps = self.timesteps()
         guided = sum(guidance.active(schedule.sigma(t)) for t in timesteps)
         if guidance.guide is None:
@@ -307,6 +346,100 @@ class DiffusersSolver(Sampler):
         return x
 
 
+LAST_STEPS = ("mean", "tweedie", "none")
+LAST_STEP_SIZE = 0.04  # SiT's: the stride of 250 steps over [0, 1]
+
+
+@dataclass(frozen=True)
+class FlowSolver(Sampler):
+    """Fixed-step solvers for `--objective flow`, integrating from t = 1 (noise) to t = 0 (data).
+
+    method: "euler" or "heun" on the probability-flow ODE dx/dt = v(x, t), or
+    "euler-maruyama" on SiT's reverse SDE (Ma et al. 2024, Eq. 7 with its "sigma"
+    diffusion coefficient w(t) = t, as REPA samples):
+
+        dx = [v - w(t) score] dt + sqrt(2 w(t)) dW,  score = -(x + (1 - t) v) / t,
+
+    integrated towards decreasing t; it has the ODE's marginals for any w, and w(t) = t
+    stays finite at pure noise, where SiT's default ("SBDM", w = t / (1 - t)) diverges
+    on this path. One normal draw per image and step from its own generator.
+
+    Times: `steps` intervals uniform in u from 1 to 0, mapped through the time shift
+    t = shift u / (1 + (shift - 1) u) (SD3, Esser et al. 2024, Eq. 23: shift > 1 spends
+    more steps at high noise; the SDE's last step stays 0.04 long). Heun corrects every step but the last, which ends at
+    t = 0 where an Euler step is exact for the x_0 estimate (EDM, Karras et al. 2022,
+    Alg. 1): 2 steps - 1 evaluations. The SDE with a last step (`last_step` "mean":
+    SiT's default, the drift alone; "tweedie": the x_0 estimate x - t v) runs steps - 1
+    stochastic steps from t = 1 to 0.04 and the last step to 0, `steps` evaluations;
+    "none" runs all `steps` stochastic steps to t = 0. Our own code: diffusers has no
+    scheduler for this SDE, and its FlowMatchEulerDiscreteScheduler would not draw
+    per-image noise.
+    """
+    name: str
+    method: str
+    stochastic: bool
+    steps: int
+    shift: float = 1.0
+    last_step: str | None = None
+    default_cfg_channels: int | None = None
+    objective = "flow"
+
+    def describe(self):
+        info = {**super().describe(), "time_shift": self.shift}
+        return {**info, "last_step": self.last_step} if self.last_step is not None else info
+
+    def times(self):
+        """(K,) float64 flow times from 1 down to 0 at which the solver's steps begin and end."""
+        def shifted(u):
+            return self.shift * u / (1.0 + (self.shift - 1.0) * u)
+        if self.last_step in ("mean", "tweedie"):
+            # The last step keeps SiT's length in t whatever the shift: a longer deterministic
+            # last step would drop the noise of the steps it replaces (variance lost ~ 2 t h).
+            u_last = LAST_STEP_SIZE / (self.shift - (self.shift - 1.0) * LAST_STEP_SIZE)
+            return np.append(shifted(np.linspace(1.0, u_last, self.steps)), 0.0)
+        return shifted(np.linspace(1.0, 0.0, self.steps + 1))
+
+    def timesteps(self):
+        t = self.times()
+        if self.method == "heun":
+            t = np.concatenate([[a, b] if b > 0 else [a] for a, b in zip(t[:-1], t[1:])])
+        else:
+            t = t[:-1]
+        return t * TIMESTEP_SCALE
+
+    def sample(self, model_fn, z, generators, schedule=FLOW, progress=False):
+        def velocity(x, t):
+            net_t = torch.full((len(x),), t * TIMESTEP_SCALE, dtype=torch.float32, device=x.device)
+            return schedule.velocity(model_fn(x, net_t), x)
+
+        times = self.times()
+        x = z
+        bar = tqdm(total=len(times) - 1, desc=f"{self.name} {self.steps} steps", leave=False, disable=not progress)
+        for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+            h = t - t_next
+            v = velocity(x, t)
+            if self.method == "euler":
+                x = x - h * v
+            elif self.method == "heun":
+                x_euler = x - h * v
+                x = x_euler if t_next == 0 else x - h / 2 * (v + velocity(x_euler, t_next))
+            else:
+                w = t  # the "sigma" diffusion coefficient
+                score = -(x + (1.0 - t) * v) / t
+                x_mean = x + h * (-v + w * score)
+                last = i == len(times) - 2
+                if last and self.last_step == "mean":
+                    x = x_mean
+                elif last and self.last_step == "tweedie":
+                    x = x - t * v
+                else:
+                    noise = torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device) for g in generators])
+                    x = x_mean + float(np.sqrt(2.0 * w * h)) * noise
+            bar.update()
+        bar.close()
+        return x
+
+
 #################################################################################
 #                                   Registry                                    #
 #################################################################################
@@ -333,6 +466,9 @@ def _registry():
         DiffusersSolver("unipc", unipc, (("solver_order", 2),), stochastic=False, steps=20, spacing="logsnr"),
         DiffusersSolver("euler", euler, (), stochastic=False, steps=20, spacing="karras"),
         DiffusersSolver("heun", heun, (), stochastic=False, steps=20, spacing="karras", final=None),
+        FlowSolver("flow-euler", "euler", stochastic=False, steps=50),
+        FlowSolver("flow-heun", "heun", stochastic=False, steps=25),
+        FlowSolver("flow-sde", "euler-maruyama", stochastic=True, steps=50, last_step="mean"),
     ]
     return _SamplerRegistry((s.name, s) for s in samplers)
 
@@ -340,18 +476,28 @@ def _registry():
 SAMPLERS = _registry()
 
 
-def make_sampler(name, steps=None, spacing=None, final=None):
-    """The sampler `name` with its recommended settings (steps, spacing, final step), or the ones given.
+DEFAULT_SAMPLERS = {"ddpm": "ddpm", "flow": "flow-sde"}  # the paper's protocol; SiT's recommended sampler
 
-    Raises ValueError (one line) for a step count the solver cannot take or a setting it
-    does not have.
+
+def samplers_for(objective):
+    """Names of the samplers for models trained with `objective`."""
+    return [name for name, sampler in SAMPLERS.items() if sampler.objective == objective]
+
+
+def make_sampler(name, steps=None, spacing=None, final=None, shift=None, last_step=None):
+    """The sampler `name` with its recommended settings, or the ones given.
+
+    spacing, final: timestep spacing and final step of a diffusers solver; shift, last_step:
+    time shift of a flow solver and last step of flow-sde. Raises ValueError (one line)
+    for a step count the solver cannot take or a setting it does not have.
     """
     sampler = SAMPLERS[name]
     changes = {"steps": steps} if steps is not None else {}
     if spacing is not None or final is not None:
         if not isinstance(sampler, DiffusersSolver):
-            raise ValueError(f"--spacing and the final step are settings of the diffusers solvers; {name} uses "
-                             f"diffusion/'s respacing (the paper's protocol)")
+            raise ValueError(f"--spacing and the final step are settings of the diffusers solvers "
+                             f"({', '.join(n for n, s in SAMPLERS.items() if isinstance(s, DiffusersSolver))}), "
+                             f"not of {name}")
         if spacing is not None:
             if spacing not in SPACINGS:
                 raise ValueError(f"unknown spacing {spacing!r}; available: {', '.join(SPACINGS)}")
@@ -362,8 +508,23 @@ def make_sampler(name, steps=None, spacing=None, final=None):
             if final not in FINAL_STEPS:
                 raise ValueError(f"unknown final step {final!r}; available: {', '.join(FINAL_STEPS)}")
             changes["final"] = final
+    if shift is not None:
+        if not isinstance(sampler, FlowSolver):
+            raise ValueError(f"--time-shift is a setting of the flow solvers ({', '.join(samplers_for('flow'))}), "
+                             f"not of {name}")
+        if not shift > 0:
+            raise ValueError(f"--time-shift must be positive (1: no shift), got {shift}")
+        changes["shift"] = float(shift)
+    if last_step is not None:
+        if not isinstance(sampler, FlowSolver) or sampler.last_step is None:
+            raise ValueError(f"--last-step is a setting of flow-sde, not of {name}")
+        if last_step not in LAST_STEPS:
+            raise ValueError(f"unknown last step {last_step!r}; available: {', '.join(LAST_STEPS)}")
+        changes["last_step"] = last_step
     sampler = dataclasses.replace(sampler, **changes)
     if not 1 <= sampler.steps <= 1000:
         raise ValueError(f"the number of sampling steps must be in 1..1000, got {sampler.steps}")
+    if isinstance(sampler, FlowSolver) and sampler.last_step in ("mean", "tweedie") and sampler.steps < 2:
+        raise ValueError(f"flow-sde with --last-step {sampler.last_step} takes at least 2 steps, got {sampler.steps}")
     sampler.timesteps()  # raises for a step count the solver cannot take (e.g. ddim with no integer stride)
     return sampler

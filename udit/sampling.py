@@ -20,7 +20,8 @@ from PIL import Image
 from models import DiT_models
 from udit.checkpoint import build_model, load_checkpoint, load_weights, model_state_dict
 from udit.cli import json_object
-from udit.samplers import SAMPLERS, SPACINGS, Guidance, GuidedModel, VPSchedule, make_sampler
+from udit.samplers import (DEFAULT_SAMPLERS, LAST_STEPS, SAMPLERS, SPACINGS, Guidance, GuidedModel, make_sampler,
+                           samplers_for, schedule_for)
 from udit.vae import (SD_VAE_SCALE, check_latent_normalization, decode, latent_channels, latent_factor,
                       latent_normalization, load_vae, vae_source)
 
@@ -49,20 +50,27 @@ def add_sampling_args(p):
     p.add_argument("--num-classes", type=int, help="default: from the checkpoint, else 1000")
     p.add_argument("--vae", choices=["ema", "mse", "none"], help="default: from the checkpoint, else ema")
     p.add_argument("--vae-path", help="local diffusers VAE folder (default: the hub id stabilityai/sd-vae-ft-{ema,mse})")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddpm",
-                   help="ddpm (the paper's protocol) and ddim through diffusion/; the others are diffusers' solvers "
-                        "(README, Sampling)")
+    p.add_argument("--sampler", choices=list(SAMPLERS),
+                   help="default: ddpm (the paper's protocol) for ddpm checkpoints, flow-sde for --objective flow "
+                        "ones; " + "; ".join(f"{objective}: {', '.join(samplers_for(objective))}"
+                                              for objective in DEFAULT_SAMPLERS) + " (README, Sampling)")
     p.add_argument("--num-sampling-steps", type=int,
                    help="default: the sampler's recommended count (" +
                         ", ".join(f"{name} {s.steps}" for name, s in SAMPLERS.items()) + ")")
     p.add_argument("--spacing", choices=SPACINGS, help="timestep spacing of a diffusers solver (default: its "
                                                        "measured best)")
+    p.add_argument("--time-shift", type=float, metavar="SHIFT",
+                   help="flow solvers: t = SHIFT u / (1 + (SHIFT - 1) u) for uniform u (SD3's shift; > 1: more steps "
+                        "at high noise; default 1)")
+    p.add_argument("--last-step", choices=LAST_STEPS,
+                   help="flow-sde: the step from t = 0.04 to 0 (mean: SiT's default, the drift without noise; "
+                        "tweedie: the x_0 estimate; none: stochastic steps all the way)")
     p.add_argument("--cfg-channels", type=cfg_channels, metavar="{3,all}",
                    help="guide the first 3 output channels (the DiT convention, default for ddpm and ddim) or all "
                         "of them (default for the other solvers, which guide epsilon)")
     p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="guide only at noise levels LOW < sigma <= HIGH, sigma = sqrt((1 - abar_t) / abar_t) "
-                        "(0.01 .. 157); elsewhere the unconditional pass is skipped")
+                        "(0.01 .. 157; flow: t / (1 - t), 0 .. inf); elsewhere the unconditional pass is skipped")
     p.add_argument("--guide-ckpt", metavar="CKPT",
                    help="autoguidance: a weaker checkpoint (smaller model or earlier step, same latent space and "
                         "classes) whose conditional prediction replaces the null-label one")
@@ -88,8 +96,12 @@ def check_sampling_args(parser, args):
                 parser.error(f"{flag} has no effect without guidance; give --cfg-scale > 1 or drop it")
     if args.cfg_interval is not None and not 0 <= args.cfg_interval[0] < args.cfg_interval[1]:
         parser.error(f"--cfg-interval LOW HIGH needs 0 <= LOW < HIGH, got {args.cfg_interval[0]} {args.cfg_interval[1]}")
+    steps = args.num_sampling_steps
+    if steps is not None and not 1 <= steps <= 1000:
+        parser.error(f"the number of sampling steps must be in 1..1000, got {steps}")
     try:
-        sampler_from_args(args)
+        if args.sampler is not None:  # the default depends on the checkpoint's objective: checked once it is read
+            sampler_from_args(args)
     except ValueError as err:
         parser.error(str(err))
     if args.vae_path and not Path(args.vae_path).is_dir():
@@ -100,9 +112,18 @@ def check_sampling_args(parser, args):
         parser.error("--cuda-graph needs a CUDA GPU (it replays recorded GPU kernels); drop it on this machine")
 
 
-def sampler_from_args(args):
-    """The configured sampler of --sampler, --num-sampling-steps and --spacing (ValueError if impossible)."""
-    return make_sampler(args.sampler, args.num_sampling_steps, args.spacing)
+def sampler_from_args(args, objective=None):
+    """The configured sampler of --sampler and its settings for a model of `objective` (ValueError if impossible).
+
+    Without --sampler: the objective's default (DEFAULT_SAMPLERS). A sampler of another
+    objective is refused with the list of those that fit.
+    """
+    name = args.sampler or DEFAULT_SAMPLERS[objective or "ddpm"]
+    if objective is not None and SAMPLERS[name].objective != objective:
+        raise ValueError(f"--sampler {name} samples models trained with --objective {SAMPLERS[name].objective}; "
+                         f"this one was trained with --objective {objective}: use one of "
+                         f"{', '.join(samplers_for(objective))}")
+    return make_sampler(name, args.num_sampling_steps, args.spacing, shift=args.time_shift, last_step=args.last_step)
 
 
 def guidance_from_args(args, sampler, guide=None):
@@ -124,6 +145,8 @@ def describe_run(info):
     text = f"{info['sampler']} {info['steps']} steps"
     if "spacing" in info:
         text += f" ({info['spacing']} spacing)"
+    if info.get("time_shift", 1.0) != 1.0:
+        text += f" (time shift {info['time_shift']:g})"
     if info["cfg_scale"] != 1.0:
         text += f", {'autoguidance' if info['autoguidance'] else 'cfg'} {info['cfg_scale']} on {info['cfg_channels']} channels"
         if info["cfg_interval"] is not None:
@@ -145,10 +168,7 @@ def resolve_settings(args, saved, state_dict):
     """
     from download import RELEASED
     released = RELEASED.get(args.ckpt, {})
-    if saved.get("objective", "ddpm") != "ddpm":
-        raise ValueError(f"{args.ckpt}: this model was trained with --objective {saved['objective']}, and "
-                         f"{', '.join(SAMPLERS)} sample the ddpm objective only; flow-matching solvers are not "
-                         f"available yet")
+    objective = saved.get("objective", "ddpm")  # every earlier checkpoint and release is ddpm
     if "latent_size" not in saved:
         saved = {k: saved[k] for k in FOREIGN_RELIABLE if k in saved}
     defaults = {"model": "U-DiT-B", "model_kwargs": {}, "image_size": 256, "num_classes": 1000, "vae": "ema"}
@@ -163,6 +183,9 @@ def resolve_settings(args, saved, state_dict):
     if settings["model"] not in DiT_models:
         raise ValueError(f"{args.ckpt}: the checkpoint names the model {settings['model']!r}, which is not one of "
                          f"{', '.join(DiT_models)}; pass --model")
+    settings["objective"] = objective
+    if "learn_sigma" in saved or objective == "flow":  # flow networks have no learned-variance channels
+        settings["learn_sigma"] = saved.get("learn_sigma", False)
     settings["label_dropout"] = saved.get("label_dropout", "shared")
     label_rows = [v.shape[0] for k, v in state_dict.items() if k.endswith("embedding_table.weight")]
     inferred_dropout = 0.0 if label_rows and label_rows[0] == settings["num_classes"] else 0.1
@@ -236,11 +259,14 @@ def load_guide_model(ckpt, settings, device):
     flags.model_kwargs = (settings["model_kwargs"] if "model_kwargs" not in known and
                           known.get("model", settings["model"]) == settings["model"] else None)
     guide = resolve_settings(flags, saved, state_dict)
+    if not known:  # a bare state dict: of the main model's objective, as for its other settings
+        guide["objective"] = settings.get("objective", "ddpm")
     guide.setdefault("in_channels", settings["in_channels"])
     guide["latent_size"] = guide["image_size"] * settings["latent_size"] // settings["image_size"]
-    differ = [f"{what} {guide[key]} vs {settings[key]}" for what, key in
-              (("latent channels", "in_channels"), ("latent size", "latent_size"), ("classes", "num_classes"))
-              if guide[key] != settings[key]]
+    differ = [f"{what} {guide.get(key, 'ddpm')} vs {settings.get(key, 'ddpm')}" for what, key in
+              (("objective", "objective"), ("latent channels", "in_channels"), ("latent size", "latent_size"),
+               ("classes", "num_classes"))
+              if guide.get(key, "ddpm") != settings.get(key, "ddpm")]
     if LATENT_SPACES[guide["vae"]] != LATENT_SPACES[settings["vae"]]:
         differ.insert(0, f"latent space (vae) {guide['vae']} vs {settings['vae']}")
     elif guide.get("latent_normalization", settings.get("latent_normalization")) != settings.get("latent_normalization"):
@@ -299,12 +325,14 @@ def initial_draws(seed, indices, shape, label_pool, labels=None):
     return y, torch.stack(zs)
 
 
-def generate(model, vae, settings, seed, indices, sampler="ddpm", guidance=Guidance(), labels=None,
+def generate(model, vae, settings, seed, indices, sampler=None, guidance=Guidance(), labels=None,
              precision="fp32", cuda_graph=False, progress=False):
     """Images (N, 3, H, W) in [-1, 1] and labels (N,) for the image indices given.
 
-    sampler: a name of udit.samplers.SAMPLERS (recommended settings) or a configured
-    sampler (udit.samplers.make_sampler). guidance: udit.samplers.Guidance (scale,
+    settings: as load_sampling_model returns them ("objective" picks the noise process,
+    "ddpm" when absent). sampler: a name of udit.samplers.SAMPLERS (recommended
+    settings), a configured sampler (udit.samplers.make_sampler), or None for the
+    objective's default; it must be one of the objective's. guidance: udit.samplers.Guidance (scale,
     channels, interval, guide network). The network evaluations per image are
     `sampler.evaluations_per_image(guidance)`. cuda_graph: replay each network call
     from a CUDA graph recorded for this batch (one per batch shape).
@@ -314,14 +342,18 @@ def generate(model, vae, settings, seed, indices, sampler="ddpm", guidance=Guida
                                   sampler=make_sampler("dpm++2m-sde", 10),
                                   guidance=Guidance(scale=4.0, interval=(0.5, 10.0)))
     """
-    if isinstance(sampler, str):
-        sampler = make_sampler(sampler)
+    objective = settings.get("objective", "ddpm")
+    if sampler is None or isinstance(sampler, str):
+        sampler = make_sampler(sampler or DEFAULT_SAMPLERS[objective])
+    if sampler.objective != objective:
+        raise ValueError(f"{sampler.name} samples models trained with --objective {sampler.objective}, this one was "
+                         f"trained with --objective {objective}: use one of {', '.join(samplers_for(objective))}")
     device = next(model.parameters()).device
     shape = (settings["in_channels"], settings["latent_size"], settings["latent_size"])
     y, z = initial_draws(seed, indices, shape, settings["trained_labels"], labels)
     y, z = y.to(device), z.to(device)
     generators = [seeded_generator(seed, i, 1, device) for i in indices]
-    schedule = VPSchedule.training(learn_sigma=model.learn_sigma)
+    schedule = schedule_for(objective, model.learn_sigma)
     model_fn = GuidedModel(model, y, settings["num_classes"], guidance.for_sampler(sampler), schedule, precision,
                            cuda_graph)
     with torch.no_grad():
