@@ -29,11 +29,13 @@ from udit.cli import ActionableError, positive_int
 from udit.distributed import all_reduce_mean
 from udit.sampling import (batches_of_rank, default_labels, generate, image_grid, labels_for, save_png_atomic,
                            write_npz_streaming)
-from udit.samplers import SAMPLERS, Guidance, make_sampler
+from udit.samplers import SAMPLERS, Guidance, make_sampler, samplers_for
 from udit.vae import load_vae, to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
-GRID_SAMPLER, GRID_CFG_SCALE = "ddim", 4.0  # DiT's guidance scale for pictures
+# Grids and (by default) evaluations use each objective's deterministic 50-step sampler.
+MONITOR_SAMPLERS = {"ddpm": "ddim", "flow": "flow-euler"}
+GRID_CFG_SCALE = 4.0  # DiT's guidance scale for pictures
 
 # Flags that change only what is watched: --resume may change them.
 MONITOR_SETTINGS = ("no_tensorboard", "sample_every", "sample_classes", "sample_steps", "eval_every", "eval_samples",
@@ -53,7 +55,8 @@ def add_monitor_args(p):
                         "0: none")
     g.add_argument("--sample-classes", type=int, nargs="+",
                    help="class labels of the grid (default: DiT's 8 ImageNet classes, else the first 8 trained)")
-    g.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps of the grid (cfg 4)")
+    g.add_argument("--sample-steps", type=positive_int, default=50,
+                   help="steps of the grid's sampler (cfg 4): ddim, or flow-euler for --objective flow")
     g.add_argument("--eval-every", type=int, default=0,
                    help="evaluate the EMA model every N steps (default 0: never; see README, Training)")
     g.add_argument("--eval-samples", type=positive_int, default=10_000, help="images per evaluation")
@@ -63,10 +66,11 @@ def add_monitor_args(p):
     g.add_argument("--eval-command",
                    help="score with this command instead of evaluator.py: it is run with SAMPLES.npz --json "
                         "METRICS.json appended and writes a JSON object of numbers there")
-    g.add_argument("--eval-sampler", choices=list(SAMPLERS), default="ddim",
-                   help="a sampler of udit/samplers.py (README, Sampling)")
+    g.add_argument("--eval-sampler", choices=list(SAMPLERS),
+                   help="a sampler of udit/samplers.py for the run's objective (README, Sampling); default: ddim, "
+                        "flow-euler for --objective flow")
     g.add_argument("--eval-sampling-steps", type=positive_int,
-                   help="default: the sampler's recommended count (ddim: 50)")
+                   help="default: the sampler's recommended count (ddim and flow-euler: 50)")
     g.add_argument("--eval-cfg-scale", type=float, default=1.0, help="1 = no guidance")
 
 
@@ -75,10 +79,13 @@ def check_monitor_args(parser, args):
     for flag in ("sample_every", "eval_every"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be >= 0 (0: never), got {getattr(args, flag)}")
-    if args.eval_every and args.objective != "ddpm":
-        parser.error(f"--eval-every: udit/sampling.py has no sampler for --objective {args.objective} yet; "
-                     f"evaluate its checkpoints after training")
-    for flag, sampler, steps in (("--sample-steps", GRID_SAMPLER, args.sample_steps),
+    if args.eval_sampler is None:
+        args.eval_sampler = MONITOR_SAMPLERS[args.objective]
+    elif SAMPLERS[args.eval_sampler].objective != args.objective:
+        parser.error(f"--eval-sampler {args.eval_sampler} samples --objective {SAMPLERS[args.eval_sampler].objective} "
+                     f"models; this run trains --objective {args.objective}: use one of "
+                     f"{', '.join(samplers_for(args.objective))}")
+    for flag, sampler, steps in (("--sample-steps", MONITOR_SAMPLERS[args.objective], args.sample_steps),
                                  ("--eval-sampling-steps", args.eval_sampler, args.eval_sampling_steps)):
         try:
             make_sampler(sampler, steps)
@@ -175,10 +182,6 @@ class Monitor:
             raise ValueError(f"--sample-classes {bad}: not among the classes this run trains ({shown})")
         self.evaluation = Evaluation(self, args, batch_size) if args.eval_every else None
         self.grids = args.sample_every > 0
-        if self.grids and config["objective"] != "ddpm":
-            logger.info("sample grids off: udit/sampling.py has no sampler for --objective %s yet",
-                        config["objective"])
-            self.grids = False
         if config["vae"] != "none" and vae is None and (self.grids or self.evaluation):
             self._load_vae()
         self.writer = None
@@ -241,7 +244,8 @@ class Monitor:
             return
         try:
             images, _ = generate(ema, self.vae, self.settings, self.args.global_seed, range(len(self.labels)),
-                                 make_sampler(GRID_SAMPLER, self.args.sample_steps), Guidance(scale=GRID_CFG_SCALE),
+                                 make_sampler(MONITOR_SAMPLERS[self.settings["objective"]], self.args.sample_steps),
+                                 Guidance(scale=GRID_CFG_SCALE),
                                  labels=self.labels, precision=self.precision)
             grid = image_grid(images, grid_columns(len(self.labels)))
             save_png_atomic(grid, self.exp_dir / "samples" / f"{step:07d}.png")
