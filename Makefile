@@ -20,9 +20,9 @@ $(DEMO_STAMP): $(STAMP) requirements-demo.txt
 	touch $(DEMO_STAMP)
 
 # Train, sample and score a pixel-space U-DiT on scikit-learn's 8x8 digits (CPU, ~12 min).
-# MINUTES=20 make demo trains longer.
+# MINUTES=20 make demo trains longer; OBJECTIVE=flow make demo trains with flow matching.
 demo: $(DEMO_STAMP)
-	$(PY) scripts/demo.py $(if $(MINUTES),--minutes $(MINUTES))
+	$(PY) scripts/demo.py $(if $(MINUTES),--minutes $(MINUTES)) $(if $(OBJECTIVE),--objective $(OBJECTIVE))
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -10,6 +10,7 @@ same scorer evaluates the run while it trains (train.py --eval-command runs this
 with --fd), and curves.png plots the loss and that distance against the steps.
 
     python scripts/demo.py [--minutes 8] [--out results/demo]
+    python scripts/demo.py --objective flow            # flow matching (out: results/demo_flow)
     python scripts/demo.py --minutes 60 --steps 1830 --save-every 250   # a fixed step count, every checkpoint kept
     python scripts/demo.py --score results/demo/checkpoint.pt --out results/demo_rescored
     python scripts/demo.py --fd SAMPLES.npz --json METRICS.json [--out results/demo]   # the scorer alone
@@ -41,11 +42,23 @@ TRAIN_FLAGS = ["--model", "U-DiT-S", "--model-kwargs", json.dumps(MODEL_KWARGS),
                "--ema-decay", "0.999", "--ema-warmup", "--no-flip", "--num-workers", "0", "--log-every", "50",
                "--max-steps", "1000000", "--global-seed", "0", "--sample-every", "250",
                "--sample-classes", *map(str, range(10))]
-SAMPLE_FLAGS = ["--num-sampling-steps", "100", "--cfg-scale", "4.0"]
-# Evaluation while training: the final scorer, on fewer samples drawn with a quarter of the final steps.
-EVAL_SAMPLES, EVAL_DDIM_STEPS = 500, 25
-EVAL_FLAGS = ["--eval-samples", str(EVAL_SAMPLES), "--eval-sampler", "ddim", "--eval-sampling-steps",
-              str(EVAL_DDIM_STEPS), "--eval-cfg-scale", "4.0"]
+# The final samples: each objective's reference sampler (DDPM 100 steps; SiT's SDE, 100 steps), cfg 4.
+SAMPLERS = {"ddpm": ("ddpm", 100), "flow": ("flow-sde", 100)}
+CFG_SCALE = 4.0
+# Evaluation while training: the final scorer, on fewer samples drawn with a deterministic
+# sampler (DDIM; Euler for flow) at a quarter of the final steps.
+EVAL_SAMPLES, EVAL_STEPS = 500, 25
+EVAL_SAMPLERS = {"ddpm": "ddim", "flow": "flow-euler"}
+
+
+def sample_flags(objective):
+    sampler, steps = SAMPLERS[objective]
+    return ["--sampler", sampler, "--num-sampling-steps", str(steps), "--cfg-scale", str(CFG_SCALE)]
+
+
+def eval_flags(objective):
+    return ["--eval-samples", str(EVAL_SAMPLES), "--eval-sampler", EVAL_SAMPLERS[objective],
+            "--eval-sampling-steps", str(EVAL_STEPS), "--eval-cfg-scale", str(CFG_SCALE)]
 
 
 def digits():
@@ -169,12 +182,13 @@ def run(cmd, log):
 
 def sample_and_score(ckpt, out, samples, clf, train_x, held_x, held_y, log, times):
     """Stages 2-4 for a checkpoint: samples with sample_ddp.py, a grid with sample.py, the scores."""
+    objective = load_checkpoint(ckpt)["args"].get("objective", "ddpm")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     t0 = time.time()
     print(f"[2/4] sampling {samples} digits with sample_ddp.py (2 processes)")
     shutil.rmtree(out / "samples", ignore_errors=True)
     run([*torchrun, "sample_ddp.py", "--ckpt", ckpt, "--num-fid-samples", samples,
-         "--per-proc-batch-size", "250", "--sample-dir", out / "samples", *SAMPLE_FLAGS], log)
+         "--per-proc-batch-size", "250", "--sample-dir", out / "samples", *sample_flags(objective)], log)
     shutil.copy(next((out / "samples").glob("*.npz")), out / "samples.npz")
     times["sample_s"] = time.time() - t0
 
@@ -182,7 +196,7 @@ def sample_and_score(ckpt, out, samples, clf, train_x, held_x, held_y, log, time
     print("[3/4] a grid with one row per class (sample.py)")
     labels = [c for c in range(10) for _ in range(10)]
     run([sys.executable, "sample.py", "--ckpt", ckpt, "--class-labels", *labels, "--nrow", "10",
-         "--output", out / "grid_8px.png", *SAMPLE_FLAGS], log)
+         "--output", out / "grid_8px.png", *sample_flags(objective)], log)
     grid = Image.open(out / "grid_8px.png")
     grid.resize((grid.width * 4, grid.height * 4), Image.NEAREST).save(out / "grid.png")
     times["grid_s"] = time.time() - t0
@@ -194,6 +208,8 @@ def sample_and_score(ckpt, out, samples, clf, train_x, held_x, held_y, log, time
         "fd_classifier_real_vs_real": fd_to_held_out(clf, train_x[:HELD_OUT], held_x),
         "real_accuracy": float((clf.predict(to_features(held_x)) == held_y).mean()),
         "samples": samples,
+        "objective": objective,
+        "sampler": "{} {}".format(*SAMPLERS[objective]),
         "training_steps": int(load_checkpoint(ckpt)["step"]),
     }
     times["score_s"] = time.time() - t0
@@ -208,13 +224,15 @@ def plot_curves(exp_dir, summary, path):
     scalars = read_scalars(exp_dir / "tensorboard")
     fig, (ax_loss, ax_fd) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_loss.plot(*zip(*scalars["train/loss"]), color="C0")
-    ax_loss.set(xlabel="training step", ylabel="training loss (mse + vb)", yscale="log",
+    ax_loss.set(xlabel="training step", yscale="log",
+                ylabel="training loss (mse + vb)" if summary["objective"] == "ddpm" else "training loss (velocity mse)",
                 title="loss (mean of each log interval, both processes)")
     if "eval/fd_classifier" in scalars:
         ax_fd.plot(*zip(*scalars["eval/fd_classifier"]), marker="o", color="C0",
-                   label=f"during training: {EVAL_SAMPLES:,} samples, DDIM {EVAL_DDIM_STEPS}")
+                   label=f"during training: {EVAL_SAMPLES:,} samples, {EVAL_SAMPLERS[summary['objective']]} "
+                         f"{EVAL_STEPS}")
     ax_fd.plot([summary["training_steps"]], [summary["fd_classifier"]], marker="*", markersize=14, color="C3",
-               linestyle="none", label=f"end: {summary['samples']:,} samples, DDPM 100")
+               linestyle="none", label=f"end: {summary['samples']:,} samples, {summary['sampler']}")
     ax_fd.axhline(summary["fd_classifier_real_vs_real"], linestyle="--", color="gray", label="real vs real")
     ax_fd.set(xlabel="training step", ylabel="FD in classifier features", yscale="log",
               title="FD to held-out digits (cfg 4)")
@@ -232,7 +250,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, help="stop training after this many steps instead (reproducible whatever "
                                              "the machine's load; the time budget still applies)")
     p.add_argument("--samples", type=int, default=1000, help="generated samples to score")
-    p.add_argument("--out", default="results/demo")
+    p.add_argument("--objective", choices=["ddpm", "flow"], default="ddpm",
+                   help="ddpm: the paper's epsilon prediction; flow: velocity on the linear interpolant")
+    p.add_argument("--out", help="default: results/demo, results/demo_flow for --objective flow")
     p.add_argument("--save-every", type=int, default=1_000_000, help="also keep a checkpoint every N steps")
     p.add_argument("--score", metavar="CKPT", help="skip training: sample and score this checkpoint")
     p.add_argument("--eval-every", type=int, default=300, help="score the run every N steps while it trains (0: never)")
@@ -240,7 +260,7 @@ def main(argv=None):
                    help="only score these samples with the classifier of --out (what train.py runs while training)")
     p.add_argument("--json", metavar="METRICS.json", help="with --fd: write the metrics here")
     args = p.parse_args(argv)
-    out = ROOT / args.out
+    out = ROOT / (args.out or ("results/demo" if args.objective == "ddpm" else f"results/demo_{args.objective}"))
     (train_x, train_y), (held_x, held_y) = split(*digits())
     if args.fd:
         metrics = score_samples(Classifier.load(out / "classifier.npz"), args.fd, held_x)
@@ -267,13 +287,14 @@ def main(argv=None):
     else:
         t0 = time.time()
         shutil.rmtree(out / "train", ignore_errors=True)
-        print(f"[1/4] training a pixel-space U-DiT on {len(train_x)} digits for {args.minutes} minutes "
-              f"(train.py, 2 processes), scored every {args.eval_every} steps")
+        print(f"[1/4] training a pixel-space U-DiT with --objective {args.objective} on {len(train_x)} digits for "
+              f"{args.minutes} minutes (train.py, 2 processes), scored every {args.eval_every} steps")
         scorer = " ".join(shlex.quote(str(a)) for a in (sys.executable, Path(__file__).resolve(), "--out", out, "--fd"))
-        evaluation = ["--eval-every", args.eval_every, "--eval-command", scorer, *EVAL_FLAGS] if args.eval_every else []
+        evaluation = (["--eval-every", args.eval_every, "--eval-command", scorer, *eval_flags(args.objective)]
+                      if args.eval_every else [])
         run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
              "--data-path", data, "--results-dir", out / "train", "--max-minutes", args.minutes,
-             *TRAIN_FLAGS, *evaluation, "--ckpt-every", args.save_every,
+             *TRAIN_FLAGS, "--objective", args.objective, *evaluation, "--ckpt-every", args.save_every,
              *(["--max-steps", args.steps] if args.steps else [])], log)
         last = sorted((out / "train").glob("*/checkpoints/*.pt"))[-1]
         ckpt = out / "checkpoint.pt"
