@@ -12,10 +12,12 @@ mean over seeds, against network evaluations per image (NFE, guidance included).
 Stages, in order (each uses the choices of those before; --stages runs a subset):
 
   baseline        DDPM at 100 and 250 steps, DDIM at 10, 20, 50 (the paper's samplers),
-                  and DDPM-250 unguided (cfg 1: what FD alone would prefer)
+                  and DDPM-250 unguided (cfg 1: what FD alone would prefer); for a flow
+                  checkpoint (--objective flow) SiT's SDE at 100 and 250 steps, and 250 unguided
   spacing         each diffusers solver at 10 steps with each spacing, then the better
-                  final step: picks each solver's spacing and final step
-  front           each diffusers solver at 5, 10, 20, 50 steps with its picks
+                  final step: picks each solver's spacing and final step; for a flow
+                  checkpoint each flow solver's time shift
+  front           each solver at 5, 10, 20, 50 steps with its picks
   interval        a grid of guidance intervals on the solver with the best FD at 10
                   steps, run at 20 steps: picks the interval
   front-interval  the front again with that interval
@@ -27,7 +29,7 @@ Picks use the first seed and --select-samples samples (the ranking, not the figu
 what they need). FD rewards diversity, so on its own it prefers weaker guidance; an
 interval or an autoguidance setting is eligible only if it keeps the class accuracy of
 guidance at every step (cfg 4) within ACCURACY_SLACK, and the targets are judged on
-configurations that keep DDPM-250's. Every (configuration, seed) is appended to the JSON
+configurations that keep the reference's (DDPM-250; flow-sde-250 for flow). Every (configuration, seed) is appended to the JSON
 as soon as it is measured and a rerun skips those already there, so an interrupted sweep
 resumes. --workers N measures N configurations at a time, one process each. Prints the
 table.
@@ -49,12 +51,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from demo import DigitScorer  # noqa: E402
-from udit.samplers import SAMPLERS, DiffusersSolver, Guidance, make_sampler  # noqa: E402
+from udit.checkpoint import load_checkpoint  # noqa: E402
+from udit.samplers import SAMPLERS, DiffusersSolver, FlowSolver, Guidance, make_sampler  # noqa: E402
 from udit.sampling import add_sampling_args, generate, load_guide_model, load_sampling_model  # noqa: E402
 from udit.vae import to_uint8  # noqa: E402
 
-SOLVERS = [name for name, s in SAMPLERS.items() if isinstance(s, DiffusersSolver)]
-STEPS = (5, 10, 20, 50)
+SOLVERS = {"ddpm": [name for name, s in SAMPLERS.items() if isinstance(s, DiffusersSolver)],
+           "flow": [name for name, s in SAMPLERS.items() if isinstance(s, FlowSolver)]}
+REFERENCE = {"ddpm": "ddpm", "flow": "flow-sde"}  # each objective's 250-step reference sampler
+CANDIDATE_SHIFTS = (1.0, 2.0, 3.0)  # SD3 samples with 3STEPS = (5, 10, 20, 50)
 CANDIDATE_SPACINGS = ("trailing", "karras", "logsnr")  # "linspace" is "trailing" shifted by at most one timestep
 NO_LIMIT = 1000.0  # above the schedule's sigma_max (157): an interval open at the top
 INTERVALS = [[lo, hi] for lo in (0.0, 0.2, 0.5, 1.0) for hi in (2.0, 5.0, 10.0, NO_LIMIT) if [lo, hi] != [0.0, NO_LIMIT]]
@@ -64,10 +69,11 @@ STAGES = ("baseline", "spacing", "front", "interval", "front-interval", "autogui
 DEFAULT_STAGES = STAGES[:-1]
 
 
-def config(sampler, steps, spacing=None, final=None, cfg=4.0, interval=None, guide=None, samples=1000):
-    """One measurement's settings as plain data (its JSON is the measurement's key)."""
-    return {"sampler": sampler, "steps": steps, "spacing": spacing, "final": final, "cfg": cfg,
-            "interval": None if interval is None else list(interval), "guide": guide, "samples": samples}
+def config(sampler, steps, spacing=None, final=None, cfg=4.0, interval=None, guide=None, samples=1000, shift=None):
+    """One measurement's settings as plain data (its JSON is the measurement's key; a flow solver's has its shift)."""
+    cfg = {"sampler": sampler, "steps": steps, "spacing": spacing, "final": final, "cfg": cfg,
+           "interval": None if interval is None else list(interval), "guide": guide, "samples": samples}
+    return cfg if shift is None else {**cfg, "shift": shift}
 
 
 def key(cfg):
@@ -78,6 +84,8 @@ def label(cfg):
     text = f"{cfg['sampler']}-{cfg['steps']}"
     if cfg["spacing"]:
         text += f" {cfg['spacing']}" + (f"/{cfg['final']}" if cfg["final"] else "")
+    if cfg.get("shift", 1.0) != 1.0:
+        text += f" shift {cfg['shift']:g}"
     if cfg["guide"]:
         text += f" autoguided by {Path(cfg['guide']).stem} x{cfg['cfg']:g}"
     elif cfg["cfg"] != 4.0:
@@ -106,7 +114,7 @@ class Measurer:
         self.scorer = DigitScorer.default()
 
     def measure(self, cfg, seed, batch_size=500):
-        sampler = make_sampler(cfg["sampler"], cfg["steps"], cfg["spacing"], cfg["final"])
+        sampler = make_sampler(cfg["sampler"], cfg["steps"], cfg["spacing"], cfg["final"], shift=cfg.get("shift"))
         if cfg["guide"] and cfg["guide"] not in self.guides:
             self.guides[cfg["guide"]] = load_guide_model(cfg["guide"], self.settings, self.device)
         guidance = Guidance(scale=cfg["cfg"], interval=None if cfg["interval"] is None else tuple(cfg["interval"]),
@@ -194,19 +202,31 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per worker (one: OpenMP threads spin on a shared machine)")
     args = p.parse_args(argv)
+    args.objective = load_checkpoint(args.ckpt).get("args", {}).get("objective", "ddpm")
     sweep = Sweep(args)
     first, n, picks = args.seeds[:1], args.samples, args.select_samples
+    flow = args.objective == "flow"
+    solvers = SOLVERS[args.objective]
 
-    if "baseline" in args.stages:
+    if "baseline" in args.stages and flow:
+        sweep.run([config("flow-sde", s, samples=n, shift=1.0) for s in (100, 250)] +
+                  [config("flow-sde", 250, cfg=1.0, samples=n, shift=1.0)], args.seeds)
+    elif "baseline" in args.stages:
         sweep.run([config("ddpm", s, samples=n) for s in (100, 250)] +
                   [config("ddim", s, samples=n) for s in (10, 20, 50)] + [config("ddpm", 250, cfg=1.0, samples=n)],
                   args.seeds)
 
-    # Each solver's spacing, then its final step (where it has a choice), at 10 steps.
+    # Each solver's spacing, then its final step (where it has a choice), at 10 steps; a flow solver's shift.
     picked = {}
-    if "spacing" in args.stages:
+    if "spacing" in args.stages and flow:
+        for name in solvers:
+            best = sweep.best([config(name, 10, samples=picks, shift=shift) for shift in CANDIDATE_SHIFTS], first)
+            picked[name] = {**best, "samples": n}
+    elif flow:
+        picked = {name: config(name, 10, samples=n, shift=1.0) for name in solvers}
+    elif "spacing" in args.stages:
         candidates = {name: [config(name, 10, s, SAMPLERS[name].final, samples=picks) for s in CANDIDATE_SPACINGS]
-                      for name in SOLVERS}
+                      for name in solvers}
         sweep.run([c for cs in candidates.values() for c in cs], first)
         for name, cs in candidates.items():
             best = sweep.best(cs, first)
@@ -214,16 +234,16 @@ def main(argv=None):
                 best = sweep.best([best, {**best, "final": "sigma_min"}], first)
             picked[name] = {**best, "samples": n}
     else:
-        picked = {name: config(name, 10, SAMPLERS[name].spacing, SAMPLERS[name].final, samples=n) for name in SOLVERS}
+        picked = {name: config(name, 10, SAMPLERS[name].spacing, SAMPLERS[name].final, samples=n) for name in solvers}
 
     def solver(name, steps, **changes):
         return {**picked[name], "steps": steps, **changes}
 
     if "front" in args.stages:
-        sweep.run([solver(name, s) for name in SOLVERS for s in STEPS], args.seeds)
+        sweep.run([solver(name, s) for name in solvers for s in STEPS], args.seeds)
 
-    measured_at_10 = [name for name in SOLVERS if sweep.measured(solver(name, 10), first[0])]
-    pivot = min(measured_at_10, key=lambda name: sweep.fd(solver(name, 10), first)) if measured_at_10 else "dpm++2m"
+    measured_at_10 = [name for name in solvers if sweep.measured(solver(name, 10), first[0])]
+    pivot = min(measured_at_10, key=lambda name: sweep.fd(solver(name, 10), first)) if measured_at_10 else solvers[0]
     # Guidance settings are picked at 20 steps, keeping cfg 4's class accuracy there.
     reference = solver(pivot, 20, samples=picks)
     interval = None
@@ -235,7 +255,7 @@ def main(argv=None):
         print(f"picked: interval {interval} on {pivot}-20 (class accuracy >= {floor:.3f})", flush=True)
 
     if "front-interval" in args.stages and interval:
-        sweep.run([solver(name, s, interval=interval) for name in SOLVERS for s in STEPS], args.seeds)
+        sweep.run([solver(name, s, interval=interval) for name in solvers for s in STEPS], args.seeds)
 
     if "autoguidance" in args.stages and args.guide_ckpts:
         sweep.run([reference], first)
@@ -246,7 +266,7 @@ def main(argv=None):
         runs = [{**best, "steps": s, "samples": n} for s in STEPS]
         sweep.run(runs + ([{**r, "interval": interval} for r in runs] if interval else []), args.seeds)
 
-    if "ddpm-interval" in args.stages and interval:
+    if "ddpm-interval" in args.stages and interval and not flow:
         sweep.run([config("ddpm", s, interval=interval, samples=n) for s in (100, 250)], args.seeds)
 
     print_table(sweep, args)
@@ -273,17 +293,19 @@ def print_table(sweep, args):
                         float(np.mean([rs[s]["class_accuracy"] for s in args.seeds]))))
         print(f"| {label(some['config'])} | {some['nfe']} | " + " | ".join(f"{fd:.2f}" for fd in fds) +
               f" | {np.mean(fds):.2f} | {np.mean([rs[s]['class_accuracy'] for s in args.seeds]):.3f} |")
-    reference = rows.get(key(config("ddpm", 250, samples=args.samples)))
+    objective = getattr(args, "objective", "ddpm")
+    name = REFERENCE[objective]
+    reference = rows.get(key(config(name, 250, samples=args.samples, shift=1.0 if objective == "flow" else None)))
     if reference and set(reference) >= set(args.seeds):
         ref_fd = float(np.mean([reference[s]["fd_classifier"] for s in args.seeds]))
         ref_accuracy = float(np.mean([reference[s]["class_accuracy"] for s in args.seeds]))
-        print(f"\nDDPM-250 (NFE 500): FD {ref_fd:.3f}, class accuracy {ref_accuracy:.3f} (mean of seeds {args.seeds}); "
-              f"configurations that keep that accuracy within {ACCURACY_SLACK}:")
+        print(f"\n{name}-250 (NFE 500): FD {ref_fd:.3f}, class accuracy {ref_accuracy:.3f} (mean of seeds "
+              f"{args.seeds}); configurations that keep that accuracy within {ACCURACY_SLACK}:")
         for budget, slack in ((50, 1.0), (20, 1.1)):
             fits = [row[:3] for row in summary if row[1] <= budget and row[3] >= ref_accuracy - ACCURACY_SLACK]
             if fits:
                 fd, nfe, name = min(fits)
-                print(f"best at <= {budget} NFE: {name} (NFE {nfe}): FD {fd:.3f} = {fd / ref_fd:.2f}x DDPM-250's; "
+                print(f"best at <= {budget} NFE: {name} (NFE {nfe}): FD {fd:.3f} = {fd / ref_fd:.2f}x the reference's; "
                       f"target <= {slack:.1f}x {'met' if fd <= slack * ref_fd else 'missed'}")
 
 

@@ -100,5 +100,15 @@ def test_sampling_front_table_states_whether_the_targets_are_met(capsys):
     out = capsys.readouterr().out
     assert "| unipc-10 logsnr/zero interval (0.5, 10] | 14 | 2.10 | 2.20 | 2.15 | 1.000 |" in out
     assert "euler" not in out
-    assert "best at <= 50 NFE: dpm++2m-20 logsnr/zero (NFE 40): FD 1.950 = 0.93x DDPM-250's; target <= 1.0x met" in out
+    assert "best at <= 50 NFE: dpm++2m-20 logsnr/zero (NFE 40): FD 1.950 = 0.93x the reference's; target <= 1.0x met" in out
     assert "best at <= 20 NFE: unipc-10 logsnr/zero interval (0.5, 10] (NFE 14): FD 2.150 = 1.02x" in out
+
+    # A flow checkpoint's reference is SiT's SDE at 250 steps; its solvers are labelled with their time shift.
+    flow = [record("flow-sde", 250, s, 1.0, 500, shift=1.0) for s in (0, 1)]
+    flow += [record("flow-heun", 10, s, 1.05, 38, shift=3.0) for s in (0, 1)]
+    sampling_front.print_table(SimpleNamespace(records=flow),
+                               SimpleNamespace(samples=1000, seeds=[0, 1], objective="flow"))
+    out = capsys.readouterr().out
+    assert "flow-sde-250 (NFE 500): FD 1.000" in out
+    assert "best at <= 50 NFE: flow-heun-10 shift 3 (NFE 38): FD 1.050 = 1.05x the reference's; target <= 1.0x " \
+           "missed" in out
