@@ -68,7 +68,8 @@ def training_args(data, results, *extra):
                               str(results), *extra])
 
 
-@pytest.mark.parametrize("clipping", [[], ["--max-grad-norm", "0.05"]], ids=["", "clipped"])
+@pytest.mark.parametrize("clipping", [[], ["--max-grad-norm", "0.05"], ["--objective", "flow"]],
+                         ids=["", "clipped", "flow"])
 def test_graphed_training_steps_match_eager_ones(tiny_data, tmp_path, monkeypatch, clipping):
     monkeypatch.setattr(cuda_graphs, "capture", Deferred)
     states = []

@@ -88,6 +88,14 @@ def test_flow_run_with_two_processes_resumed_halfway_is_bitwise_the_straight_run
             assert torch.equal(value, resumed[key][name]), f"{key}.{name} differs after resume"
 
 
+def test_flow_trains_in_bf16_with_gradient_checkpointing(tiny_data, tmp_path):
+    assert train.main(["--data-path", str(tiny_data["small_images"]), *PIXEL, "--max-steps", "2", "--objective", "flow",
+                       "--precision", "bf16", "--grad-checkpointing", "--results-dir", str(tmp_path)]) == 0
+    ckpt = load_checkpoint(next(tmp_path.glob("*/checkpoints/0000002.pt")))
+    assert ckpt["args"]["precision"] == "bf16" and ckpt["args"]["objective"] == "flow"
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
 def test_fine_tuning_across_objectives_is_refused_unless_asked(tiny_data, tmp_path, capsys):
     data = ["--data-path", str(tiny_data["small_images"]), *PIXEL, "--max-steps", "1"]
     assert train.main([*data, "--results-dir", str(tmp_path / "ddpm")]) == 0
