@@ -269,6 +269,8 @@ def main(argv=None):
     if "ddpm-interval" in args.stages and interval and not flow:
         sweep.run([config("ddpm", s, interval=interval, samples=n) for s in (100, 250)], args.seeds)
 
+    if sweep.pool:
+        sweep.pool.shutdown()
     print_table(sweep, args)
     return 0
 
