@@ -32,7 +32,9 @@ from udit.samplers import Guidance, make_sampler  # noqa: E402
 from udit.sampling import generate  # noqa: E402
 
 H200_SECONDS_PER_EVALUATION = 1 / (2.41 * 500)  # per image; bench/RESULTS.md, sampling with --cuda-graph
-RECOMMENDED = ["ddpm 25", "dpm++2m-sde 10 interval=0.5,10", "dpm++2m-sde 20 interval=0.5,10", "unipc 10"]
+# README, Sampling, "Which to use" (DDPM's 250 steps timed as 25: the same work per step).
+RECOMMENDED = ["ddpm 25", "dpm++3m 10 spacing=trailing interval=1,2", "euler 20 spacing=trailing interval=1,2",
+               "dpm++2m-sde 10", "dpm++2m-sde 20 interval=1,2 autoguidance", "flow-sde 50", "flow-heun 10"]
 
 
 def parse(text):
@@ -57,19 +59,26 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = create_model(args.model).eval()
-    guide = create_model(args.model).eval()
-    settings = {"in_channels": 4, "latent_size": 32, "num_classes": 1000, "trained_labels": list(range(1000))}
+    networks = {}
+
+    def network(objective, role):
+        """U-DiT-B of the objective (flow: no learned-variance channels), main or guide, made once."""
+        if (objective, role) not in networks:
+            networks[objective, role] = create_model(args.model, learn_sigma=objective == "ddpm").eval()
+        return networks[objective, role]
+
     runs = []
     for text in args.configs:
         sampler, options = parse(text)
         guidance = Guidance(scale=options["scale"], interval=options["interval"],
-                            guide=guide if options["autoguidance"] else None)
-        runs.append((text, sampler, guidance))
-    times = {text: [] for text, _, _ in runs}
+                            guide=network(sampler.objective, "guide") if options["autoguidance"] else None)
+        settings = {"in_channels": 4, "latent_size": 32, "num_classes": 1000, "trained_labels": list(range(1000)),
+                    "objective": sampler.objective}
+        runs.append((text, sampler, guidance, network(sampler.objective, "main"), settings))
+    times = {text: [] for text, *_ in runs}
     with torch.no_grad():
         for round_ in range(args.rounds):
-            for text, sampler, guidance in runs:
+            for text, sampler, guidance, model, settings in runs:
                 start = time.perf_counter()
                 generate(model, None, settings, round_, range(args.batch_size), sampler, guidance)
                 times[text].append((time.perf_counter() - start) / args.batch_size)
@@ -79,7 +88,7 @@ def main(argv=None):
     print("| configuration | NFE | CPU s per image | CPU ms per NFE | H200 hours for 50K (projected) |")
     print("|---|---:|---:|---:|---:|")
     report = []
-    for text, sampler, guidance in runs:
+    for text, sampler, guidance, _, _ in runs:
         nfe = sampler.evaluations_per_image(guidance)["total"]
         seconds = statistics.median(times[text])
         hours = 50_000 * nfe * H200_SECONDS_PER_EVALUATION / 3600

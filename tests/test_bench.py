@@ -71,10 +71,11 @@ def test_sampler_speed_reports_nfe_time_and_h200_projection(tmp_path, capsys):
     import sampler_speed
     out = tmp_path / "speed.json"
     sampler_speed.main(["--model", "U-DiT-S", "--batch-size", "1", "--rounds", "1", "--json", str(out),
-                        "--configs", "ddpm 2", "unipc 3 interval=0.5,10 autoguidance"])
+                        "--configs", "ddpm 2", "unipc 3 interval=0.5,10 autoguidance", "flow-euler 2"])
     results = {r["config"]: r for r in json.loads(out.read_text())["results"]}
     # DDPM: 2 guided steps. UniPC on log-SNR spacing visits sigma 157, 1.25, 0.01: one inside the interval.
     assert results["ddpm 2"]["nfe"] == 4 and results["unipc 3 interval=0.5,10 autoguidance"]["nfe"] == 4
+    assert results["flow-euler 2"]["nfe"] == 4  # a flow network (no learned variance), 2 guided steps
     assert all(r["cpu_s_per_image"] > 0 for r in results.values())
     assert results["ddpm 2"]["h200_hours_50k"] == pytest.approx(50_000 * 4 / (2.41 * 500) / 3600)
     assert "| ddpm 2 | 4 |" in capsys.readouterr().out
