@@ -135,13 +135,17 @@ def summary_writer(log_dir, start_step):
     return SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
 
 
-def read_scalars(log_dir):
-    """{tag: [(step, value), ...]} of every scalar in log_dir's event files, as TensorBoard shows them."""
+def read_scalars(log_dir, wall_time=False):
+    """{tag: [(step, value), ...]} of every scalar in log_dir's event files, as TensorBoard shows them.
+
+    wall_time: (step, value, seconds since the epoch when it was written) instead.
+    """
     use_tensorboard_without_tensorflow()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return {tag: [(e.step, e.value, e.wall_time) if wall_time else (e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
 
 
 #################################################################################
