@@ -59,7 +59,8 @@ from udit.vae import to_uint8  # noqa: E402
 SOLVERS = {"ddpm": [name for name, s in SAMPLERS.items() if isinstance(s, DiffusersSolver)],
            "flow": [name for name, s in SAMPLERS.items() if isinstance(s, FlowSolver)]}
 REFERENCE = {"ddpm": "ddpm", "flow": "flow-sde"}  # each objective's 250-step reference sampler
-CANDIDATE_SHIFTS = (1.0, 2.0, 3.0)  # SD3 samples with 3STEPS = (5, 10, 20, 50)
+CANDIDATE_SHIFTS = (1.0, 2.0, 3.0)  # SD3 samples with 3
+STEPS = (5, 10, 20, 50)
 CANDIDATE_SPACINGS = ("trailing", "karras", "logsnr")  # "linspace" is "trailing" shifted by at most one timestep
 NO_LIMIT = 1000.0  # above the schedule's sigma_max (157): an interval open at the top
 INTERVALS = [[lo, hi] for lo in (0.0, 0.2, 0.5, 1.0) for hi in (2.0, 5.0, 10.0, NO_LIMIT) if [lo, hi] != [0.0, NO_LIMIT]]

@@ -113,3 +113,37 @@ def test_sampling_front_table_states_whether_the_targets_are_met(capsys):
     assert "flow-sde-250 (NFE 500): FD 1.000" in out
     assert "best at <= 50 NFE: flow-heun-10 shift 3 (NFE 38): FD 1.050 = 1.05x the reference's; target <= 1.0x " \
            "missed" in out
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_sampling_front_runs_every_stage_for_both_objectives(objective, tmp_path, monkeypatch, capsys):
+    """The stages' orchestration, with a stand-in measurer: FD falls with steps and with a narrow interval."""
+    import sampling_front
+    from udit.samplers import Guidance, make_sampler
+
+    class StandIn:
+        def __init__(self, ckpt, threads):
+            pass
+
+        def measure(self, cfg, seed, batch_size=500):
+            sampler = make_sampler(cfg["sampler"], cfg["steps"], cfg["spacing"], cfg["final"], shift=cfg.get("shift"))
+            guidance = Guidance(scale=cfg["cfg"], interval=None if cfg["interval"] is None else tuple(cfg["interval"]),
+                                guide=torch.nn.Identity() if cfg["guide"] else None)
+            fd = 1 + 1 / cfg["steps"] + (0.5 if cfg["interval"] is None else 0.1 * cfg["interval"][1] / 1000) + seed
+            return {"key": sampling_front.key(cfg), "config": cfg, "seed": seed, "fd_classifier": fd,
+                    "class_accuracy": 1.0, "nfe": sampler.evaluations_per_image(guidance)["total"], "seconds": 0.0}
+    monkeypatch.setattr(sampling_front, "Measurer", StandIn)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"args": {"objective": objective}}, ckpt)
+    guide = tmp_path / "guide.pt"
+    stages = ["baseline", "spacing", "front", "interval", "front-interval", "autoguidance"]
+    assert sampling_front.main(["--ckpt", str(ckpt), "--json", str(tmp_path / "front.json"), "--samples", "4",
+                                "--select-samples", "2", "--guide-ckpts", str(guide), "--stages", *stages]) == 0
+    out = capsys.readouterr().out
+    assert "picked: interval [0.0, 2.0]" in out and f"picked: guide {guide} at scale 1.5" in out
+    families = {"ddpm": ["dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc", "euler", "heun"],
+                "flow": ["flow-euler", "flow-heun", "flow-sde"]}[objective]
+    for name in families:
+        assert f"| {name}-50" in out and f"| {name}-5" in out
+    assert f"{'flow-sde' if objective == 'flow' else 'ddpm'}-250 (NFE 500): FD" in out
+    assert "best at <= 50 NFE" in out and "best at <= 20 NFE" in out
