@@ -95,6 +95,7 @@ def main(argv=None):
         front_json = run / "sampling_front.json"
         sampling_front.main(["--ckpt", str(run / "checkpoint.pt"), "--json", str(front_json), "--stages",
                              *FRONT_STAGES, "--workers", str(args.workers), "--samples", str(args.samples),
+                             "--max-nfe", str(args.max_nfe),
                              "--seeds", *map(str, args.seeds)])
         records = json.loads(front_json.read_text())
         summary = json.loads((run / "summary.json").read_text())

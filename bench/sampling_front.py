@@ -77,6 +77,14 @@ def config(sampler, steps, spacing=None, final=None, cfg=4.0, interval=None, gui
     return cfg if shift is None else {**cfg, "shift": shift}
 
 
+def evaluations(cfg):
+    """Network evaluations per image of a configuration, counted without running it."""
+    sampler = make_sampler(cfg["sampler"], cfg["steps"], cfg["spacing"], cfg["final"], shift=cfg.get("shift"))
+    guidance = Guidance(scale=cfg["cfg"], interval=None if cfg["interval"] is None else tuple(cfg["interval"]),
+                        guide=object() if cfg["guide"] else None)  # only counted, never called
+    return sampler.evaluations_per_image(guidance)["total"]
+
+
 def key(cfg):
     return json.dumps(cfg, sort_keys=True)
 
@@ -200,6 +208,7 @@ def main(argv=None):
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(DEFAULT_STAGES))
     p.add_argument("--json", default="bench/sampling_front.json")
     p.add_argument("--workers", type=int, default=1, help="configurations measured at a time (one process each)")
+    p.add_argument("--max-nfe", type=int, help="skip front configurations with more network evaluations per image")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per worker (one: OpenMP threads spin on a shared machine)")
     args = p.parse_args(argv)
@@ -240,8 +249,11 @@ def main(argv=None):
     def solver(name, steps, **changes):
         return {**picked[name], "steps": steps, **changes}
 
+    def affordable(cfgs):
+        return [c for c in cfgs if args.max_nfe is None or evaluations(c) <= args.max_nfe]
+
     if "front" in args.stages:
-        sweep.run([solver(name, s) for name in solvers for s in STEPS], args.seeds)
+        sweep.run(affordable([solver(name, s) for name in solvers for s in STEPS]), args.seeds)
 
     measured_at_10 = [name for name in solvers if sweep.measured(solver(name, 10), first[0])]
     pivot = min(measured_at_10, key=lambda name: sweep.fd(solver(name, 10), first)) if measured_at_10 else solvers[0]
@@ -256,7 +268,7 @@ def main(argv=None):
         print(f"picked: interval {interval} on {pivot}-20 (class accuracy >= {floor:.3f})", flush=True)
 
     if "front-interval" in args.stages and interval:
-        sweep.run([solver(name, s, interval=interval) for name in solvers for s in STEPS], args.seeds)
+        sweep.run(affordable([solver(name, s, interval=interval) for name in solvers for s in STEPS]), args.seeds)
 
     if "autoguidance" in args.stages and args.guide_ckpts:
         sweep.run([reference], first)
@@ -265,7 +277,7 @@ def main(argv=None):
                            for g in args.guide_ckpts for scale in GUIDE_SCALES], first, floor)
         print(f"picked: guide {best['guide']} at scale {best['cfg']}", flush=True)
         runs = [{**best, "steps": s, "samples": n} for s in STEPS]
-        sweep.run(runs + ([{**r, "interval": interval} for r in runs] if interval else []), args.seeds)
+        sweep.run(affordable(runs + ([{**r, "interval": interval} for r in runs] if interval else [])), args.seeds)
 
     if "ddpm-interval" in args.stages and interval and not flow:
         sweep.run([config("ddpm", s, interval=interval, samples=n) for s in (100, 250)], args.seeds)

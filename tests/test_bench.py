@@ -145,5 +145,10 @@ def test_sampling_front_runs_every_stage_for_both_objectives(objective, tmp_path
                 "flow": ["flow-euler", "flow-heun", "flow-sde"]}[objective]
     for name in families:
         assert f"| {name}-50" in out and f"| {name}-5" in out
+    # --max-nfe: the front skips what costs more
+    assert sampling_front.main(["--ckpt", str(ckpt), "--json", str(tmp_path / "cheap.json"), "--samples", "4",
+                                "--select-samples", "2", "--stages", "spacing", "front", "--max-nfe", "40"]) == 0
+    cheap = json.loads((tmp_path / "cheap.json").read_text())
+    assert max(r["nfe"] for r in cheap if r["config"]["samples"] == 4) == 40
     assert f"{'flow-sde' if objective == 'flow' else 'ddpm'}-250 (NFE 500): FD" in out
     assert "best at <= 50 NFE" in out and "best at <= 20 NFE" in out
