@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from udit.cli import ActionableError
+from udit.cli import ActionableError, finite_float
 from udit.distributed import configure_matmul_precision
 from udit.sampling import (DEFAULT_CLASSES, accounting, add_sampling_args, check_sampling_args, default_labels,
                            describe_run, generate, guidance_from_args, image_grid_png, load_guide_model,
@@ -29,7 +29,7 @@ def main(argv=None):
     p.add_argument("--class-labels", type=int, nargs="+",
                    help=f"one image per label (default {' '.join(map(str, DEFAULT_CLASSES))} for ImageNet models, "
                         f"else the first 8 classes the model was trained on)")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="4.0 for pictures (FID uses 1.5); 1 = no guidance")
+    p.add_argument("--cfg-scale", type=finite_float, default=4.0, help="4.0 for pictures (FID uses 1.5); 1 = no guidance")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nrow", type=int, default=4, help="images per row of the grid")
     p.add_argument("--output", default="sample.png", help="grid PNG")

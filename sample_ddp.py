@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from download import resolve_checkpoint
-from udit.cli import positive_int, run_guarded
+from udit.cli import finite_float, positive_int, run_guarded
 from udit.distributed import barrier, broadcast_object, cleanup, configure_matmul_precision, init_distributed
 from udit.sampling import (accounting, add_sampling_args, batches_of_rank, check_sampling_args, describe_run,
                            file_sha256, generate, guidance_from_args, labels_for, load_guide_model,
@@ -61,7 +61,7 @@ def run_name(args, settings, info, manifest):
     name = (f"{settings['model'].replace('/', '-')}-{stem(args.ckpt)}-size-{settings['image_size']}-"
             f"vae-{settings['vae']}-cfg-{args.cfg_scale}-{info['sampler']}{info['steps']}")
     if info["cfg_interval"] is not None:
-        name += "-interval-{:g}-{:g}".format(*info["cfg_interval"])
+        name += "-interval-" + "-".join(f"{v:g}" if isinstance(v, float) else str(v) for v in info["cfg_interval"])
     if args.guide_ckpt is not None:
         name += f"-guided-by-{stem(args.guide_ckpt)}"
     return f"{name}-seed-{args.global_seed}-{manifest_digest(manifest)}"
@@ -69,14 +69,14 @@ def run_name(args, settings, info, manifest):
 
 def write_json_atomic(path, data):
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     add_sampling_args(p)
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="1.5 as the paper's guided FIDs; 1 = no guidance")
+    p.add_argument("--cfg-scale", type=finite_float, default=1.5, help="1.5 as the paper's guided FIDs; 1 = no guidance")
     p.add_argument("--num-fid-samples", type=positive_int, default=50_000)
     p.add_argument("--per-proc-batch-size", type=positive_int, default=32)
     p.add_argument("--global-seed", type=int, default=0)

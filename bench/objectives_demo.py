@@ -79,13 +79,14 @@ def plot(curves, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--minutes", type=float, default=8.0, help="training minutes of each objective")
-    p.add_argument("--out", default="results/objectives")
-    p.add_argument("--max-nfe", type=int, default=50)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--samples", type=int, default=1000)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--out", default="results/objectives", help="one folder per objective, the plot and summary")
+    p.add_argument("--max-nfe", type=int, default=50, help="network evaluations per image allowed the best sampler")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one sampling run per seed")
+    p.add_argument("--samples", type=int, default=1000, help="samples per measurement")
+    p.add_argument("--workers", type=int, default=1, help="configurations measured at a time (one process each)")
     args = p.parse_args(argv)
     out = ROOT / args.out
     results, curves = {}, {}

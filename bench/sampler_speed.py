@@ -48,11 +48,14 @@ def parse(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--configs", nargs="+", default=RECOMMENDED)
-    p.add_argument("--model", default="U-DiT-B")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=2)
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=RECOMMENDED,
+                   help='each "SAMPLER STEPS [spacing=S] [interval=LOW,HIGH] [cfg=SCALE] [autoguidance]", '
+                        'e.g. "euler 20 spacing=trailing interval=1,2"')
+    p.add_argument("--model", default="U-DiT-B", help="random weights, 256 px (32x32x4 latents)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per generate() call")
+    p.add_argument("--rounds", type=int, default=2, help="the figure is the median over rounds")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)

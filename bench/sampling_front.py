@@ -7,7 +7,8 @@ Frechet distance (FD) in its features against the held-out digits, per seed and 
 mean over seeds, against network evaluations per image (NFE, guidance included).
 
     python bench/sampling_front.py --ckpt results/demo/checkpoint.pt --workers 2 \\
-        --guide-ckpts results/demo/train/000-U-DiT-S/checkpoints/0000{250,500}.pt
+        --guide-ckpts results/demo/train/000-U-DiT-S/checkpoints/0000{250,500}.pt \\
+        --json bench/sampling_front.json   # the measurement in bench/RESULTS.md
 
 Stages, in order (each uses the choices of those before; --stages runs a subset):
 
@@ -199,19 +200,22 @@ class Sweep:
 #################################################################################
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="results/demo/checkpoint.pt", help="a checkpoint of the make demo model")
     p.add_argument("--guide-ckpts", nargs="*", default=[], help="autoguidance candidates (earlier checkpoints)")
-    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--samples", type=int, default=1000, help="samples per measurement in the table")
     p.add_argument("--select-samples", type=int, default=500, help="samples for the picks (first seed only)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(DEFAULT_STAGES))
-    p.add_argument("--json", default="bench/sampling_front.json")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one sampling run per seed")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(DEFAULT_STAGES), help="see above")
+    p.add_argument("--json", help="the measurements, resumed from and appended to (default: beside the "
+                                  "checkpoint, CKPT_sampling_front.json)")
     p.add_argument("--workers", type=int, default=1, help="configurations measured at a time (one process each)")
     p.add_argument("--max-nfe", type=int, help="skip front configurations with more network evaluations per image")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per worker (one: OpenMP threads spin on a shared machine)")
     args = p.parse_args(argv)
+    args.json = args.json or str(Path(args.ckpt).with_name(f"{Path(args.ckpt).stem}_sampling_front.json"))
     args.objective = load_checkpoint(args.ckpt).get("args", {}).get("objective", "ddpm")
     sweep = Sweep(args)
     first, n, picks = args.seeds[:1], args.samples, args.select_samples

@@ -220,7 +220,8 @@ def test_flow_solver_times_and_evaluation_counts():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"name": "ddpm", "shift": 2.0}, "--time-shift is a setting of the flow solvers"),
-    ({"name": "flow-euler", "shift": 0.0}, "must be positive"),
+    ({"name": "flow-euler", "shift": 0.0}, "must be a positive finite number"),
+    ({"name": "flow-euler", "shift": float("inf")}, "must be a positive finite number"),
     ({"name": "flow-heun", "last_step": "mean"}, "--last-step is a setting of flow-sde"),
     ({"name": "flow-sde", "last_step": "euler"}, "unknown last step"),
     ({"name": "flow-sde", "steps": 1}, "at least 2 steps"),
@@ -335,7 +336,7 @@ def test_flow_one_and_two_processes_and_a_resumed_run_give_one_npz(flow_ckpt, tm
     assert npz.read_bytes() == npz_two.read_bytes()
     info = json.loads(npz.with_suffix(".json").read_text())
     if flags:  # Heun: 7 evaluations, guided where sigma > 0.5 (t > 1/3): t = 1, 0.86, 0.86, 0.67, 0.67, 0.4, 0.4
-        assert (info["sampler"], info["time_shift"], info["cfg_interval"]) == ("flow-heun", 2.0, [0.5, float("inf")])
+        assert (info["sampler"], info["time_shift"], info["cfg_interval"]) == ("flow-heun", 2.0, [0.5, "inf"])
         assert info["nfe_per_image"] == 7 + 7
     else:
         assert (info["sampler"], info["last_step"], info["nfe_per_image"], info["cfg_channels"]) == \
@@ -375,7 +376,7 @@ def test_a_flow_guide_for_a_ddpm_model_exits_2(flow_ckpt, tiny_data, tmp_path, c
     ddpm = next(tmp_path.glob("*/checkpoints/0000001.pt"))
     with pytest.raises(SystemExit) as info:
         sample.main(["--ckpt", str(ddpm), "--guide-ckpt", str(flow_ckpt), "--output", str(tmp_path / "g.png")])
-    assert info.value.code == 2 and "it differs in objective flow vs ddpm" in capsys.readouterr().err
+    assert info.value.code == 2 and "it differs in objective (guide flow, main ddpm)" in capsys.readouterr().err
 
 
 def test_flow_runs_draw_sample_grids(flow_ckpt):

@@ -112,6 +112,15 @@ def test_disk_full_during_training_is_one_line(tiny_data, tmp_path, monkeypatch,
     assert files == ["0000002.pt"]
 
 
+def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (4, 4)).save(tmp_path / "cat.png")
+    with pytest.raises(CheckpointError, match="cat.png: not a checkpoint"):
+        load_checkpoint(tmp_path / "cat.png")
+    torch.save({"ema": {"w": torch.ones(1)}}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert torch.equal(load_checkpoint(tmp_path / "legacy.pt")["ema"]["w"], torch.ones(1))  # torch < 1.6 files load
+
+
 def test_every_load_refuses_pickled_code(tmp_path):
     class Evil:
         def __reduce__(self):
@@ -131,7 +140,7 @@ def test_every_load_refuses_pickled_code(tmp_path):
     ("train.py", ["--model", "DiT-XXL/2", "--data-path", "."], "invalid choice"),
     ("train.py", ["--data-path", "/nonexistent"], "no such file or directory"),
     ("sample.py", ["--ckpt", "/nonexistent.pt"], "neither a file nor a released checkpoint"),
-    ("sample_ddp.py", ["--ckpt", "U-DiT-B-400K", "--cfg-scale", "0.5"], "--cfg-scale must be >= 1"),
+    ("sample_ddp.py", ["--ckpt", "U-DiT-B-400K", "--cfg-scale", "0.5"], "--cfg-scale must be a finite number >= 1"),
     pytest.param("sample_ddp.py", ["--ckpt", "U-DiT-B-400K", "--cuda-graph"], "--cuda-graph needs a CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")),
     ("extract_features.py", ["--data-path", "/nonexistent", "--features-path", "x"], "no such file or directory"),

@@ -100,7 +100,10 @@ def test_guidance_on_all_channels_differs(trained, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--cfg-scale", "0.5"], "--cfg-scale must be >= 1"),
+    (["--cfg-scale", "0.5"], "--cfg-scale must be a finite number >= 1"),
+    (["--cfg-scale", "nan"], "--cfg-scale: must be a finite number, got nan"),
+    (["--cfg-scale", "inf"], "--cfg-scale: must be a finite number, got inf"),
+    (["--sampler", "flow-sde", "--time-shift", "inf"], "--time-shift: must be a finite number, got inf"),
     (["--model", "U-DiT-XXL"], "invalid choice"),
     (["--num-sampling-steps", "0"], "must be in 1..1000"),
 ])
@@ -298,4 +301,4 @@ def test_a_guide_of_another_latent_space_or_class_count_exits_2(trained, tmp_pat
                      "--guide-ckpt", str(tmp_path / "three_classes.pt")])
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1
-    assert "the guide must share the main model's latent space and classes; it differs in classes 3 vs 2" in err
+    assert "the guide must share the main model's latent space and classes; it differs in classes (guide 3, main 2)" in err

@@ -67,6 +67,11 @@ def load_checkpoint(path, mmap=False):
             return load_file(str(path), device="cpu")
         except Exception as err:
             raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive (PK..); files of torch < 1.6 are raw pickles (protocol 2+: 0x80).
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+        raise CheckpointError(f"{path}: not a checkpoint (a file written by torch.save, or a .safetensors file)")
     try:
         with torch.serialization.safe_globals(PLAIN_DATA_CLASSES):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

@@ -50,6 +50,14 @@ def json_object(text):
     return value
 
 
+def finite_float(text):
+    """A float flag that NaN and infinity would turn into silent garbage (NaN images, NaN weights)."""
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def positive_int(text):
     value = int(text)
     if value < 1:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from udit.cli import ActionableError, positive_int
+from udit.cli import ActionableError, finite_float, positive_int
 from udit.distributed import all_reduce_mean
 from udit.sampling import (batches_of_rank, default_labels, generate, image_grid, labels_for, save_png_atomic,
                            write_npz_streaming)
@@ -71,7 +71,7 @@ def add_monitor_args(p):
                         "flow-euler for --objective flow")
     g.add_argument("--eval-sampling-steps", type=positive_int,
                    help="default: the sampler's recommended count (ddim and flow-euler: 50)")
-    g.add_argument("--eval-cfg-scale", type=float, default=1.0, help="1 = no guidance")
+    g.add_argument("--eval-cfg-scale", type=finite_float, default=1.0, help="1 = no guidance")
 
 
 def check_monitor_args(parser, args):

@@ -153,8 +153,9 @@ class Guidance:
 
     def describe(self):
         """The settings as plain data (the guide network is named by the caller)."""
+        interval = None if self.interval is None else [v if v < float("inf") else "inf" for v in self.interval]
         return {"cfg_scale": self.scale, "cfg_channels": "all" if self.channels is None else self.channels,
-                "cfg_interval": None if self.interval is None else list(self.interval),
+                "cfg_interval": interval,  # "inf" for an open top: strict JSON has no infinity
                 "autoguidance": self.guide is not None}
 
 
@@ -495,7 +496,7 @@ def make_sampler(name, steps=None, spacing=None, final=None, shift=None, last_st
     changes = {"steps": steps} if steps is not None else {}
     if spacing is not None or final is not None:
         if not isinstance(sampler, DiffusersSolver):
-            raise ValueError(f"--spacing and the final step are settings of the diffusers solvers "
+            raise ValueError(f"--spacing (and the final step) are settings of the diffusers solvers "
                              f"({', '.join(n for n, s in SAMPLERS.items() if isinstance(s, DiffusersSolver))}), "
                              f"not of {name}")
         if spacing is not None:
@@ -512,8 +513,8 @@ def make_sampler(name, steps=None, spacing=None, final=None, shift=None, last_st
         if not isinstance(sampler, FlowSolver):
             raise ValueError(f"--time-shift is a setting of the flow solvers ({', '.join(samplers_for('flow'))}), "
                              f"not of {name}")
-        if not shift > 0:
-            raise ValueError(f"--time-shift must be positive (1: no shift), got {shift}")
+        if not 0 < shift < float("inf"):
+            raise ValueError(f"--time-shift must be a positive finite number (1: no shift), got {shift}")
         changes["shift"] = float(shift)
     if last_step is not None:
         if not isinstance(sampler, FlowSolver) or sampler.last_step is None:
@@ -523,7 +524,7 @@ def make_sampler(name, steps=None, spacing=None, final=None, shift=None, last_st
         changes["last_step"] = last_step
     sampler = dataclasses.replace(sampler, **changes)
     if not 1 <= sampler.steps <= 1000:
-        raise ValueError(f"the number of sampling steps must be in 1..1000, got {sampler.steps}")
+        raise ValueError(f"the number of sampling steps (--num-sampling-steps) must be in 1..1000, got {sampler.steps}")
     if isinstance(sampler, FlowSolver) and sampler.last_step in ("mean", "tweedie") and sampler.steps < 2:
         raise ValueError(f"flow-sde with --last-step {sampler.last_step} takes at least 2 steps, got {sampler.steps}")
     sampler.timesteps()  # raises for a step count the solver cannot take (e.g. ddim with no integer stride)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from models import DiT_models
 from udit.checkpoint import build_model, load_checkpoint, load_weights, model_state_dict
-from udit.cli import json_object
+from udit.cli import finite_float, json_object
 from udit.samplers import (DEFAULT_SAMPLERS, LAST_STEPS, SAMPLERS, SPACINGS, Guidance, GuidedModel, make_sampler,
                            samplers_for, schedule_for)
 from udit.vae import (SD_VAE_SCALE, check_latent_normalization, decode, latent_channels, latent_factor,
@@ -59,7 +59,7 @@ def add_sampling_args(p):
                         ", ".join(f"{name} {s.steps}" for name, s in SAMPLERS.items()) + ")")
     p.add_argument("--spacing", choices=SPACINGS, help="timestep spacing of a diffusers solver (default: its "
                                                        "measured best)")
-    p.add_argument("--time-shift", type=float, metavar="SHIFT",
+    p.add_argument("--time-shift", type=finite_float, metavar="SHIFT",
                    help="flow solvers: t = SHIFT u / (1 + (SHIFT - 1) u) for uniform u (SD3's shift; > 1: more steps "
                         "at high noise; default 1)")
     p.add_argument("--last-step", choices=LAST_STEPS,
@@ -67,7 +67,7 @@ def add_sampling_args(p):
                         "tweedie: the x_0 estimate; none: stochastic steps all the way)")
     p.add_argument("--cfg-channels", type=cfg_channels, metavar="{3,all}",
                    help="guide the first 3 output channels (the DiT convention, default for ddpm and ddim) or all "
-                        "of them (default for the other solvers, which guide epsilon)")
+                        "of them (default for the other solvers, which guide epsilon, or the velocity for flow)")
     p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="guide only at noise levels LOW < sigma <= HIGH, sigma = sqrt((1 - abar_t) / abar_t) "
                         "(0.01 .. 157; flow: t / (1 - t), 0 .. inf); elsewhere the unconditional pass is skipped")
@@ -87,8 +87,8 @@ def check_sampling_args(parser, args):
     for flag, ckpt in (("--ckpt", args.ckpt), ("--guide-ckpt", args.guide_ckpt)):
         if ckpt is not None and not Path(ckpt).is_file() and ckpt not in RELEASED:
             parser.error(f"{flag} {ckpt}: neither a file nor a released checkpoint ({', '.join(RELEASED)})")
-    if args.cfg_scale < 1.0:
-        parser.error(f"--cfg-scale must be >= 1 (1 = no guidance), got {args.cfg_scale}")
+    if not 1.0 <= args.cfg_scale < float("inf"):
+        parser.error(f"--cfg-scale must be a finite number >= 1 (1 = no guidance), got {args.cfg_scale}")
     if args.cfg_scale == 1.0:
         for flag, value in (("--cfg-interval", args.cfg_interval), ("--guide-ckpt", args.guide_ckpt),
                             ("--cfg-channels", args.cfg_channels)):
@@ -98,7 +98,7 @@ def check_sampling_args(parser, args):
         parser.error(f"--cfg-interval LOW HIGH needs 0 <= LOW < HIGH, got {args.cfg_interval[0]} {args.cfg_interval[1]}")
     steps = args.num_sampling_steps
     if steps is not None and not 1 <= steps <= 1000:
-        parser.error(f"the number of sampling steps must be in 1..1000, got {steps}")
+        parser.error(f"--num-sampling-steps must be in 1..1000, got {steps}")
     try:
         if args.sampler is not None:  # the default depends on the checkpoint's objective: checked once it is read
             sampler_from_args(args)
@@ -263,14 +263,15 @@ def load_guide_model(ckpt, settings, device):
         guide["objective"] = settings.get("objective", "ddpm")
     guide.setdefault("in_channels", settings["in_channels"])
     guide["latent_size"] = guide["image_size"] * settings["latent_size"] // settings["image_size"]
-    differ = [f"{what} {guide.get(key, 'ddpm')} vs {settings.get(key, 'ddpm')}" for what, key in
+    differ = [f"{what} (guide {guide.get(key, 'ddpm')}, main {settings.get(key, 'ddpm')})" for what, key in
               (("objective", "objective"), ("latent channels", "in_channels"), ("latent size", "latent_size"),
                ("classes", "num_classes"))
               if guide.get(key, "ddpm") != settings.get(key, "ddpm")]
     if LATENT_SPACES[guide["vae"]] != LATENT_SPACES[settings["vae"]]:
-        differ.insert(0, f"latent space (vae) {guide['vae']} vs {settings['vae']}")
+        differ.insert(0, f"latent space (vae; guide {guide['vae']}, main {settings['vae']})")
     elif guide.get("latent_normalization", settings.get("latent_normalization")) != settings.get("latent_normalization"):
-        differ.insert(0, f"latent normalisation {guide['latent_normalization']} vs {settings['latent_normalization']}")
+        differ.insert(0, f"latent normalisation (guide {guide['latent_normalization']}, main "
+                         f"{settings['latent_normalization']})")
     if differ:
         raise ValueError(f"--guide-ckpt {ckpt}: the guide must share the main model's latent space and classes; "
                          f"it differs in {', '.join(differ)}")
@@ -399,7 +400,7 @@ def open_sample_folder(folder, manifest):
                          f"version, or another program); delete it or pass another --sample-dir")
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(".manifest.json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from models import DiT_models, cache_rope_tables
 from udit.checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_state_dict,
                              save_atomic)
-from udit.cli import ActionableError, given_flags, json_object, positive_int
+from udit.cli import ActionableError, finite_float, given_flags, json_object, positive_int
 from udit.data import DataError, ImageDataset, ResumableDistributedSampler, open_feature_folder
 from udit.cuda_graphs import GraphedTrainingStep
 from udit.distributed import (all_gather_objects, all_reduce_mean, barrier, broadcast_module, broadcast_object,
@@ -73,13 +73,13 @@ def training_parser(description):
     p.add_argument("--ckpt-every", type=positive_int, default=50_000)
     p.add_argument("--ckpt", help="initialise the weights from this checkpoint (fine-tuning), not a resume")
     p.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue this experiment from its latest checkpoint")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--lr", type=finite_float, default=1e-4)
+    p.add_argument("--ema-decay", type=finite_float, default=0.9999)
     p.add_argument("--ema-warmup", action="store_true",
                    help="EMA decay min(decay, (1 + step) / (10 + step)): useful for short runs")
     p.add_argument("--label-dropout", choices=["shared", "per-level"], default="shared",
                    help="U-DiT: one drop decision per sample for all levels (default) or the reference's per-level draws")
-    p.add_argument("--class-dropout-prob", type=float, default=0.1)
+    p.add_argument("--class-dropout-prob", type=finite_float, default=0.1)
     p.add_argument("--no-flip", action="store_true",
                    help="no random horizontal flips (for data where a mirror image is not a sample, e.g. digits)")
     p.add_argument("--objective", choices=OBJECTIVES, default="ddpm",
@@ -87,15 +87,15 @@ def training_parser(description):
                         "SiT's linear interpolant (udit/objectives.py states the time convention)")
     p.add_argument("--time-sampling", choices=TIME_SAMPLINGS, default="uniform",
                    help="flow: how training times are drawn (logit-normal as in SD3 / LightningDiT)")
-    p.add_argument("--logit-normal-loc", type=float, default=0.0, help="flow, logit-normal: location")
-    p.add_argument("--logit-normal-scale", type=float, default=1.0, help="flow, logit-normal: scale")
+    p.add_argument("--logit-normal-loc", type=finite_float, default=0.0, help="flow, logit-normal: location")
+    p.add_argument("--logit-normal-scale", type=finite_float, default=1.0, help="flow, logit-normal: scale")
     p.add_argument("--allow-objective-change", action="store_true",
                    help="let --ckpt come from a run of the other objective (its output layer is not loaded)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip (and count) steps whose loss is NaN/Inf instead of stopping")
-    p.add_argument("--max-grad-norm", type=float,
+    p.add_argument("--max-grad-norm", type=finite_float,
                    help="clip the gradients' total L2 norm to this (default: no clipping, as the paper)")
     add_monitor_args(p)
     return p
