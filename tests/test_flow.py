@@ -117,6 +117,9 @@ def test_fine_tuning_across_objectives_is_refused_unless_asked(tiny_data, tmp_pa
     (["--objective", "flow", "--time-sampling", "logit-normal", "--logit-normal-scale", "0"], "must be positive"),
     (["--objective", "flow", "--model-kwargs", '{"learn_sigma": true}'], "without a learned variance"),
     (["--allow-objective-change"], "goes with --ckpt"),
+    (["--objective", "flow", "--time-sampling", "logit-normal", "--logit-normal-loc", "nan"],
+     "--logit-normal-loc: must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr: must be a finite number, got inf"),
 ])
 def test_objective_flags_that_cannot_work_exit_2(tiny_data, flags, message, capsys):
     with pytest.raises(SystemExit) as info:
