@@ -55,24 +55,31 @@ def best_within(records, max_nfe, seeds, samples):
 
 
 def fd_against_minutes(run_dir):
-    """[(training minutes, FD)] of the evaluations during training; minutes from the step's log time."""
+    """[(training minutes, FD, class accuracy)] of the evaluations during training; minutes from the step's log time."""
     scalars = read_scalars(run_dir / "tensorboard", wall_time=True)
     steps, _, times = zip(*scalars["train/loss"])
     start = times[0] - steps[0] * (times[1] - times[0]) / max(1, steps[1] - steps[0])  # the first log is at step N
-    return [(float(np.interp(step, steps, times) - start) / 60, fd) for step, fd, _ in scalars["eval/fd_classifier"]]
+    accuracy = {step: value for step, value, _ in scalars["eval/class_accuracy"]}
+    return [(float(np.interp(step, steps, times) - start) / 60, fd, accuracy[step])
+            for step, fd, _ in scalars["eval/fd_classifier"]]
 
 
 def plot(curves, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, (ax_fd, ax_accuracy) = plt.subplots(1, 2, figsize=(10, 3.8))
     for objective, points in curves.items():
-        ax.plot(*zip(*points), marker="o", label=f"--objective {objective}")
-    ax.set(xlabel="training minutes (2 CPU processes)", ylabel="FD in classifier features", yscale="log",
-           title="FD while training (500 samples, 25 deterministic steps, cfg 4)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
+        minutes, fds, accuracies = zip(*points)
+        ax_fd.plot(minutes, fds, marker="o", label=f"--objective {objective}")
+        ax_accuracy.plot(minutes, accuracies, marker="o", label=f"--objective {objective}")
+    ax_fd.set(xlabel="training minutes (2 CPU processes)", ylabel="FD in classifier features", yscale="log",
+              title="FD while training (500 samples, 25 steps, cfg 4)")
+    ax_accuracy.set(xlabel="training minutes (2 CPU processes)", ylabel="class accuracy", ylim=(0, 1.02),
+                    title="class accuracy (an FD without the classes means little)")
+    for ax in (ax_fd, ax_accuracy):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -113,7 +120,7 @@ def main(argv=None):
         print(f"| {objective} | {r['training_steps']} | {name} | {nfe} | {fd:.2f} | {accuracy:.3f} |")
     print(f"\nFD while training against minutes: {out / 'curves.png'}")
     for objective, points in curves.items():
-        print(f"{objective}: " + ", ".join(f"{m:.1f} min {fd:.2f}" for m, fd in points))
+        print(f"{objective}: " + ", ".join(f"{m:.1f} min FD {fd:.2f} accuracy {a:.2f}" for m, fd, a in points))
     (out / "summary.json").write_text(json.dumps({"minutes": args.minutes, "results": results, "curves": curves},
                                                  indent=2) + "\n")
     return 0
