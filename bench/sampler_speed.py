@@ -3,7 +3,7 @@
     python bench/sampler_speed.py                       # the README's recommended configurations
     python bench/sampler_speed.py --configs "ddpm 25" "dpm++2m-sde 10 interval=0.5,10" "unipc 10 autoguidance"
 
-A configuration is "SAMPLER STEPS [spacing=S] [interval=LOW,HIGH] [cfg=SCALE] [autoguidance]"
+A configuration is "SAMPLER STEPS [spacing=S] [shift=S] [interval=LOW,HIGH] [cfg=SCALE] [autoguidance]"
 (cfg 1.5 by default, the FID setting; autoguidance uses a second U-DiT-B as guide). Each
 samples one batch of --batch-size images of U-DiT-B (random weights; zero-initialised
 layers kept, which changes no cost) at 256 px, i.e. 32x32x4 latents, VAE decode not
@@ -34,14 +34,16 @@ from udit.sampling import generate  # noqa: E402
 H200_SECONDS_PER_EVALUATION = 1 / (2.41 * 500)  # per image; bench/RESULTS.md, sampling with --cuda-graph
 # README, Sampling, "Which to use" (DDPM's 250 steps timed as 25: the same work per step).
 RECOMMENDED = ["ddpm 25", "dpm++3m 10 spacing=trailing interval=1,2", "euler 20 spacing=trailing interval=1,2",
-               "dpm++2m-sde 10", "dpm++2m-sde 20 interval=1,2 autoguidance", "flow-sde 50", "flow-heun 10"]
+               "dpm++2m-sde 10", "dpm++2m-sde 20 interval=1,2 autoguidance", "flow-sde 50",
+               "flow-heun 10 shift=3 interval=1,2"]
 
 
 def parse(text):
     """'SAMPLER STEPS [key=value ...] [autoguidance]' -> (sampler, guidance settings)."""
     name, steps, *rest = text.split()
     options = dict(item.split("=", 1) if "=" in item else (item, True) for item in rest)
-    sampler = make_sampler(name, int(steps), options.get("spacing"))
+    sampler = make_sampler(name, int(steps), options.get("spacing"),
+                           shift=float(options["shift"]) if "shift" in options else None)
     interval = tuple(float(v) for v in options["interval"].split(",")) if "interval" in options else None
     return sampler, {"scale": float(options.get("cfg", 1.5)), "interval": interval,
                      "autoguidance": bool(options.get("autoguidance"))}
@@ -51,7 +53,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--configs", nargs="+", default=RECOMMENDED,
-                   help='each "SAMPLER STEPS [spacing=S] [interval=LOW,HIGH] [cfg=SCALE] [autoguidance]", '
+                   help='each "SAMPLER STEPS [spacing=S] [shift=S] [interval=LOW,HIGH] [cfg=SCALE] [autoguidance]", '
                         'e.g. "euler 20 spacing=trailing interval=1,2"')
     p.add_argument("--model", default="U-DiT-B", help="random weights, 256 px (32x32x4 latents)")
     p.add_argument("--batch-size", type=int, default=8, help="images per generate() call")
