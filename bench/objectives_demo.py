@@ -43,11 +43,7 @@ def train(objective, out, minutes):
 
 def best_within(records, max_nfe, seeds, samples):
     """(FD mean, accuracy mean, NFE, label) of the configuration with the lowest mean FD at <= max_nfe."""
-    rows = {}
-    for r in records:
-        if r["config"]["samples"] == samples and r["nfe"] <= max_nfe:
-            rows.setdefault(r["key"], {})[r["seed"]] = r
-    full = [rs for rs in rows.values() if set(rs) >= set(seeds)]
+    full = [rs for rs in sampling_front.complete(records, samples, seeds).values() if rs[seeds[0]]["nfe"] <= max_nfe]
     scored = [(float(np.mean([rs[s]["fd_classifier"] for s in seeds])),
                float(np.mean([rs[s]["class_accuracy"] for s in seeds])), rs[seeds[0]]["nfe"],
                sampling_front.label(rs[seeds[0]]["config"])) for rs in full]

@@ -78,12 +78,27 @@ def config(sampler, steps, spacing=None, final=None, cfg=4.0, interval=None, gui
     return cfg if shift is None else {**cfg, "shift": shift}
 
 
-def evaluations(cfg):
-    """Network evaluations per image of a configuration, counted without running it."""
+def sampler_and_guidance(cfg, guide=None):
+    """The configured sampler and Guidance of a configuration; `guide`: its guide network, if it has one."""
     sampler = make_sampler(cfg["sampler"], cfg["steps"], cfg["spacing"], cfg["final"], shift=cfg.get("shift"))
     guidance = Guidance(scale=cfg["cfg"], interval=None if cfg["interval"] is None else tuple(cfg["interval"]),
-                        guide=object() if cfg["guide"] else None)  # only counted, never called
+                        guide=guide)
+    return sampler, guidance
+
+
+def evaluations(cfg):
+    """Network evaluations per image of a configuration, counted without running it."""
+    sampler, guidance = sampler_and_guidance(cfg, guide=object() if cfg["guide"] else None)  # counted, never called
     return sampler.evaluations_per_image(guidance)["total"]
+
+
+def complete(records, samples, seeds):
+    """{key: {seed: record}} of the configurations measured with `samples` samples on every one of `seeds`."""
+    rows = {}
+    for r in records:
+        if r["config"]["samples"] == samples:
+            rows.setdefault(r["key"], {})[r["seed"]] = r
+    return {k: rs for k, rs in rows.items() if set(rs) >= set(seeds)}
 
 
 def key(cfg):
@@ -124,11 +139,9 @@ class Measurer:
         self.scorer = DigitScorer.default()
 
     def measure(self, cfg, seed, batch_size=500):
-        sampler = make_sampler(cfg["sampler"], cfg["steps"], cfg["spacing"], cfg["final"], shift=cfg.get("shift"))
         if cfg["guide"] and cfg["guide"] not in self.guides:
             self.guides[cfg["guide"]] = load_guide_model(cfg["guide"], self.settings, self.device)
-        guidance = Guidance(scale=cfg["cfg"], interval=None if cfg["interval"] is None else tuple(cfg["interval"]),
-                            guide=self.guides.get(cfg["guide"]))
+        sampler, guidance = sampler_and_guidance(cfg, self.guides.get(cfg["guide"]))
         start = time.time()
         images, labels = [], []
         for first in range(0, cfg["samples"], batch_size):
@@ -294,12 +307,8 @@ def main(argv=None):
 
 def print_table(sweep, args):
     """Markdown: every configuration measured on all seeds with the full sample count; then the targets."""
-    rows = {}
-    for r in sweep.records:
-        if r["config"]["samples"] == args.samples:
-            rows.setdefault(r["key"], {})[r["seed"]] = r
-    full = [rs for rs in rows.values() if set(rs) >= set(args.seeds)]
-    full.sort(key=lambda rs: (next(iter(rs.values()))["config"]["guide"] is not None,
+    rows = complete(sweep.records, args.samples, args.seeds)
+    full = sorted(rows.values(), key=lambda rs: (next(iter(rs.values()))["config"]["guide"] is not None,
                               next(iter(rs.values()))["config"]["interval"] is not None,
                               next(iter(rs.values()))["config"]["sampler"], next(iter(rs.values()))["nfe"]))
     print(f"\n| configuration | NFE | {' | '.join(f'FD seed {s}' for s in args.seeds)} | FD mean | class accuracy |")
@@ -315,7 +324,7 @@ def print_table(sweep, args):
     objective = getattr(args, "objective", "ddpm")
     name = REFERENCE[objective]
     reference = rows.get(key(config(name, 250, samples=args.samples, shift=1.0 if objective == "flow" else None)))
-    if reference and set(reference) >= set(args.seeds):
+    if reference:
         ref_fd = float(np.mean([reference[s]["fd_classifier"] for s in args.seeds]))
         ref_accuracy = float(np.mean([reference[s]["class_accuracy"] for s in args.seeds]))
         print(f"\n{name}-250 (NFE 500): FD {ref_fd:.3f}, class accuracy {ref_accuracy:.3f} (mean of seeds "

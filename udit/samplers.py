@@ -485,6 +485,12 @@ def samplers_for(objective):
     return [name for name, sampler in SAMPLERS.items() if sampler.objective == objective]
 
 
+def check_step_count(steps):
+    """ValueError (one line) unless 1 <= steps <= 1000, the range every solver takes."""
+    if not 1 <= steps <= 1000:
+        raise ValueError(f"the number of sampling steps (--num-sampling-steps) must be in 1..1000, got {steps}")
+
+
 def make_sampler(name, steps=None, spacing=None, final=None, shift=None, last_step=None):
     """The sampler `name` with its recommended settings, or the ones given.
 
@@ -523,8 +529,7 @@ def make_sampler(name, steps=None, spacing=None, final=None, shift=None, last_st
             raise ValueError(f"unknown last step {last_step!r}; available: {', '.join(LAST_STEPS)}")
         changes["last_step"] = last_step
     sampler = dataclasses.replace(sampler, **changes)
-    if not 1 <= sampler.steps <= 1000:
-        raise ValueError(f"the number of sampling steps (--num-sampling-steps) must be in 1..1000, got {sampler.steps}")
+    check_step_count(sampler.steps)
     if isinstance(sampler, FlowSolver) and sampler.last_step in ("mean", "tweedie") and sampler.steps < 2:
         raise ValueError(f"flow-sde with --last-step {sampler.last_step} takes at least 2 steps, got {sampler.steps}")
     sampler.timesteps()  # raises for a step count the solver cannot take (e.g. ddim with no integer stride)

@@ -20,8 +20,8 @@ from PIL import Image
 from models import DiT_models
 from udit.checkpoint import build_model, load_checkpoint, load_weights, model_state_dict
 from udit.cli import finite_float, json_object
-from udit.samplers import (DEFAULT_SAMPLERS, LAST_STEPS, SAMPLERS, SPACINGS, Guidance, GuidedModel, make_sampler,
-                           samplers_for, schedule_for)
+from udit.samplers import (DEFAULT_SAMPLERS, LAST_STEPS, SAMPLERS, SPACINGS, Guidance, GuidedModel, check_step_count,
+                           make_sampler, samplers_for, schedule_for)
 from udit.vae import (SD_VAE_SCALE, check_latent_normalization, decode, latent_channels, latent_factor,
                       latent_normalization, load_vae, vae_source)
 
@@ -87,7 +87,7 @@ def check_sampling_args(parser, args):
     for flag, ckpt in (("--ckpt", args.ckpt), ("--guide-ckpt", args.guide_ckpt)):
         if ckpt is not None and not Path(ckpt).is_file() and ckpt not in RELEASED:
             parser.error(f"{flag} {ckpt}: neither a file nor a released checkpoint ({', '.join(RELEASED)})")
-    if not 1.0 <= args.cfg_scale < float("inf"):
+    if args.cfg_scale < 1.0:  # finite_float has refused NaN and infinity
         parser.error(f"--cfg-scale must be a finite number >= 1 (1 = no guidance), got {args.cfg_scale}")
     if args.cfg_scale == 1.0:
         for flag, value in (("--cfg-interval", args.cfg_interval), ("--guide-ckpt", args.guide_ckpt),
@@ -96,10 +96,9 @@ def check_sampling_args(parser, args):
                 parser.error(f"{flag} has no effect without guidance; give --cfg-scale > 1 or drop it")
     if args.cfg_interval is not None and not 0 <= args.cfg_interval[0] < args.cfg_interval[1]:
         parser.error(f"--cfg-interval LOW HIGH needs 0 <= LOW < HIGH, got {args.cfg_interval[0]} {args.cfg_interval[1]}")
-    steps = args.num_sampling_steps
-    if steps is not None and not 1 <= steps <= 1000:
-        parser.error(f"--num-sampling-steps must be in 1..1000, got {steps}")
     try:
+        if args.num_sampling_steps is not None:
+            check_step_count(args.num_sampling_steps)
         if args.sampler is not None:  # the default depends on the checkpoint's objective: checked once it is read
             sampler_from_args(args)
     except ValueError as err:
@@ -260,13 +259,13 @@ def load_guide_model(ckpt, settings, device):
                           known.get("model", settings["model"]) == settings["model"] else None)
     guide = resolve_settings(flags, saved, state_dict)
     if not known:  # a bare state dict: of the main model's objective, as for its other settings
-        guide["objective"] = settings.get("objective", "ddpm")
+        guide["objective"] = settings["objective"]
     guide.setdefault("in_channels", settings["in_channels"])
     guide["latent_size"] = guide["image_size"] * settings["latent_size"] // settings["image_size"]
-    differ = [f"{what} (guide {guide.get(key, 'ddpm')}, main {settings.get(key, 'ddpm')})" for what, key in
+    differ = [f"{what} (guide {guide[key]}, main {settings[key]})" for what, key in
               (("objective", "objective"), ("latent channels", "in_channels"), ("latent size", "latent_size"),
                ("classes", "num_classes"))
-              if guide.get(key, "ddpm") != settings.get(key, "ddpm")]
+              if guide[key] != settings[key]]
     if LATENT_SPACES[guide["vae"]] != LATENT_SPACES[settings["vae"]]:
         differ.insert(0, f"latent space (vae; guide {guide['vae']}, main {settings['vae']})")
     elif guide.get("latent_normalization", settings.get("latent_normalization")) != settings.get("latent_normalization"):
