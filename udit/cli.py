@@ -1,8 +1,16 @@
-"""Command-line helpers shared by the scripts: value types and one-line errors."""
+"""Command-line helpers shared by the scripts: the parser, value types and one-line errors.
+
+Every script builds its parser with ArgumentParser below, gives each numeric flag a
+`number(...)` type and each output path an `output_dir` / `output_file` type, so a bad
+value exits with status 2 and one line naming the flag before anything is created.
+"""
 
 import argparse
 import json
+import math
+import os
 import sys
+from pathlib import Path
 
 
 class ActionableError(Exception):
@@ -39,6 +47,105 @@ def error_message(err):
     return last.partition(f"{type(err).__name__}: ")[2] or last
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse.ArgumentParser whose errors end with the one line a user reads first.
+
+    argparse prints its whole usage block (dozens of flags for train.py) above the error;
+    here a one-line pointer to --help comes first and `prog: error: ...` last, exit 2.
+    """
+
+    def error(self, message):
+        self.exit(2, f"usage: {self.prog} [options] (--help lists them)\n{self.prog}: error: {message}\n")
+
+
+def number(kind, min=None, max=None, min_inclusive=True, max_inclusive=True):
+    """argparse type factory: an int or float in the range [min, max] (an end open when not inclusive).
+
+    kind: int or float; min/max: None for no bound. NaN is always refused and so is
+    infinity unless it is an inclusive bound (e.g. max=math.inf): either would turn into
+    silent garbage (NaN images, NaN weights, a run that never stops). The error names the
+    range, e.g. "must be an integer >= 1, got 0"; argparse prefixes "argument --flag: ".
+    """
+    def describe():
+        noun = "an integer" if kind is int else "a number"
+        low, high = (f"{v:g}" if isinstance(v, float) else str(v) for v in (min, max))
+        if min is not None and max is not None:
+            return f"{noun} in {'[' if min_inclusive else '('}{low}, {high}{']' if max_inclusive else ')'}"
+        if min is not None:
+            return f"{noun} {'>=' if min_inclusive else '>'} {low}"
+        if max is not None:
+            return f"{noun} {'<=' if max_inclusive else '<'} {high}"
+        return "a finite number" if kind is float else noun
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {describe()}, got {text}") from None
+        if value != value or (kind is float and math.isinf(value) and value not in (min, max)):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        too_low = min is not None and (value < min or (value == min and not min_inclusive))
+        too_high = max is not None and (value > max or (value == max and not max_inclusive))
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be {describe()}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    parse.bounds = (kind, min, max, min_inclusive, max_inclusive)  # what tests enumerate
+    return parse
+
+
+positive_int = number(int, min=1)
+positive_float = number(float, min=0, min_inclusive=False)
+finite_float = number(float)
+non_negative_int = number(int, min=0)
+# numpy's SeedSequence takes non-negative integers; torch.manual_seed at most 64 bits.
+seed = number(int, min=0, max=2**32 - 1)
+
+
+def _writable_from(path):
+    """The nearest existing folder at or above `path`, or an error message when it cannot take new files."""
+    ancestor = path
+    while not ancestor.exists():
+        if not ancestor.is_symlink() and ancestor.parent != ancestor:
+            ancestor = ancestor.parent
+            continue
+        return None, f"{ancestor} is a dangling link"
+    if not ancestor.is_dir():
+        return None, f"{ancestor} is a file, not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return None, f"the folder {ancestor} is not writable"
+    return ancestor, None
+
+
+def output_dir(text):
+    """argparse type for a folder a script creates or fills: refused unless it can be.
+
+    It may exist (as a folder) or not (its nearest existing parent must be a writable
+    folder); nothing is created here. Returns the text unchanged.
+    """
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, expected a folder (choose another path)")
+    _, problem = _writable_from(path)
+    if problem:
+        raise argparse.ArgumentTypeError(f"cannot create or write the folder {text}: {problem}")
+    return text
+
+
+def output_file(text):
+    """argparse type for a file a script writes: not a folder, and its folder exists or can be created."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder, expected a file name (e.g. {path / 'out'})")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text} exists and is not writable")
+    _, problem = _writable_from(path.parent)
+    if problem:
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {problem}")
+    return text
+
+
 def json_object(text):
     """argparse type for --model-kwargs: a JSON object, parsed, never evaluated."""
     try:
@@ -47,21 +154,6 @@ def json_object(text):
         raise argparse.ArgumentTypeError(f"not valid JSON ({err}); e.g. '{{\"depth\": [1, 2, 4, 2, 1]}}'")
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"hidden_size\": 64}'")
-    return value
-
-
-def finite_float(text):
-    """A float flag that NaN and infinity would turn into silent garbage (NaN images, NaN weights)."""
-    value = float(text)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
 
 
