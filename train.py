@@ -12,13 +12,18 @@ from udit.distributed import cleanup
 from udit.trainer import DDPBackend, parse_training_args, train, training_parser
 
 
-def main(argv=None):
+def build_parser():
     parser = training_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
                         help="bf16: autocast with fp32 master weights; tf32: TF32 matmuls on Ampere+")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="replay each step's forward and backward from a CUDA graph: removes the per-kernel "
                              "launch cost that bounds U-DiT's thin layers (needs CUDA; fixed batch shapes)")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parse_training_args(parser, argv)
     if args.cuda_graph and not torch.cuda.is_available():
         parser.error("--cuda-graph needs a CUDA device")

@@ -58,8 +58,12 @@ class AccelerateBackend:
             self.accelerator.scaler.load_state_dict(state["scaler"])
 
 
+def build_parser():
+    return training_parser(__doc__.strip().splitlines()[0], prog="train_accelerate.py")
+
+
 def main(argv=None):
-    parser = training_parser(__doc__.strip().splitlines()[0])
+    parser = build_parser()
     args = parse_training_args(parser, argv)
     backend = AccelerateBackend()
     args.precision = backend.accelerator.mixed_precision

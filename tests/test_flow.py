@@ -114,7 +114,7 @@ def test_fine_tuning_across_objectives_is_refused_unless_asked(tiny_data, tmp_pa
 @pytest.mark.parametrize("flags, message", [
     (["--time-sampling", "logit-normal"], "apply to --objective flow only"),
     (["--objective", "flow", "--logit-normal-scale", "2"], "apply to --time-sampling logit-normal only"),
-    (["--objective", "flow", "--time-sampling", "logit-normal", "--logit-normal-scale", "0"], "must be positive"),
+    (["--objective", "flow", "--time-sampling", "logit-normal", "--logit-normal-scale", "0"], "must be a number > 0"),
     (["--objective", "flow", "--model-kwargs", '{"learn_sigma": true}'], "without a learned variance"),
     (["--allow-objective-change"], "goes with --ckpt"),
     (["--objective", "flow", "--time-sampling", "logit-normal", "--logit-normal-loc", "nan"],

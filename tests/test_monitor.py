@@ -126,7 +126,7 @@ def test_a_failing_evaluation_is_one_line_and_training_goes_on(tiny_data, tmp_pa
         return real_generate(*args, **kwargs)
     monkeypatch.setattr(udit.monitor, "generate", out_of_memory_once)
     assert train.main(["--data-path", str(tiny_data["small_images"]), *TINY, "--max-steps", "2",
-                       "--sample-every", "0", "--eval-every", "1", "--eval-samples", "2", "--eval-ref", str(bad_ref),
+                       "--sample-every", "0", "--eval-every", "1", "--eval-samples", "4", "--eval-ref", str(bad_ref),
                        "--eval-sampling-steps", "2",
                        "--results-dir", str(tmp_path / "r")]) == 0
     log = (the_experiment(tmp_path / "r") / "log.txt").read_text()
@@ -171,8 +171,8 @@ def test_clipping_scales_the_gradients_to_max_norm(tiny_data, tmp_path):
 def test_bad_monitor_flags_exit_2_with_one_line(tiny_data, tmp_path, capsys):
     for flags, message in [(["--eval-every", "10"], "--eval-every needs --eval-ref"),
                            (["--eval-every", "10", "--eval-ref", str(tmp_path / "absent.npz")], "no such file"),
-                           (["--max-grad-norm", "0"], "--max-grad-norm must be positive"),
-                           (["--sample-every", "-1"], "--sample-every must be >= 0")]:
+                           (["--max-grad-norm", "0"], "--max-grad-norm: must be a number > 0"),
+                           (["--sample-every", "-1"], "--sample-every: must be an integer >= 0")]:
         with pytest.raises(SystemExit) as info:
             train.main(["--data-path", str(tiny_data["small_images"]), *TINY, *flags])
         err = capsys.readouterr().err.strip().splitlines()

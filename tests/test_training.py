@@ -137,7 +137,7 @@ def test_missing_and_empty_data_paths_exit_2(tmp_path, capsys):
     (["--model", "U-DiT-XXL"], "invalid choice"),
     (["--model-kwargs", "{depth: 2}"], "not valid JSON"),
     (["--model-kwargs", "[1, 2]"], "must be a JSON object"),
-    (["--global-batch-size", "0"], "positive integer"),
+    (["--global-batch-size", "0"], "must be an integer >= 1"),
     ([], "give --data-path"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags, message, capsys):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from udit.cli import ActionableError, finite_float, positive_int
+from udit.cli import ActionableError, non_negative_int, number, positive_int
 from udit.distributed import all_reduce_mean
 from udit.sampling import (batches_of_rank, default_labels, generate, image_grid, labels_for, save_png_atomic,
                            write_npz_streaming)
@@ -50,16 +50,17 @@ MONITOR_SETTINGS = ("no_tensorboard", "sample_every", "sample_classes", "sample_
 def add_monitor_args(p):
     g = p.add_argument_group("watching the run")
     g.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard event files")
-    g.add_argument("--sample-every", type=int, default=10_000,
+    g.add_argument("--sample-every", type=non_negative_int, default=10_000,
                    help="a fixed-seed grid from the EMA model every N steps and at the end (samples/NNNNNNN.png); "
                         "0: none")
-    g.add_argument("--sample-classes", type=int, nargs="+",
+    g.add_argument("--sample-classes", type=non_negative_int, nargs="+",
                    help="class labels of the grid (default: DiT's 8 ImageNet classes, else the first 8 trained)")
     g.add_argument("--sample-steps", type=positive_int, default=50,
                    help="steps of the grid's sampler (cfg 4): ddim, or flow-euler for --objective flow")
-    g.add_argument("--eval-every", type=int, default=0,
+    g.add_argument("--eval-every", type=non_negative_int, default=0,
                    help="evaluate the EMA model every N steps (default 0: never; see README, Training)")
-    g.add_argument("--eval-samples", type=positive_int, default=10_000, help="images per evaluation")
+    # evaluator.py's minimum: precision and recall use each image's 3rd nearest neighbour among the others.
+    g.add_argument("--eval-samples", type=number(int, min=4), default=10_000, help="images per evaluation")
     g.add_argument("--eval-ref", metavar="REF.npz",
                    help="reference batch for evaluator.py, e.g. VIRTUAL_imagenet256_labeled.npz")
     g.add_argument("--inception-graph", metavar="PATH", help="as evaluator.py's --inception-graph")
@@ -71,14 +72,11 @@ def add_monitor_args(p):
                         "flow-euler for --objective flow")
     g.add_argument("--eval-sampling-steps", type=positive_int,
                    help="default: the sampler's recommended count (ddim and flow-euler: 50)")
-    g.add_argument("--eval-cfg-scale", type=finite_float, default=1.0, help="1 = no guidance")
+    g.add_argument("--eval-cfg-scale", type=number(float, min=1), default=1.0, help="1 = no guidance")
 
 
 def check_monitor_args(parser, args):
-    """Exit with status 2 and one line on a bad value (class labels are checked against the model later)."""
-    for flag in ("sample_every", "eval_every"):
-        if getattr(args, flag) < 0:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 0 (0: never), got {getattr(args, flag)}")
+    """Exit with status 2 and one line on a bad value (class labels are checked against the data: grid_labels)."""
     if args.eval_sampler is None:
         args.eval_sampler = MONITOR_SAMPLERS[args.objective]
     elif SAMPLERS[args.eval_sampler].objective != args.objective:
@@ -98,8 +96,6 @@ def check_monitor_args(parser, args):
         value = getattr(args, flag)
         if value and not Path(value).is_file():
             parser.error(f"--{flag.replace('_', '-')} {value}: no such file")
-    if args.eval_cfg_scale < 1:
-        parser.error(f"--eval-cfg-scale must be >= 1 (1 = no guidance), got {args.eval_cfg_scale}")
     if args.eval_command is not None:
         try:
             if not shlex.split(args.eval_command):
@@ -163,6 +159,21 @@ def grid_columns(n):
     return math.ceil(n / max(1, math.isqrt(n)))
 
 
+def grid_labels(args, config):
+    """Class labels of the sample grids: --sample-classes, else the defaults for the classes the data holds.
+
+    config: the model settings stored in checkpoints. ValueError names the labels the run
+    does not train; train() calls this before the experiment folder exists.
+    """
+    trained = config["trained_labels"] or list(range(config["num_classes"]))
+    labels = args.sample_classes or default_labels(trained)
+    bad = [c for c in labels if c not in set(trained)]
+    if bad:
+        shown = ", ".join(map(str, trained[:8])) + (f", ... ({len(trained)} in all)" if len(trained) > 8 else "")
+        raise ValueError(f"--sample-classes {bad}: not among the classes this run trains ({shown})")
+    return labels
+
+
 class Monitor:
     """TensorBoard scalars, sample grids and evaluations of one training process.
 
@@ -178,12 +189,7 @@ class Monitor:
         # Labels are drawn from the classes the data holds (all of them when unknown), as sample_ddp.py does.
         self.settings = {**config, "trained_labels": config["trained_labels"] or list(range(config["num_classes"]))}
         self.precision = "bf16" if getattr(args, "precision", "fp32") == "bf16" else "fp32"
-        self.labels = args.sample_classes or default_labels(self.settings["trained_labels"])
-        trained = self.settings["trained_labels"]
-        bad = [c for c in self.labels if c not in set(trained)]
-        if bad:
-            shown = ", ".join(map(str, trained[:8])) + (f", ... ({len(trained)} in all)" if len(trained) > 8 else "")
-            raise ValueError(f"--sample-classes {bad}: not among the classes this run trains ({shown})")
+        self.labels = grid_labels(args, config)
         self.evaluation = Evaluation(self, args, batch_size) if args.eval_every else None
         self.grids = args.sample_every > 0
         if config["vae"] != "none" and vae is None and (self.grids or self.evaluation):

@@ -21,12 +21,13 @@ from torch.utils.data import DataLoader
 from models import DiT_models, cache_rope_tables
 from udit.checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_state_dict,
                              save_atomic)
-from udit.cli import ActionableError, finite_float, given_flags, json_object, positive_int
+from udit.cli import (ActionableError, ArgumentParser, finite_float, given_flags, json_object, non_negative_int,
+                      number, output_dir, positive_float, positive_int, seed)
 from udit.data import DataError, ImageDataset, ResumableDistributedSampler, open_feature_folder
 from udit.cuda_graphs import GraphedTrainingStep
 from udit.distributed import (all_gather_objects, all_reduce_mean, barrier, broadcast_module, broadcast_object,
                                configure_matmul_precision, init_distributed)
-from udit.monitor import MONITOR_SETTINGS, Monitor, add_monitor_args, check_monitor_args
+from udit.monitor import MONITOR_SETTINGS, Monitor, add_monitor_args, check_monitor_args, grid_labels
 from udit.objectives import OBJECTIVES, TIME_SAMPLINGS, create_objective
 from udit.vae import (check_latent_normalization, encode, latent_channels, latent_factor, latent_normalization,
                       load_vae, vae_config_normalization)
@@ -49,12 +50,13 @@ class NonFiniteLoss(ActionableError):
 #                                 Arguments                                     #
 #################################################################################
 
-def training_parser(description):
-    p = argparse.ArgumentParser(description=description)
+def training_parser(description, prog="train.py"):
+    """The flags train.py and train_accelerate.py share, each numeric one with its range."""
+    p = ArgumentParser(prog=prog, description=description)
     data = p.add_mutually_exclusive_group()
     data.add_argument("--data-path", help="ImageFolder root (e.g. imagenet/train): images encoded on the fly")
     data.add_argument("--feature-path", help="VAE features: extract_features.py output, or a fast-DiT / U-DiT release folder")
-    p.add_argument("--results-dir", default="results")
+    p.add_argument("--results-dir", type=output_dir, default="results")
     p.add_argument("--model", choices=list(DiT_models), default="U-DiT-B")
     p.add_argument("--model-kwargs", type=json_object, default={},
                    help="architecture overrides as a JSON object, e.g. '{\"depth\": [1,2,4,2,1]}'")
@@ -62,24 +64,25 @@ def training_parser(description):
     p.add_argument("--num-classes", type=positive_int, default=1000)
     p.add_argument("--epochs", type=positive_int, default=None, help="stop after this many epochs (default: no limit)")
     p.add_argument("--max-steps", type=positive_int, default=400_000, help="iterations, as the paper counts them")
-    p.add_argument("--max-minutes", type=float, default=None,
+    p.add_argument("--max-minutes", type=positive_float, default=None,
                    help="also stop (with a checkpoint) after this much wall time, e.g. a job's time limit")
     p.add_argument("--global-batch-size", type=positive_int, default=256)
-    p.add_argument("--global-seed", type=int, default=0)
+    p.add_argument("--global-seed", type=seed, default=0)
     p.add_argument("--vae", choices=["ema", "mse", "none"], default="ema", help="'none': pixel space")
     p.add_argument("--vae-path", help="local diffusers VAE folder (default: the hub id stabilityai/sd-vae-ft-{ema,mse})")
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--num-workers", type=non_negative_int, default=4, help="data loading processes per process")
     p.add_argument("--log-every", type=positive_int, default=100)
     p.add_argument("--ckpt-every", type=positive_int, default=50_000)
     p.add_argument("--ckpt", help="initialise the weights from this checkpoint (fine-tuning), not a resume")
-    p.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue this experiment from its latest checkpoint")
-    p.add_argument("--lr", type=finite_float, default=1e-4)
-    p.add_argument("--ema-decay", type=finite_float, default=0.9999)
+    p.add_argument("--resume", metavar="EXPERIMENT_DIR", type=output_dir,
+                   help="continue this experiment from its latest checkpoint")
+    p.add_argument("--lr", type=positive_float, default=1e-4)
+    p.add_argument("--ema-decay", type=number(float, min=0, max=1, max_inclusive=False), default=0.9999)
     p.add_argument("--ema-warmup", action="store_true",
                    help="EMA decay min(decay, (1 + step) / (10 + step)): useful for short runs")
     p.add_argument("--label-dropout", choices=["shared", "per-level"], default="shared",
                    help="U-DiT: one drop decision per sample for all levels (default) or the reference's per-level draws")
-    p.add_argument("--class-dropout-prob", type=finite_float, default=0.1)
+    p.add_argument("--class-dropout-prob", type=number(float, min=0, max=1, max_inclusive=False), default=0.1)
     p.add_argument("--no-flip", action="store_true",
                    help="no random horizontal flips (for data where a mirror image is not a sample, e.g. digits)")
     p.add_argument("--objective", choices=OBJECTIVES, default="ddpm",
@@ -88,14 +91,14 @@ def training_parser(description):
     p.add_argument("--time-sampling", choices=TIME_SAMPLINGS, default="uniform",
                    help="flow: how training times are drawn (logit-normal as in SD3 / LightningDiT)")
     p.add_argument("--logit-normal-loc", type=finite_float, default=0.0, help="flow, logit-normal: location")
-    p.add_argument("--logit-normal-scale", type=finite_float, default=1.0, help="flow, logit-normal: scale")
+    p.add_argument("--logit-normal-scale", type=positive_float, default=1.0, help="flow, logit-normal: scale")
     p.add_argument("--allow-objective-change", action="store_true",
                    help="let --ckpt come from a run of the other objective (its output layer is not loaded)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip (and count) steps whose loss is NaN/Inf instead of stopping")
-    p.add_argument("--max-grad-norm", type=finite_float,
+    p.add_argument("--max-grad-norm", type=positive_float,
                    help="clip the gradients' total L2 norm to this (default: no clipping, as the paper)")
     add_monitor_args(p)
     return p
@@ -117,18 +120,10 @@ def parse_training_args(parser, argv=None):
             parser.error(f"--{flag.replace('_', '-')} {value}: no such file or directory")
     if args.resume:
         args = resumed_args(parser, args)
-    if not 0 <= args.class_dropout_prob < 1:
-        parser.error(f"--class-dropout-prob must be in [0, 1), got {args.class_dropout_prob}")
-    if not 0 <= args.ema_decay < 1:
-        parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    if args.lr <= 0:
-        parser.error(f"--lr must be positive, got {args.lr}")
     if args.objective != "flow" and {"time_sampling", "logit_normal_loc", "logit_normal_scale"} & set(args.given):
         parser.error("--time-sampling and --logit-normal-* apply to --objective flow only")
     if args.time_sampling != "logit-normal" and {"logit_normal_loc", "logit_normal_scale"} & set(args.given):
         parser.error("--logit-normal-loc/--logit-normal-scale apply to --time-sampling logit-normal only")
-    if not args.logit_normal_scale > 0:
-        parser.error(f"--logit-normal-scale must be positive, got {args.logit_normal_scale}")
     if args.objective == "flow" and args.model_kwargs.get("learn_sigma"):
         parser.error("--objective flow predicts a velocity without a learned variance: drop learn_sigma from "
                      "--model-kwargs")
@@ -142,8 +137,6 @@ def parse_training_args(parser, argv=None):
     if getattr(args, "cuda_graph", False) and (args.compile or args.grad_checkpointing):
         parser.error("--cuda-graph does not combine with --compile or --grad-checkpointing (given now or kept by "
                      "the resumed experiment): train without --cuda-graph")
-    if args.max_grad_norm is not None and not args.max_grad_norm > 0:
-        parser.error(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
     check_monitor_args(parser, args)
     return args
 
@@ -366,8 +359,9 @@ def load_initial_weights(model, args):
 def train(args, backend):
     """Run (or resume) a training experiment. Returns the experiment folder.
 
-    Everything that can fail on the user's settings (data, VAE, network) is opened before
-    the experiment folder is created, so a bad setting leaves nothing behind.
+    Everything that can fail on the user's settings (data, VAE, network, grid classes) is
+    opened or checked before the experiment folder is created, so a bad setting leaves
+    nothing behind (the flags' ranges and paths were checked when parsed).
     """
     device, rank, world = backend.device, backend.rank, backend.world_size
     print(f"[rank {rank}/{world}] local rank {backend.local_rank}, device {device}", flush=True)
@@ -386,6 +380,7 @@ def train(args, backend):
     if steps_per_epoch == 0:
         raise DataError(f"{len(dataset)} samples are fewer than one global batch of {args.global_batch_size}")
     config = model_config(args, in_channels, latent_size, normalization, trained_labels)
+    grid_labels(args, config)  # --sample-classes against the data's classes
     model = build_model(config).to(device)
     initial_weights_note = None
     if args.ckpt and not args.resume:
