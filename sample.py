@@ -4,13 +4,13 @@
     python sample.py --ckpt results/000-U-DiT-B/checkpoints/0400000.pt   # settings from the checkpoint
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
-from udit.cli import ActionableError, finite_float
+from udit.cli import (ActionableError, ArgumentParser, non_negative_int, number, output_dir, output_file,
+                      positive_int, seed)
 from udit.distributed import configure_matmul_precision
 from udit.sampling import (DEFAULT_CLASSES, accounting, add_sampling_args, check_sampling_args, default_labels,
                            describe_run, generate, guidance_from_args, image_grid_png, load_guide_model,
@@ -23,17 +23,24 @@ def describe_labels(labels):
     return "classes " + ", ".join(map(str, labels[:8])) + (f", ... ({len(labels)} in all)" if len(labels) > 8 else "")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+def build_parser():
+    p = ArgumentParser(prog="sample.py", description=__doc__.strip().splitlines()[0])
     add_sampling_args(p)
-    p.add_argument("--class-labels", type=int, nargs="+",
+    p.add_argument("--class-labels", type=non_negative_int, nargs="+",
                    help=f"one image per label (default {' '.join(map(str, DEFAULT_CLASSES))} for ImageNet models, "
                         f"else the first 8 classes the model was trained on)")
-    p.add_argument("--cfg-scale", type=finite_float, default=4.0, help="4.0 for pictures (FID uses 1.5); 1 = no guidance")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nrow", type=int, default=4, help="images per row of the grid")
-    p.add_argument("--output", default="sample.png", help="grid PNG")
-    p.add_argument("--save-individual", metavar="DIR", help="also write each image as DIR/{i:03d}_{label}.png")
+    p.add_argument("--cfg-scale", type=number(float, min=1), default=4.0,
+                   help="4.0 for pictures (FID uses 1.5); 1 = no guidance")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--nrow", type=positive_int, default=4, help="images per row of the grid")
+    p.add_argument("--output", type=output_file, default="sample.png", help="grid PNG")
+    p.add_argument("--save-individual", metavar="DIR", type=output_dir,
+                   help="also write each image as DIR/{i:03d}_{label}.png")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     check_sampling_args(p, args)
 
@@ -60,6 +67,7 @@ def main(argv=None):
           f"{describe_run(accounting(sampler, guidance, args.guide_ckpt))}, on {device}")
     images, _ = generate(model, vae, settings, args.seed, range(len(labels)), sampler, guidance, labels=labels,
                          precision=args.precision, cuda_graph=args.cuda_graph, progress=True)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     image_grid_png(images, args.output, args.nrow)
     print(f"wrote {args.output}")
     if args.save_individual:

@@ -14,7 +14,6 @@ run that would have made them. Beside the .npz, a .json records the settings and
 network evaluations per image.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from download import resolve_checkpoint
-from udit.cli import finite_float, positive_int, run_guarded
+from udit.cli import ArgumentParser, number, output_dir, positive_int, run_guarded, seed
 from udit.distributed import barrier, broadcast_object, cleanup, configure_matmul_precision, init_distributed
 from udit.sampling import (accounting, add_sampling_args, batches_of_rank, check_sampling_args, describe_run,
                            file_sha256, generate, guidance_from_args, labels_for, load_guide_model,
@@ -73,14 +72,20 @@ def write_json_atomic(path, data):
     os.replace(tmp, path)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+def build_parser():
+    p = ArgumentParser(prog="sample_ddp.py", description=__doc__.strip().splitlines()[0])
     add_sampling_args(p)
-    p.add_argument("--cfg-scale", type=finite_float, default=1.5, help="1.5 as the paper's guided FIDs; 1 = no guidance")
+    p.add_argument("--cfg-scale", type=number(float, min=1), default=1.5,
+                   help="1.5 as the paper's guided FIDs; 1 = no guidance")
     p.add_argument("--num-fid-samples", type=positive_int, default=50_000)
     p.add_argument("--per-proc-batch-size", type=positive_int, default=32)
-    p.add_argument("--global-seed", type=int, default=0)
-    p.add_argument("--sample-dir", default="samples")
+    p.add_argument("--global-seed", type=seed, default=0)
+    p.add_argument("--sample-dir", type=output_dir, default="samples")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     check_sampling_args(p, args)
 

@@ -100,12 +100,13 @@ def test_guidance_on_all_channels_differs(trained, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--cfg-scale", "0.5"], "--cfg-scale must be a finite number >= 1"),
+    (["--cfg-scale", "0.5"], "--cfg-scale: must be a number >= 1, got 0.5"),
     (["--cfg-scale", "nan"], "--cfg-scale: must be a finite number, got nan"),
     (["--cfg-scale", "inf"], "--cfg-scale: must be a finite number, got inf"),
     (["--sampler", "flow-sde", "--time-shift", "inf"], "--time-shift: must be a finite number, got inf"),
     (["--model", "U-DiT-XXL"], "invalid choice"),
-    (["--num-sampling-steps", "0"], "must be in 1..1000"),
+    (["--num-sampling-steps", "0"], "--num-sampling-steps: must be an integer >= 1, got 0"),
+    (["--num-sampling-steps", "1001"], "must be in 1..1000"),
 ])
 def test_bad_sampling_flags_exit_2(trained, flags, message, capsys):
     with pytest.raises(SystemExit) as info:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from models import DiT_models
 from udit.checkpoint import build_model, load_checkpoint, load_weights, model_state_dict
-from udit.cli import finite_float, json_object
+from udit.cli import json_object, number, positive_float, positive_int
 from udit.samplers import (DEFAULT_SAMPLERS, LAST_STEPS, SAMPLERS, SPACINGS, Guidance, GuidedModel, check_step_count,
                            make_sampler, samplers_for, schedule_for)
 from udit.vae import (SD_VAE_SCALE, check_latent_normalization, decode, latent_channels, latent_factor,
@@ -41,25 +41,26 @@ def cfg_channels(text):
 
 
 def add_sampling_args(p):
+    """The flags sample.py and sample_ddp.py share, each numeric one with its range (udit.cli.number)."""
     p.add_argument("--ckpt", required=True,
                    help="a train.py checkpoint, a state dict / .safetensors file, or a released name "
                         "(python download.py --list)")
     p.add_argument("--model", choices=list(DiT_models), help="default: from the checkpoint")
     p.add_argument("--model-kwargs", type=json_object, help="architecture overrides (JSON); default: from the checkpoint")
-    p.add_argument("--image-size", type=int, help="default: from the checkpoint, else 256")
-    p.add_argument("--num-classes", type=int, help="default: from the checkpoint, else 1000")
+    p.add_argument("--image-size", type=positive_int, help="default: from the checkpoint, else 256")
+    p.add_argument("--num-classes", type=positive_int, help="default: from the checkpoint, else 1000")
     p.add_argument("--vae", choices=["ema", "mse", "none"], help="default: from the checkpoint, else ema")
     p.add_argument("--vae-path", help="local diffusers VAE folder (default: the hub id stabilityai/sd-vae-ft-{ema,mse})")
     p.add_argument("--sampler", choices=list(SAMPLERS),
                    help="default: ddpm (the paper's protocol) for ddpm checkpoints, flow-sde for --objective flow "
                         "ones; " + "; ".join(f"{objective}: {', '.join(samplers_for(objective))}"
                                               for objective in DEFAULT_SAMPLERS) + " (README, Sampling)")
-    p.add_argument("--num-sampling-steps", type=int,
+    p.add_argument("--num-sampling-steps", type=positive_int,
                    help="default: the sampler's recommended count (" +
                         ", ".join(f"{name} {s.steps}" for name, s in SAMPLERS.items()) + ")")
     p.add_argument("--spacing", choices=SPACINGS, help="timestep spacing of a diffusers solver (default: its "
                                                        "measured best)")
-    p.add_argument("--time-shift", type=finite_float, metavar="SHIFT",
+    p.add_argument("--time-shift", type=positive_float, metavar="SHIFT",
                    help="flow solvers: t = SHIFT u / (1 + (SHIFT - 1) u) for uniform u (SD3's shift; > 1: more steps "
                         "at high noise; default 1)")
     p.add_argument("--last-step", choices=LAST_STEPS,
@@ -68,7 +69,7 @@ def add_sampling_args(p):
     p.add_argument("--cfg-channels", type=cfg_channels, metavar="{3,all}",
                    help="guide the first 3 output channels (the DiT convention, default for ddpm and ddim) or all "
                         "of them (default for the other solvers, which guide epsilon, or the velocity for flow)")
-    p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
+    p.add_argument("--cfg-interval", type=number(float, min=0, max=float("inf")), nargs=2, metavar=("LOW", "HIGH"),
                    help="guide only at noise levels LOW < sigma <= HIGH, sigma = sqrt((1 - abar_t) / abar_t) "
                         "(0.01 .. 157; flow: t / (1 - t), 0 .. inf); elsewhere the unconditional pass is skipped")
     p.add_argument("--guide-ckpt", metavar="CKPT",
@@ -87,14 +88,12 @@ def check_sampling_args(parser, args):
     for flag, ckpt in (("--ckpt", args.ckpt), ("--guide-ckpt", args.guide_ckpt)):
         if ckpt is not None and not Path(ckpt).is_file() and ckpt not in RELEASED:
             parser.error(f"{flag} {ckpt}: neither a file nor a released checkpoint ({', '.join(RELEASED)})")
-    if args.cfg_scale < 1.0:  # finite_float has refused NaN and infinity
-        parser.error(f"--cfg-scale must be a finite number >= 1 (1 = no guidance), got {args.cfg_scale}")
     if args.cfg_scale == 1.0:
         for flag, value in (("--cfg-interval", args.cfg_interval), ("--guide-ckpt", args.guide_ckpt),
                             ("--cfg-channels", args.cfg_channels)):
             if value is not None:
                 parser.error(f"{flag} has no effect without guidance; give --cfg-scale > 1 or drop it")
-    if args.cfg_interval is not None and not 0 <= args.cfg_interval[0] < args.cfg_interval[1]:
+    if args.cfg_interval is not None and not args.cfg_interval[0] < args.cfg_interval[1]:
         parser.error(f"--cfg-interval LOW HIGH needs 0 <= LOW < HIGH, got {args.cfg_interval[0]} {args.cfg_interval[1]}")
     try:
         if args.num_sampling_steps is not None:
