@@ -10,7 +10,6 @@ the .npz instead of loaded whole, the reference batch's activations are cached, 
 are validated, and the graph is found or downloaded with clear messages.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -24,6 +23,7 @@ import numpy as np
 from scipy import linalg
 from tqdm.auto import tqdm
 
+from udit.cli import ArgumentParser, output_file, positive_int
 from udit.hub import download_url
 
 INCEPTION_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
@@ -35,6 +35,9 @@ SPATIAL_NAME = "mixed_6/conv:0"
 SOFTMAX_MATMUL = "softmax/logits/MatMul"
 SPATIAL_CHANNELS = 7
 BATCH_SIZE = 64
+PR_NEIGHBOURS = 3  # k of precision and recall (Kynkaanniemi et al. 2019), as ADM's evaluator
+# Each image's k-th nearest neighbour among the others: a batch needs more than k images.
+MIN_IMAGES = PR_NEIGHBOURS + 1
 
 
 class EvaluatorInputError(ValueError):
@@ -85,7 +88,7 @@ def open_npy_member(path, name="arr_0"):
 
 
 def check_images_header(path, shape, dtype):
-    """Raise EvaluatorInputError unless the header describes uint8 images (N >= 2, H, W, 3)."""
+    """Raise EvaluatorInputError unless the header describes uint8 images (N >= MIN_IMAGES, H, W, 3)."""
     if dtype != np.uint8:
         raise EvaluatorInputError(f"{path}: arr_0 has dtype {dtype}, expected uint8 images in 0..255 "
                                   f"(convert with clip(127.5 * x + 128, 0, 255).astype(np.uint8))")
@@ -94,8 +97,9 @@ def check_images_header(path, shape, dtype):
     if shape[3] != 3:
         raise EvaluatorInputError(f"{path}: arr_0 has {shape[3]} channels (shape {shape}), expected "
                                   f"NHWC RGB images (N, H, W, 3)")
-    if shape[0] < 2:
-        raise EvaluatorInputError(f"{path}: arr_0 holds {shape[0]} image(s); at least 2 are needed for statistics")
+    if shape[0] < MIN_IMAGES:
+        raise EvaluatorInputError(f"{path}: arr_0 holds {shape[0]} image(s); at least {MIN_IMAGES} are needed "
+                                  f"(precision and recall use each image's {PR_NEIGHBOURS} nearest neighbours)")
 
 
 def iter_image_batches(path, batch_size=BATCH_SIZE):
@@ -188,7 +192,7 @@ def inception_score(probs, split_size=5000):
     return float(np.mean(scores))
 
 
-def manifold_radii(features, distances, k=3, batch_size=10000):
+def manifold_radii(features, distances, k=PR_NEIGHBOURS, batch_size=10000):
     """Distance of each feature to its k-th nearest neighbour within the set (self excluded)."""
     n = len(features)
     radii = np.zeros(n, dtype=np.float32)
@@ -199,7 +203,7 @@ def manifold_radii(features, distances, k=3, batch_size=10000):
     return radii
 
 
-def precision_recall(ref_features, sample_features, distances, k=3, batch_size=10000):
+def precision_recall(ref_features, sample_features, distances, k=PR_NEIGHBOURS, batch_size=10000):
     """Improved precision (samples inside some reference ball) and recall (the converse)."""
     ref_radii = manifold_radii(ref_features, distances, k, batch_size)
     sample_radii = manifold_radii(sample_features, distances, k, batch_size)
@@ -352,17 +356,22 @@ def evaluate(ref_path, sample_path, graph_path=None, use_cache=True, batch_size=
     }
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser():
+    parser = ArgumentParser(prog="evaluator.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("ref_batch", help="reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz)")
     parser.add_argument("sample_batch", help="sample batch .npz with arr_0 uint8 (N, H, W, 3)")
-    parser.add_argument("--json", metavar="PATH", help="also write the metrics to this JSON file")
+    parser.add_argument("--json", metavar="PATH", type=output_file, help="also write the metrics to this JSON file")
     parser.add_argument("--inception-graph", metavar="PATH",
                         help=f"classify_image_graph_def.pb (default: ${INCEPTION_ENV}, else downloaded once "
                              f"into {cache_dir()})")
     parser.add_argument("--no-cache", action="store_true", help="recompute the reference batch activations")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+    parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
                         help="images per Inception batch (64, as the original)")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         metrics = evaluate(args.ref_batch, args.sample_batch, args.inception_graph, not args.no_cache, args.batch_size)
@@ -374,6 +383,7 @@ def main(argv=None):
     print("Precision:", metrics["precision"])
     print("Recall:", metrics["recall"])
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
 
 

@@ -9,7 +9,6 @@ each epoch. A killed run continues where it stopped when rerun with the same com
 the result is identical to an uninterrupted run.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -20,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from udit.cli import given_flags, run_guarded
+from udit.cli import ArgumentParser, given_flags, non_negative_int, output_dir, positive_int, run_guarded
 from udit.data import COMPACT_LAYOUT, DataError, ImageDataset, open_feature_folder
 from udit.distributed import barrier, cleanup, init_distributed
 from udit.vae import SD_VAE_SCALE, encode_moments, latent_channels, latent_factor, latent_normalization, load_vae
@@ -124,18 +123,23 @@ def sample_moments(x):
     return torch.stack([x, torch.zeros_like(x)], dim=1)[:, None]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+def build_parser():
+    p = ArgumentParser(prog="extract_features.py", description=__doc__.strip().splitlines()[0])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data-path", help="ImageFolder root to encode")
     source.add_argument("--convert", metavar="FOLDER", help="a fast-DiT or U-DiT feature folder to convert")
-    p.add_argument("--features-path", required=True, help="output folder (created; rerun to resume)")
+    p.add_argument("--features-path", required=True, type=output_dir, help="output folder (created; rerun to resume)")
     p.add_argument("--image-size", type=int, choices=[256, 512], default=256)
     p.add_argument("--vae", choices=["ema", "mse"], default="ema")
     p.add_argument("--vae-path", help="local diffusers VAE folder (default: the hub id stabilityai/sd-vae-ft-{ema,mse})")
     p.add_argument("--flips", type=int, choices=[1, 2], default=2, help="store the mirror image's moments too")
-    p.add_argument("--batch-size", type=int, default=32, help="images per process and batch")
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per process and batch")
+    p.add_argument("--num-workers", type=non_negative_int, default=4, help="data loading processes per process")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     ignored = [flag for flag in given_flags(p, argv) if flag in ("image_size", "vae", "vae_path", "flips")]
     if args.convert and ignored:

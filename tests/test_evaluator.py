@@ -83,7 +83,7 @@ def write_npz(path, **arrays):
     (dict(arr_0=np.zeros((4, 8, 8, 3), np.float32)), "dtype float32, expected uint8"),
     (dict(arr_0=np.zeros((4, 8, 8), np.uint8)), r"expected \(N, H, W, 3\)"),
     (dict(arr_0=np.zeros((4, 3, 8, 8), np.uint8)), "8 channels"),
-    (dict(arr_0=np.zeros((1, 8, 8, 3), np.uint8)), "at least 2"),
+    (dict(arr_0=np.zeros((3, 8, 8, 3), np.uint8)), "holds 3 image.*at least 4"),
 ])
 def test_bad_image_batches_are_named(tmp_path, arrays, message):
     path = write_npz(tmp_path / "bad.npz", **arrays)
