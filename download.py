@@ -9,14 +9,13 @@ dict; a .safetensors file) or a released name, downloaded into the cache the fir
 Every load uses torch.load(weights_only=True): a checkpoint can never run code.
 """
 
-import argparse
 import os
 import re
 import sys
 from pathlib import Path
 
 from udit.checkpoint import CheckpointError, load_checkpoint, model_state_dict
-from udit.cli import ActionableError
+from udit.cli import ActionableError, ArgumentParser
 from udit.hub import download_url, hub_unreachable_reason
 
 UDIT_REPO = "yuchuantian/U-DiT"
@@ -126,7 +125,7 @@ def find_model(name_or_path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="List or prefetch the released U-DiT and DiT checkpoints.")
+    p = ArgumentParser(prog="download.py", description="List or prefetch the released U-DiT and DiT checkpoints.")
     p.add_argument("names", nargs="*", help="released names to download into the cache")
     p.add_argument("--list", action="store_true", help="show the released checkpoints and which are cached")
     args = p.parse_args(argv)

@@ -15,7 +15,6 @@ launches rather than arithmetic grows with it (and with the host-side cost of ea
 views included). Prints a table and writes JSON (--json).
 """
 
-import argparse
 import json
 import platform
 import statistics
@@ -36,6 +35,7 @@ from models import (DiT_models, cache_rope_tables, compile_blocks, count_params,
 from udit.cuda_graphs import GraphedForward, capture  # noqa: E402
 from udit.distributed import configure_matmul_precision  # noqa: E402
 from udit.objectives import OBJECTIVES, create_objective  # noqa: E402
+from udit.cli import ArgumentParser, non_negative_int, number, output_file, positive_int  # noqa: E402
 
 SAME_MACS = {"U-DiT-S": "DiT-S/2", "U-DiT-B": "DiT-B/2", "U-DiT-L": "DiT-L/2"}
 
@@ -293,31 +293,36 @@ def print_breakdown(models):
                   + f" {floor * 1e3:>9.1f}  {'; '.join(others)}")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+def build_parser():
+    p = ArgumentParser(prog="bench.py", description=__doc__.strip().splitlines()[0])
     p.add_argument("--models", nargs="+", default=["U-DiT-S", "DiT-S/2"], choices=list(DiT_models))
     p.add_argument("--objectives", nargs="+", default=["ddpm"], choices=OBJECTIVES,
                    help="training objectives to measure each model with (flow: C output channels, no VB term)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--image-size", type=number(int, min=8), default=256, help="pixels (latents: / 8)")
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
     p.add_argument("--compile", nargs="?", const="model", default="none", choices=["none", "blocks", "model"],
                    help="torch.compile each transformer block ('blocks') or the whole model ('model', the default "
                         "of a bare --compile)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each training step, inference forward and sampling forward from a CUDA graph")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--gemm-size", type=int, default=None, help="default: 2048 on CPU, 8192 on GPU")
+    p.add_argument("--rounds", type=positive_int, default=5)
+    p.add_argument("--warmup", type=non_negative_int, default=2)
+    p.add_argument("--gemm-size", type=positive_int, default=None, help="default: 2048 on CPU, 8192 on GPU")
     p.add_argument("--sampling", action="store_true", help="also measure 250-step guided sampling with VAE decode")
-    p.add_argument("--sampling-steps", type=int, default=250)
-    p.add_argument("--sampling-batch-size", type=int, default=None, help="default: --batch-size")
+    p.add_argument("--sampling-steps", type=positive_int, default=250)
+    p.add_argument("--sampling-batch-size", type=positive_int, default=None, help="default: --batch-size")
     p.add_argument("--sampling-models", nargs="+", choices=list(DiT_models), help="default: --models")
-    p.add_argument("--sampling-images", type=int, default=50_000, help="for the projected hours on one device")
+    p.add_argument("--sampling-images", type=positive_int, default=50_000, help="for the projected hours on one device")
     p.add_argument("--breakdown", action="store_true",
                    help="also profile one eager training step per model: time in matrix products, "
                         "convolutions, attention, the optimizer and all other operators")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", type=output_file, help="write the results here")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     args.latent_size = args.image_size // 8
     if args.sampling_models and not set(args.sampling_models) <= set(args.models):

@@ -45,6 +45,7 @@ import models  # noqa: E402
 from conftest import golden_model  # noqa: E402
 from models import create_model  # noqa: E402
 from udit.cuda_graphs import capture  # noqa: E402
+from udit.cli import ArgumentParser, output_dir, positive_float  # noqa: E402
 
 # Strict fp32 tolerances of ../shared/golden/README.md: one forward, and 10 chained calls.
 FORWARD_TOL, LOOP_TOL = 1e-5, 1e-4
@@ -313,15 +314,21 @@ STAGES = {
 }
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--out", default=".", help="folder for the JSON results and logs")
+def build_parser():
+    p = ArgumentParser(prog="gpu_check.py", description=__doc__.strip().splitlines()[0])
+    p.add_argument("--out", type=output_dir, default=".", help="folder for the JSON results and logs")
     p.add_argument("--golden", default=str(ROOT.parent / "shared" / "golden"))
-    p.add_argument("--deadline-s", type=float, default=420, help="all stages together stop after this many seconds")
+    p.add_argument("--deadline-s", type=positive_float, default=420,
+                   help="all stages together stop after this many seconds")
     p.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES),
                    help="what to run, in this order (default: all)")
     p.add_argument("--inline", choices=["correctness", "sample-graph", "train-graph", "profile"],
                    help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

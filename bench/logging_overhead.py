@@ -12,7 +12,6 @@ are off (their cost is per call, see README). It prints the medians and the over
 TensorBoard as a share of the step time.
 """
 
-import argparse
 import json
 import statistics
 import sys
@@ -28,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import udit.monitor  # noqa: E402
 from udit.trainer import DDPBackend, parse_training_args, train, training_parser  # noqa: E402
+from udit.cli import ArgumentParser, output_file, positive_int  # noqa: E402
 
 
 def write_features(root, count, seed=0):
@@ -69,12 +69,17 @@ class Timings:
         return taken
 
 
+def build_parser():
+    p = ArgumentParser(prog="logging_overhead.py", description=__doc__.strip().splitlines()[0])
+    p.add_argument("--steps", type=positive_int, default=8, help="training steps per run")
+    p.add_argument("--rounds", type=positive_int, default=3, help="runs of each kind, alternating")
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--json", type=output_file, help="also write the figures here")
+    return p
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--steps", type=int, default=8, help="training steps per run")
-    p.add_argument("--rounds", type=int, default=3, help="runs of each kind, alternating")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--json", help="also write the figures here")
+    p = build_parser()
     args = p.parse_args(argv)
     torch.manual_seed(0)
     timings = Timings()

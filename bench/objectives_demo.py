@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import sampling_front  # noqa: E402
 from udit.monitor import read_scalars  # noqa: E402
+from udit.cli import ArgumentParser, number, output_dir, positive_float, positive_int, seed  # noqa: E402
 
 OBJECTIVES = ("ddpm", "flow")
 FRONT_STAGES = ["spacing", "front", "interval", "front-interval"]
@@ -81,17 +82,28 @@ def plot(curves, path):
     plt.close(fig)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--minutes", type=float, default=8.0, help="training minutes of each objective")
+def build_parser():
+    p = ArgumentParser(prog="objectives_demo.py", description=__doc__.strip().splitlines()[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--minutes", type=positive_float, default=8.0, help="training minutes of each objective")
     p.add_argument("--out", default="results/objectives", help="one folder per objective, the plot and summary")
-    p.add_argument("--max-nfe", type=int, default=50, help="network evaluations per image allowed the best sampler")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one sampling run per seed")
-    p.add_argument("--samples", type=int, default=1000, help="samples per measurement")
-    p.add_argument("--workers", type=int, default=1, help="configurations measured at a time (one process each)")
+    p.add_argument("--max-nfe", type=positive_int, default=50,
+                   help="network evaluations per image allowed the best sampler")
+    p.add_argument("--seeds", type=seed, nargs="+", default=[0, 1], help="one sampling run per seed")
+    p.add_argument("--samples", type=number(int, min=2), default=1000, help="samples per measurement")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="configurations measured at a time (one process each)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     out = ROOT / args.out
+    try:
+        output_dir(str(out))  # --out is relative to the repository, not to the working directory
+    except argparse.ArgumentTypeError as err:
+        p.error(f"argument --out: {err}")
     results, curves = {}, {}
     for objective in OBJECTIVES:
         run = out / objective

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import create_model  # noqa: E402
 from udit.samplers import Guidance, make_sampler  # noqa: E402
 from udit.sampling import generate  # noqa: E402
+from udit.cli import ArgumentParser, output_file, positive_int  # noqa: E402
 
 H200_SECONDS_PER_EVALUATION = 1 / (2.41 * 500)  # per image; bench/RESULTS.md, sampling with --cuda-graph
 # README, Sampling, "Which to use" (DDPM's 250 steps timed as 25: the same work per step).
@@ -49,17 +50,22 @@ def parse(text):
                      "autoguidance": bool(options.get("autoguidance"))}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser():
+    p = ArgumentParser(prog="sampler_speed.py", description=__doc__.strip().splitlines()[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--configs", nargs="+", default=RECOMMENDED,
                    help='each "SAMPLER STEPS [spacing=S] [shift=S] [interval=LOW,HIGH] [cfg=SCALE] [autoguidance]", '
                         'e.g. "euler 20 spacing=trailing interval=1,2"')
     p.add_argument("--model", default="U-DiT-B", help="random weights, 256 px (32x32x4 latents)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per generate() call")
-    p.add_argument("--rounds", type=int, default=2, help="the figure is the median over rounds")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    p.add_argument("--json", help="also write the figures here")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per generate() call")
+    p.add_argument("--rounds", type=positive_int, default=2, help="the figure is the median over rounds")
+    p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
+    p.add_argument("--json", type=output_file, help="also write the figures here")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

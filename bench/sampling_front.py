@@ -56,6 +56,7 @@ from udit.checkpoint import load_checkpoint  # noqa: E402
 from udit.samplers import SAMPLERS, DiffusersSolver, FlowSolver, Guidance, make_sampler  # noqa: E402
 from udit.sampling import add_sampling_args, generate, load_guide_model, load_sampling_model  # noqa: E402
 from udit.vae import to_uint8  # noqa: E402
+from udit.cli import ArgumentParser, number, output_file, positive_int, seed  # noqa: E402
 
 SOLVERS = {"ddpm": [name for name, s in SAMPLERS.items() if isinstance(s, DiffusersSolver)],
            "flow": [name for name, s in SAMPLERS.items() if isinstance(s, FlowSolver)]}
@@ -212,21 +213,30 @@ class Sweep:
 #                                   Stages                                      #
 #################################################################################
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser():
+    p = ArgumentParser(prog="sampling_front.py", description=__doc__.strip().splitlines()[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="results/demo/checkpoint.pt", help="a checkpoint of the make demo model")
     p.add_argument("--guide-ckpts", nargs="*", default=[], help="autoguidance candidates (earlier checkpoints)")
-    p.add_argument("--samples", type=int, default=1000, help="samples per measurement in the table")
-    p.add_argument("--select-samples", type=int, default=500, help="samples for the picks (first seed only)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one sampling run per seed")
+    p.add_argument("--samples", type=number(int, min=2), default=1000, help="samples per measurement in the table")
+    p.add_argument("--select-samples", type=number(int, min=2), default=500,
+                   help="samples for the picks (first seed only)")
+    p.add_argument("--seeds", type=seed, nargs="+", default=[0, 1], help="one sampling run per seed")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(DEFAULT_STAGES), help="see above")
-    p.add_argument("--json", help="the measurements, resumed from and appended to (default: beside the "
-                                  "checkpoint, CKPT_sampling_front.json)")
-    p.add_argument("--workers", type=int, default=1, help="configurations measured at a time (one process each)")
-    p.add_argument("--max-nfe", type=int, help="skip front configurations with more network evaluations per image")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--json", type=output_file,
+                   help="the measurements, resumed from and appended to (default: beside the "
+                        "checkpoint, CKPT_sampling_front.json)")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="configurations measured at a time (one process each)")
+    p.add_argument("--max-nfe", type=positive_int,
+                   help="skip front configurations with more network evaluations per image")
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads per worker (one: OpenMP threads spin on a shared machine)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     args.json = args.json or str(Path(args.ckpt).with_name(f"{Path(args.ckpt).stem}_sampling_front.json"))
     args.objective = load_checkpoint(args.ckpt).get("args", {}).get("objective", "ddpm")

@@ -33,6 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from evaluator import compute_statistics, frechet_distance  # noqa: E402
 from udit.checkpoint import load_checkpoint  # noqa: E402
+from udit.cli import (ArgumentParser, non_negative_int, number, output_dir, output_file, positive_float,  # noqa: E402
+                      positive_int)
 from udit.monitor import read_scalars  # noqa: E402
 
 HELD_OUT = 297
@@ -244,23 +246,36 @@ def plot_curves(exp_dir, summary, path):
     plt.close(fig)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--minutes", type=float, default=8.0, help="training time budget (the knob for a longer run)")
-    p.add_argument("--steps", type=int, help="stop training after this many steps instead (reproducible whatever "
-                                             "the machine's load; the time budget still applies)")
-    p.add_argument("--samples", type=int, default=1000, help="generated samples to score")
+def build_parser():
+    p = ArgumentParser(prog="demo.py", description=__doc__.strip().splitlines()[0])
+    p.add_argument("--minutes", type=positive_float, default=8.0,
+                   help="training time budget (the knob for a longer run)")
+    p.add_argument("--steps", type=positive_int,
+                   help="stop training after this many steps instead (reproducible whatever "
+                        "the machine's load; the time budget still applies)")
+    p.add_argument("--samples", type=number(int, min=2), default=1000,
+                   help="generated samples to score (a Frechet distance needs 2 or more)")
     p.add_argument("--objective", choices=["ddpm", "flow"], default="ddpm",
                    help="ddpm: the paper's epsilon prediction; flow: velocity on the linear interpolant")
     p.add_argument("--out", help="default: results/demo, results/demo_flow for --objective flow")
-    p.add_argument("--save-every", type=int, default=1_000_000, help="also keep a checkpoint every N steps")
+    p.add_argument("--save-every", type=positive_int, default=1_000_000, help="also keep a checkpoint every N steps")
     p.add_argument("--score", metavar="CKPT", help="skip training: sample and score this checkpoint")
-    p.add_argument("--eval-every", type=int, default=300, help="score the run every N steps while it trains (0: never)")
+    p.add_argument("--eval-every", type=non_negative_int, default=300,
+                   help="score the run every N steps while it trains (0: never)")
     p.add_argument("--fd", metavar="SAMPLES.npz",
                    help="only score these samples with the classifier of --out (what train.py runs while training)")
-    p.add_argument("--json", metavar="METRICS.json", help="with --fd: write the metrics here")
+    p.add_argument("--json", metavar="METRICS.json", type=output_file, help="with --fd: write the metrics here")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     out = ROOT / (args.out or ("results/demo" if args.objective == "ddpm" else f"results/demo_{args.objective}"))
+    try:
+        output_dir(str(out))  # --out is relative to the repository, not to the working directory
+    except argparse.ArgumentTypeError as err:
+        p.error(f"argument --out: {err}")
     (train_x, train_y), (held_x, held_y) = split(*digits())
     if args.fd:
         metrics = score_samples(Classifier.load(out / "classifier.npz"), args.fd, held_x)
