@@ -141,6 +141,15 @@ def test_an_out_folder_relative_to_the_repository_is_checked_before_any_work(scr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+def test_output_paths_below_a_dangling_link_are_refused_and_new_folders_are_fine(tmp_path):
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    for check in (output_dir, output_file):
+        with pytest.raises(Exception, match="is a dangling link"):
+            check(str(tmp_path / "link" / "x"))
+        assert check(str(tmp_path / "new" / "deeper" / "x")) == str(tmp_path / "new" / "deeper" / "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]
+
+
 def test_number_ranges_and_messages():
     fraction = number(float, min=0, max=1, max_inclusive=False)
     assert fraction("0") == 0.0 and fraction("0.5") == 0.5

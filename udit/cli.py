@@ -90,7 +90,6 @@ def number(kind, min=None, max=None, min_inclusive=True, max_inclusive=True):
             raise argparse.ArgumentTypeError(f"must be {describe()}, got {text}")
         return value
 
-    parse.__name__ = kind.__name__
     parse.bounds = (kind, min, max, min_inclusive, max_inclusive)  # what tests enumerate
     return parse
 
@@ -103,19 +102,22 @@ non_negative_int = number(int, min=0)
 seed = number(int, min=0, max=2**32 - 1)
 
 
-def _writable_from(path):
-    """The nearest existing folder at or above `path`, or an error message when it cannot take new files."""
+def _unwritable_reason(path):
+    """Why `path` (a folder, existing or to be created) cannot take new files; None when it can.
+
+    The nearest existing folder at or above it decides: a file or a dangling link there, or
+    a folder without write permission, would fail only once the work is done.
+    """
     ancestor = path
     while not ancestor.exists():
-        if not ancestor.is_symlink() and ancestor.parent != ancestor:
-            ancestor = ancestor.parent
-            continue
-        return None, f"{ancestor} is a dangling link"
+        if ancestor.is_symlink():
+            return f"{ancestor} is a dangling link"
+        ancestor = ancestor.parent
     if not ancestor.is_dir():
-        return None, f"{ancestor} is a file, not a folder"
+        return f"{ancestor} is a file, not a folder"
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        return None, f"the folder {ancestor} is not writable"
-    return ancestor, None
+        return f"the folder {ancestor} is not writable"
+    return None
 
 
 def output_dir(text):
@@ -127,7 +129,7 @@ def output_dir(text):
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, expected a folder (choose another path)")
-    _, problem = _writable_from(path)
+    problem = _unwritable_reason(path)
     if problem:
         raise argparse.ArgumentTypeError(f"cannot create or write the folder {text}: {problem}")
     return text
@@ -140,7 +142,7 @@ def output_file(text):
         raise argparse.ArgumentTypeError(f"{text} is a folder, expected a file name (e.g. {path / 'out'})")
     if path.exists() and not os.access(path, os.W_OK):
         raise argparse.ArgumentTypeError(f"{text} exists and is not writable")
-    _, problem = _writable_from(path.parent)
+    problem = _unwritable_reason(path.parent)
     if problem:
         raise argparse.ArgumentTypeError(f"cannot write {text}: {problem}")
     return text
