@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from udit.cli import ArgumentParser, given_flags, non_negative_int, output_dir, positive_int, run_guarded
+from udit.cli import ArgumentParser, given_flags, inside, non_negative_int, output_dir, positive_int, run_guarded
 from udit.data import COMPACT_LAYOUT, DataError, ImageDataset, open_feature_folder
 from udit.distributed import barrier, cleanup, init_distributed
 from udit.vae import SD_VAE_SCALE, encode_moments, latent_channels, latent_factor, latent_normalization, load_vae
@@ -149,6 +149,10 @@ def main(argv=None):
         value = getattr(args, flag)
         if value and not Path(value).exists():
             p.error(f"--{flag.replace('_', '-')} {value}: no such file or directory")
+    source_flag, source = ("--data-path", args.data_path) if args.data_path else ("--convert", args.convert)
+    if inside(args.features_path, source):
+        p.error(f"--features-path {args.features_path} is inside {source_flag} {source}: the store would be read "
+                f"as part of the input (a class folder, feature files); choose a folder outside it")
 
     ctx = init_distributed()
     try:

@@ -186,6 +186,19 @@ def test_grid_classes_the_data_lacks_leave_no_experiment_folder(tiny_data, tmp_p
     assert [p.name for p in results.iterdir()] == ["000-U-DiT-S"]
 
 
+def test_outputs_inside_the_input_folder_are_refused(tiny_data, tmp_path, capsys):
+    images = tiny_data["small_images"]
+    with pytest.raises(SystemExit) as info:
+        train.main(["--data-path", str(images), "--results-dir", str(images / "results"), *PIXEL])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and "--results-dir" in lines[-1] and "read its experiment folders as classes" in lines[-1]
+    with pytest.raises(SystemExit) as info:
+        extract_features.main(["--data-path", str(images), "--features-path", str(images / "features")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and "--features-path" in lines[-1] and "inside --data-path" in lines[-1]
+    assert sorted(p.name for p in images.iterdir()) == ["class_0", "class_1"]
+
+
 @pytest.mark.parametrize("batch_size", ["0", "-1"])
 def test_feature_extraction_with_a_bad_batch_size_creates_no_store(tiny_data, tmp_path, capsys, batch_size):
     store = tmp_path / "features"

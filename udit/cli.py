@@ -148,6 +148,12 @@ def output_file(text):
     return text
 
 
+def inside(output, source):
+    """True when the folder `output` is `source` or lies below it: what is written there would be read as input."""
+    output, source = Path(output).resolve(), Path(source).resolve()
+    return output == source or source in output.parents
+
+
 def json_object(text):
     """argparse type for --model-kwargs: a JSON object, parsed, never evaluated."""
     try:

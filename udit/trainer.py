@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 from models import DiT_models, cache_rope_tables
 from udit.checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_state_dict,
                              save_atomic)
-from udit.cli import (ActionableError, ArgumentParser, finite_float, given_flags, json_object, non_negative_int,
-                      number, output_dir, positive_float, positive_int, seed)
+from udit.cli import (ActionableError, ArgumentParser, finite_float, given_flags, inside, json_object,
+                      non_negative_int, number, output_dir, positive_float, positive_int, seed)
 from udit.data import DataError, ImageDataset, ResumableDistributedSampler, open_feature_folder
 from udit.cuda_graphs import GraphedTrainingStep
 from udit.distributed import (all_gather_objects, all_reduce_mean, barrier, broadcast_module, broadcast_object,
@@ -118,6 +118,9 @@ def parse_training_args(parser, argv=None):
         value = getattr(args, flag)
         if value and not Path(value).exists():
             parser.error(f"--{flag.replace('_', '-')} {value}: no such file or directory")
+    if not args.resume and args.data_path and inside(args.results_dir, args.data_path):
+        parser.error(f"--results-dir {args.results_dir} is inside --data-path {args.data_path}: the next run would "
+                     f"read its experiment folders as classes; choose a folder outside it")
     if args.resume:
         args = resumed_args(parser, args)
     if args.objective != "flow" and {"time_sampling", "logit_normal_loc", "logit_normal_scale"} & set(args.given):
