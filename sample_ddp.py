@@ -24,9 +24,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from download import resolve_checkpoint
 from udit.cli import finite_float, positive_int, run_guarded
 from udit.distributed import barrier, broadcast_object, cleanup, configure_matmul_precision, init_distributed
+from udit.releases import resolve_checkpoint
 from udit.sampling import (accounting, add_sampling_args, batches_of_rank, check_sampling_args, describe_run,
                            file_sha256, generate, guidance_from_args, labels_for, load_guide_model,
                            load_sampling_model, manifest_digest, open_sample_folder, sampler_from_args,
