@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from udit.cli import finite_float, positive_int, run_guarded
+from udit.data import load_rgb
 from udit.distributed import barrier, broadcast_object, cleanup, configure_matmul_precision, init_distributed
 from udit.releases import resolve_checkpoint
 from udit.sampling import (accounting, add_sampling_args, batches_of_rank, check_sampling_args, describe_run,
@@ -128,7 +128,7 @@ def sample_all(args, ctx):
         if missing:
             raise ValueError(f"{len(missing)} images missing (e.g. {missing[:3]}); rerun the same command")
         size = settings["image_size"]
-        pngs = (np.asarray(Image.open(folder / f"{i:06d}.png").convert("RGB"))
+        pngs = (np.asarray(load_rgb(folder / f"{i:06d}.png"))
                 for i in tqdm(range(n), desc="writing .npz", unit="img"))
         npz = folder.parent / f"{folder.name}.npz"
         write_npz_streaming(npz, n, (size, size, 3), pngs, labels_for(n, args.global_seed, settings["trained_labels"]))
