@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from udit.cli import finite_float, positive_int, run_guarded
 from udit.data import load_rgb
-from udit.distributed import barrier, broadcast_object, cleanup, configure_matmul_precision, init_distributed
+from udit.distributed import (barrier, broadcast_object, cleanup, configure_matmul_precision, init_distributed,
+                              open_shared_folder)
 from udit.releases import resolve_checkpoint
 from udit.sampling import (accounting, add_sampling_args, batches_of_rank, check_sampling_args, describe_run,
                            file_sha256, generate, guidance_from_args, labels_for, load_guide_model,
@@ -104,9 +105,7 @@ def sample_all(args, ctx):
         if ctx.is_main else None)
     manifest = run_manifest(args, settings, info, checkpoint_sha256, guide_sha256)
     folder = Path(args.sample_dir) / run_name(args, settings, info, manifest)
-    if ctx.is_main:
-        open_sample_folder(folder, manifest)
-    barrier()
+    open_shared_folder(folder, "--sample-dir", lambda: open_sample_folder(folder, manifest))
     n = args.num_fid_samples
     todo = [b for b in batches_of_rank(n, args.per_proc_batch_size, ctx.rank, ctx.world_size)
             if not all((folder / f"{i:06d}.png").is_file() for i in b)]

@@ -19,7 +19,7 @@ import sample_ddp
 import train
 import udit.hub
 import udit.releases as releases
-from conftest import ROOT, TINY_UDIT_KWARGS, randomize, run_script, script_env, torchrun
+from conftest import ROOT, TINY_UDIT_KWARGS, launch_two_nodes, randomize, run_script, script_env, torchrun
 from udit.checkpoint import CheckpointError, build_model, load_checkpoint
 from udit.sampling import write_npz_streaming
 
@@ -270,6 +270,19 @@ def test_download_list_works_offline(tmp_path, monkeypatch, capsys):
     assert download.main(["--list"]) == 0
     out = capsys.readouterr().out
     assert "U-DiT-L-1M" in out and "not downloaded" in out and "cannot be listed offline" in out
+
+
+def test_a_sample_folder_missing_on_one_node_is_refused_on_every_node(trained, tmp_path):
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    # A relative --sample-dir: each "node" has its own; node 1 lacks the folder rank 0 creates.
+    for status, out in launch_two_nodes("sample_ddp.py", ddp_args(trained, "samples", n=2, batch=1, steps=2), nodes):
+        errors = [line for line in out.splitlines() if "sample_ddp.py: error:" in line]
+        assert status != 0 and len(errors) == 1, out
+        assert "is not one folder shared by every process: rank 1 on" in errors[0], out
+        assert "(no such folder there)" in errors[0] and "Errno 2" not in out and "gloo" not in out.lower()
+    assert not list(nodes[0].glob("samples/*/*.png"))  # refused before sampling
 
 
 def test_streamed_npz_loads_like_savez(tmp_path):

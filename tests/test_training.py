@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-from conftest import TINY_UDIT_KWARGS, run_script, script_env, torchrun
+from conftest import TINY_UDIT_KWARGS, launch_two_nodes, run_script, script_env, torchrun
 
 COMMON = ["--model", "U-DiT-S", "--model-kwargs", TINY_UDIT_KWARGS, "--num-classes", "2",
           "--global-batch-size", "4", "--log-every", "2", "--num-workers", "0", "--sample-steps", "2"]
@@ -110,6 +110,22 @@ def test_two_nodes_on_localhost_use_local_rank(tiny_data, tmp_path):
     # One process per node: global ranks 0 and 1, each with local rank 0.
     assert "[rank 0/2] local rank 0" in outs[0] and "[rank 1/2] local rank 0" in outs[1]
     assert len(load(checkpoints(tmp_path)[-1])["rng"]) == 2
+
+
+def test_resuming_from_an_experiment_folder_the_nodes_do_not_share_is_refused(tiny_data, tmp_path):
+    import shutil
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    args = ["--data-path", tiny_data["small_images"], "--vae", "none", "--image-size", "16", *COMMON]
+    assert train.main([*map(str, args), "--max-steps", "2", "--results-dir", str(nodes[0] / "results")]) == 0
+    # Node 1 holds a copy of the experiment (an older one on a local disk): resuming would load
+    # another checkpoint there than on node 0.
+    shutil.copytree(nodes[0], nodes[1])
+    for status, out in launch_two_nodes("train.py", ["--resume", "results/000-U-DiT-S", "--max-steps", "4"], nodes):
+        errors = [line for line in out.splitlines() if "train.py: error:" in line]
+        assert status != 0 and len(errors) == 1, out
+        assert "--resume results/000-U-DiT-S is not one folder shared by every process: rank 1 on" in errors[0], out
+        assert "(another copy of it)" in errors[0]
+    assert [p.name for p in checkpoints(nodes[0] / "results")] == ["0000002.pt"]  # nothing trained
 
 
 def test_accelerate_launch_two_cpu_processes(tiny_data, tmp_path):

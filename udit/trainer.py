@@ -25,7 +25,7 @@ from udit.cli import ActionableError, finite_float, given_flags, json_object, po
 from udit.data import DataError, ImageDataset, ResumableDistributedSampler, open_feature_folder
 from udit.cuda_graphs import GraphedTrainingStep
 from udit.distributed import (all_gather_objects, all_reduce_mean, barrier, broadcast_module, broadcast_object,
-                               configure_matmul_precision, init_distributed)
+                               configure_matmul_precision, init_distributed, open_shared_folder)
 from udit.monitor import MONITOR_SETTINGS, Monitor, add_monitor_args, check_monitor_args
 from udit.objectives import OBJECTIVES, TIME_SAMPLINGS, create_objective
 from udit.vae import (check_latent_normalization, encode, latent_channels, latent_factor, latent_normalization,
@@ -257,6 +257,12 @@ def latest_checkpoint(exp_dir):
     return ckpts[-1]
 
 
+def remove_stale_temporaries(exp_dir):
+    """Delete checkpoint files left half-written by a run killed while saving; the final files are intact."""
+    for stale in (Path(exp_dir) / "checkpoints").glob(".*.tmp-*"):
+        stale.unlink()
+
+
 def new_experiment_dir(results_dir, model_name):
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -391,14 +397,14 @@ def train(args, backend):
     if args.ckpt and not args.resume:
         initial_weights_note = load_initial_weights(model, args)
 
+    # Every process reads the checkpoints on resume: the folder must be one folder for all nodes.
     if args.resume:
         exp_dir = Path(args.resume)
+        open_shared_folder(exp_dir, "--resume", lambda: remove_stale_temporaries(exp_dir))
     else:
+        open_shared_folder(args.results_dir, "--results-dir", lambda: Path(args.results_dir).mkdir(parents=True,
+                                                                                                    exist_ok=True))
         exp_dir = Path(broadcast_object(str(new_experiment_dir(args.results_dir, args.model)) if rank == 0 else None))
-    if rank == 0:
-        for stale in (exp_dir / "checkpoints").glob(".*.tmp-*"):
-            stale.unlink()  # left by a run killed while writing; the final files are intact
-    barrier()
     logger = create_logger(exp_dir, rank == 0)
     for note in (class_coverage_warning(args, trained_labels), initial_weights_note):
         if note:
