@@ -207,9 +207,27 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, cap
         np.save(f, np.full((1, 4, 32, 32), np.nan, dtype=np.float32))
     run = next((tmp_path / "r").iterdir())
     assert train.main(["--resume", str(run), "--max-steps", "3"]) == 1
-    assert "loss is nan at step 2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "loss is nan at step 2" in err
+    assert f"the last checkpoint {run / 'checkpoints' / '0000001.pt'} is intact: resume with a lower --lr or " \
+           f"with --skip-nonfinite (--resume {run})" in err
     assert [p.name for p in checkpoints(tmp_path / "r")] == ["0000001.pt"]
     assert all(torch.isfinite(v).all() for v in load(checkpoints(tmp_path / "r")[0])["model"].values())
+    assert train.main(["--resume", str(run), "--max-steps", "3", "--skip-nonfinite"]) == 0  # the advice works
+
+
+def test_divergence_before_the_first_checkpoint_does_not_advise_resuming(tmp_path, capsys):
+    features = write_public_features(tmp_path / "features", "fast-DiT", count=8)
+    for f in (features / "imagenet256_features").iterdir():
+        np.save(f, np.full((1, 4, 32, 32), np.nan, dtype=np.float32))
+    common = ["--feature-path", str(features), "--results-dir", str(tmp_path / "r"), "--precision", "bf16",
+              "--max-steps", "2", *COMMON]
+    assert train.main(common) == 1
+    err = capsys.readouterr().err
+    assert "loss is nan at step 1" in err and "intact" not in err and "--resume" not in err
+    assert "no checkpoint was written yet, so there is nothing to resume: start the run again with a lower --lr " \
+           "or with --skip-nonfinite" in err
+    assert train.main([*common, "--skip-nonfinite"]) == 0  # the advice works
 
 
 def test_skip_nonfinite_counts_and_continues(tmp_path):

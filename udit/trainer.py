@@ -5,6 +5,7 @@ everything else — data, model, EMA, logging, checkpoints, exact resume — liv
 """
 
 import argparse
+import errno
 import logging
 import math
 import re
@@ -250,11 +251,29 @@ def create_logger(exp_dir, is_main):
     return log
 
 
+def checkpoint_files(exp_dir):
+    """The experiment's checkpoints/NNNNNNN.pt files, oldest first."""
+    return sorted(Path(exp_dir, "checkpoints").glob("[0-9][0-9][0-9][0-9][0-9][0-9][0-9].pt"))
+
+
 def latest_checkpoint(exp_dir):
-    ckpts = sorted(Path(exp_dir, "checkpoints").glob("[0-9][0-9][0-9][0-9][0-9][0-9][0-9].pt"))
+    ckpts = checkpoint_files(exp_dir)
     if not ckpts:
         raise CheckpointError(f"--resume {exp_dir}: no checkpoints/NNNNNNN.pt in this experiment folder")
     return ckpts[-1]
+
+
+def recovery_advice(exp_dir, change):
+    """What to do after a run stopped, true in the state it stopped in.
+
+    With a checkpoint: resume from it. Before the first one there is nothing to resume
+    (--resume would exit 2), so: start again. `change` says how, e.g. "with a lower --lr".
+    """
+    ckpts = checkpoint_files(exp_dir)
+    if ckpts:
+        return f"the last checkpoint {ckpts[-1]} is intact: resume {change} (--resume {exp_dir})"
+    return (f"no checkpoint was written yet, so there is nothing to resume: start the run again {change} "
+            f"({exp_dir} holds no checkpoint and can be deleted)")
 
 
 def remove_stale_temporaries(exp_dir):
@@ -464,11 +483,18 @@ def train(args, backend):
         if rank == 0:
             unwrapped = backend.unwrap(train_model)
             if not (all_finite(unwrapped) and all_finite(ema)):
-                raise NonFiniteLoss(f"non-finite weights at step {step}: checkpoint not written")
+                raise NonFiniteLoss(f"non-finite weights at step {step}: checkpoint not written; "
+                                    f"{recovery_advice(exp_dir, 'with a lower --lr')}")
             path = exp_dir / "checkpoints" / f"{step:07d}.pt"
-            save_atomic({"model": unwrapped.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                         "step": step, "epoch": epoch, "position": position, "rng": states,
-                         "backend": backend.extra_state(), "args": {**vars(args), **config}}, path)
+            try:
+                save_atomic({"model": unwrapped.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                             "step": step, "epoch": epoch, "position": position, "rng": states,
+                             "backend": backend.extra_state(), "args": {**vars(args), **config}}, path)
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    raise
+                raise OSError(errno.ENOSPC, f"{err.strerror}; {recovery_advice(exp_dir, 'after freeing space')}") \
+                    from None
             logger.info("saved checkpoint %s", path)
         barrier()
 
@@ -506,9 +532,8 @@ def train(args, backend):
             log_now = step % args.log_every == 0 or stop_now
             if not torch.isfinite(mean_loss):
                 if not args.skip_nonfinite:
-                    raise NonFiniteLoss(f"loss is {mean_loss.item()} at step {step}: stopping; the last checkpoint "
-                                        f"in {exp_dir / 'checkpoints'} is intact (resume with a lower --lr, or "
-                                        f"--skip-nonfinite)")
+                    raise NonFiniteLoss(f"loss is {mean_loss.item()} at step {step}: stopping; "
+                                        f"{recovery_advice(exp_dir, 'with a lower --lr or with --skip-nonfinite')}")
                 skipped_steps += 1
                 logger.info("step %d: non-finite loss, step skipped (%d so far)", step, skipped_steps)
             else:
