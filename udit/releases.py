@@ -145,14 +145,14 @@ def download(name):
             _fetch_udit(name, target)
     except DownloadError as err:
         raise DownloadError(f"{err}. Download {source} by hand and put it at {target}, "
-                            f"or pass its path to --ckpt") from None
+                            f"or pass that file's path in place of the name") from None
     except Exception as err:
         # Only the error itself says what went wrong (network, disk, permissions): no guess at "offline".
         raise DownloadError(f"could not download {name} ({type(err).__name__}: {err}); download "
-                            f"{source} by hand and put it at {target}, or pass its path to --ckpt") from None
+                            f"{source} by hand and put it at {target}, or pass that file's path in place of the name") from None
     if not is_complete_checkpoint(target):
         raise DownloadError(f"the download of {name} into {target} is incomplete (cut short); download {source} "
-                            f"by hand and put it there, or pass its path to --ckpt")
+                            f"by hand and put it there, or pass that file's path in place of the name")
     return target
 
 

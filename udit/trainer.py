@@ -39,6 +39,8 @@ log = logging.getLogger("train")
 RESUMABLE = ("max_steps", "max_minutes", "epochs", "log_every", "ckpt_every", "num_workers", "data_path",
              "feature_path", "vae_path", "compile", "grad_checkpointing", "skip_nonfinite", "lr", "ema_decay",
              "ema_warmup", "precision", "cuda_graph", "resume", "max_grad_norm", *MONITOR_SETTINGS)
+# Flags whose change can change a tensor's shape, so that the old weights may not load.
+NETWORK_SHAPING = ("model", "model_kwargs", "num_classes", "class_dropout_prob", "vae", "image_size")
 
 
 class NonFiniteLoss(ActionableError):
@@ -159,8 +161,14 @@ def resumed_args(parser, args):
     changed = [k for k in args.given if k not in RESUMABLE and saved.get(k, parser.get_default(k)) != getattr(args, k)]
     if changed:
         k = changed[0]
+        if k == "objective":
+            restart = f"with --ckpt {path} --allow-objective-change to start from its weights"
+        elif k in NETWORK_SHAPING:  # the weights may no longer fit: say so rather than promise they load
+            restart = f"--ckpt {path} starts it from these weights if the network keeps every tensor's shape"
+        else:
+            restart = f"with --ckpt {path} to start from its weights"
         parser.error(f"--{k.replace('_', '-')} cannot change on resume (the experiment has {saved.get(k)!r}, given "
-                     f"{getattr(args, k)!r}); start a new experiment, with --ckpt {path} to start from its weights")
+                     f"{getattr(args, k)!r}); start a new experiment (without --resume), {restart}")
     merged = {**{k: v for k, v in vars(args).items() if k not in args.given}, **saved,
               **{k: getattr(args, k) for k in args.given}}
     if "data_path" in args.given:
@@ -353,14 +361,20 @@ def model_config(args, in_channels, latent_size, normalization, trained_labels):
             "learn_sigma": args.model_kwargs.get("learn_sigma", args.objective == "ddpm")}
 
 
-def class_coverage_warning(args, trained_labels):
-    """A log line when the data holds fewer classes than the model has label rows; None otherwise."""
+def class_coverage_warning(args, trained_labels, class_folders=0):
+    """A log line when the data holds fewer classes than the model has label rows; None otherwise.
+
+    The --num-classes it suggests must hold every label and, for an image folder, every
+    class folder (empty ones too: they take an index): max(labels) + 1 and class_folders.
+    """
     if trained_labels is None or len(trained_labels) >= args.num_classes:
         return None
+    smallest = max(max(trained_labels) + 1, class_folders)
+    fix = (f"pass --num-classes {smallest} for a model of this data" if smallest < args.num_classes else
+           "the classes without data have indices below the largest one, so no smaller --num-classes holds it")
     return (f"warning: the data holds {len(trained_labels)} classes but --num-classes is {args.num_classes}: "
             f"{args.num_classes - len(trained_labels)} label rows are never trained (samplers draw only the "
-            f"trained classes {format_labels(trained_labels)}); pass --num-classes {len(trained_labels)} "
-            f"for a model of this data")
+            f"trained classes {format_labels(trained_labels)}); {fix}")
 
 
 def format_labels(labels):
@@ -425,7 +439,8 @@ def train(args, backend):
                                                                                                     exist_ok=True))
         exp_dir = Path(broadcast_object(str(new_experiment_dir(args.results_dir, args.model)) if rank == 0 else None))
     logger = create_logger(exp_dir, rank == 0)
-    for note in (class_coverage_warning(args, trained_labels), initial_weights_note):
+    for note in (class_coverage_warning(args, trained_labels, len(getattr(dataset, "classes", []))),
+                 initial_weights_note):
         if note:
             logger.info(note)
     graphed = getattr(backend, "cuda_graph", False)  # train_accelerate's backend has no graphs
