@@ -285,6 +285,16 @@ def test_a_sample_folder_missing_on_one_node_is_refused_on_every_node(trained, t
     assert not list(nodes[0].glob("samples/*/*.png"))  # refused before sampling
 
 
+def test_a_sample_folder_rank_0_refuses_stops_every_process_with_one_line(trained, tmp_path):
+    assert sample_ddp.main([str(a) for a in ddp_args(trained, tmp_path, n=1, batch=1, steps=2)]) == 0
+    (manifest,) = tmp_path.glob("*/manifest.json")
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "global_seed": 7}))
+    out = torchrun("sample_ddp.py", *ddp_args(trained, tmp_path, n=1, batch=1, steps=2), expect=1)
+    errors = [line for line in out.splitlines() if "sample_ddp.py: error:" in line]
+    assert len(errors) == 2 and all("holds images made with other settings (global_seed: 7 there" in e for e in errors)
+    assert any("rank 0 failed to prepare --sample-dir" in e for e in errors) and "gloo" not in out.lower(), out
+
+
 def test_streamed_npz_loads_like_savez(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, size=(3, 4, 5, 3), dtype=np.uint8)
     write_npz_streaming(tmp_path / "s.npz", 3, (4, 5, 3), iter(images), [1, 2, 3])

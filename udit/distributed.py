@@ -143,14 +143,8 @@ def open_shared_folder(folder, flag, prepare=None):
         error.exit_status = outcome[2]
         raise error
     token = outcome[1]
-    path, seen, deadline = folder / f".shared-check-{token}", False, time.monotonic() + TOKEN_WAIT_S
-    while not seen:
-        try:
-            seen = path.read_text() == token
-        except OSError:
-            pass
-        if seen or time.monotonic() > deadline:
-            break
+    path, deadline = folder / f".shared-check-{token}", time.monotonic() + TOKEN_WAIT_S
+    while not (seen := _holds(path, token)) and time.monotonic() < deadline:
         time.sleep(0.2)
     reports = all_gather_objects((rank, socket.gethostname(), seen, folder.is_dir()))
     if rank == 0:
@@ -162,6 +156,13 @@ def open_shared_folder(folder, flag, prepare=None):
         raise FolderNotShared(f"{flag} {folder} is not one folder shared by every process: {where} cannot see the "
                               f"file rank 0 on {reports[0][1]} wrote there; put it on a file system every node mounts "
                               f"at the same path (or pass that path), or run on one node")
+
+
+def _holds(path, token):
+    try:
+        return path.read_text() == token
+    except OSError:  # no such file or folder on this node
+        return False
 
 
 def cleanup():
