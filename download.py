@@ -1,127 +1,18 @@
-"""Released checkpoints: find, download once, load safely.
+"""List or prefetch the released U-DiT and DiT checkpoints (the table and cache live in udit/releases.py).
 
     python download.py --list                 # what exists, and what is already here
     python download.py U-DiT-B-400K DiT-XL-2-256x256.pt   # prefetch
 
-In code, `find_model(name_or_path)` returns a state dict ready for `load_state_dict`:
-from a local file (a train.py checkpoint, whose EMA weights are preferred; a plain state
-dict; a .safetensors file) or a released name, downloaded into the cache the first time.
-Every load uses torch.load(weights_only=True): a checkpoint can never run code.
+In code, as in DiT: `from download import find_model` (or `udit.releases.find_model`).
 """
 
-import os
-import re
 import sys
-from pathlib import Path
 
-from udit.checkpoint import CheckpointError, load_checkpoint, model_state_dict
-from udit.cli import ActionableError, ArgumentParser
-from udit.hub import download_url, hub_unreachable_reason
+from udit.cli import ArgumentParser
+from udit.releases import RELEASED, UDIT_REPO, DownloadError, cache_dir, cached_path, download, find_model, \
+    is_complete_checkpoint, list_repo_files
 
-UDIT_REPO = "yuchuantian/U-DiT"
-DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"
-
-# name -> what it is; FIDs are the papers' (ImageNet 256 unless stated, no guidance).
-RELEASED = {
-    "DiT-XL-2-256x256.pt": dict(model="DiT-XL/2", image_size=256, note="DiT release, 7M iterations"),
-    "DiT-XL-2-512x512.pt": dict(model="DiT-XL/2", image_size=512, note="DiT release, 3M iterations"),
-    "U-DiT-S-400K": dict(model="U-DiT-S", image_size=256, iterations=400_000, note="FID 31.51"),
-    "U-DiT-B-400K": dict(model="U-DiT-B", image_size=256, iterations=400_000, note="FID 16.64 (4.26 with cfg 1.5)"),
-    "U-DiT-L-400K": dict(model="U-DiT-L", image_size=256, iterations=400_000, note="FID 10.08 (3.37 with cfg 1.5)"),
-    "U-DiT-B-1M": dict(model="U-DiT-B", image_size=256, iterations=1_000_000, note="FID 12.87"),
-    "U-DiT-L-1M": dict(model="U-DiT-L", image_size=256, iterations=1_000_000, note="FID 7.54"),
-}
-ITERATION_TOKENS = {400_000: ("400k", "400000"), 1_000_000: ("1m", "1000k", "1000000")}
-WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-
-
-class DownloadError(ActionableError):
-    """A released checkpoint that could not be fetched; says what to fetch by hand and where to put it."""
-
-
-def cache_dir():
-    return Path(os.environ.get("UDIT_CACHE_DIR", Path.home() / ".cache" / "udit")) / "checkpoints"
-
-
-def cached_path(name):
-    suffix = "" if name.endswith(WEIGHT_SUFFIXES) else ".pt"
-    return cache_dir() / f"{name}{suffix}"
-
-
-def match_release(name, files):
-    """The file of the U-DiT repository that holds release `name` (model and iteration count)."""
-    info = RELEASED[name]
-    size = info["model"].split("-")[-1].lower()
-    model_re = re.compile(rf"u[-_]?dit[-_]?{size}(?![a-z])")
-    iters_re = re.compile(rf"(?<![0-9])({'|'.join(ITERATION_TOKENS[info['iterations']])})(?![0-9a-z])")
-    hits = [f for f in files if f.lower().endswith(WEIGHT_SUFFIXES)
-            and model_re.search(Path(f).name.lower()) and iters_re.search(Path(f).name.lower())]
-    if len(hits) != 1:
-        what = "no file" if not hits else f"several files ({', '.join(hits)})"
-        raise DownloadError(f"{what} in {UDIT_REPO} matches {name} ({info['model']} at {info['iterations']:,} "
-                            f"iterations); files there: {', '.join(files) or 'none'}")
-    return hits[0]
-
-
-def list_repo_files():
-    from huggingface_hub import list_repo_files as hub_list
-    reason = hub_unreachable_reason()
-    if reason:
-        raise DownloadError(f"cannot reach https://huggingface.co/{UDIT_REPO} ({reason})")
-    try:
-        return hub_list(UDIT_REPO)
-    except Exception as err:  # offline, DNS, HTTP errors: all mean the same to the user
-        raise DownloadError(f"cannot list https://huggingface.co/{UDIT_REPO} ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''})") from None
-
-
-def _fetch_udit(name, target):
-    from huggingface_hub import hf_hub_download
-    filename = match_release(name, list_repo_files())
-    path = Path(hf_hub_download(UDIT_REPO, filename, local_dir=cache_dir() / "U-DiT")).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.symlink_to(path)  # the release keeps its own file name; ours points at it
-
-
-def download(name):
-    """Local path of released checkpoint `name`, fetched into the cache the first time."""
-    if name not in RELEASED:
-        raise DownloadError(f"unknown released checkpoint {name!r}; released: {', '.join(RELEASED)}")
-    target = cached_path(name)
-    if target.is_file():
-        return target
-    source = (DIT_URL.format(name=name) if name.startswith("DiT")
-              else f"https://huggingface.co/{UDIT_REPO}/tree/main (the {RELEASED[name]['model']} file at "
-                   f"{RELEASED[name]['iterations']:,} iterations)")
-    print(f"downloading {name} into {target} ...", file=sys.stderr)
-    try:
-        if name.startswith("DiT"):
-            download_url(DIT_URL.format(name=name), target)
-        else:
-            _fetch_udit(name, target)
-    except DownloadError as err:
-        raise DownloadError(f"{err}. Download {source} by hand and put it at {target}, "
-                            f"or pass its path to --ckpt") from None
-    except Exception as err:
-        raise DownloadError(f"could not download {name} ({type(err).__name__}: {err}). Offline? Download "
-                            f"{source} by hand and put it at {target}, or pass its path to --ckpt") from None
-    return target
-
-
-def resolve_checkpoint(name_or_path):
-    """A local path for a file path or a released name."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    if name_or_path in RELEASED:
-        return download(name_or_path)
-    raise CheckpointError(f"{name_or_path}: neither a file nor a released checkpoint "
-                          f"({', '.join(RELEASED)}); check the path")
-
-
-def find_model(name_or_path):
-    """State dict for sampling: the EMA weights of a training checkpoint, else its model weights."""
-    return model_state_dict(load_checkpoint(resolve_checkpoint(name_or_path)))
+__all__ = ["find_model"]
 
 
 def main(argv=None):
@@ -132,7 +23,7 @@ def main(argv=None):
     if args.list or not args.names:
         print(f"cache: {cache_dir()}")
         for name, info in RELEASED.items():
-            status = "cached" if cached_path(name).is_file() else "not downloaded"
+            status = "cached" if is_complete_checkpoint(cached_path(name)) else "not downloaded"
             print(f"  {name:<22} {info['model']:<9} {info['image_size']} px  {info['note']:<30} {status}")
         try:
             print(f"files in {UDIT_REPO}: {', '.join(list_repo_files())}")

@@ -5,7 +5,9 @@
 Same network (the 2015 Inception graph, run through TensorFlow's v1 API), same features
 (pool_3 and the first 7 channels of mixed_6/conv), same statistics and the same
 float16-then-float32 distance computation as guided-diffusion's evaluations/evaluator.py,
-so the same inputs give the same numbers. In addition: image batches are streamed from
+so the same inputs give the same numbers; FID and sFID take the trace of the matrix square
+root from singular values (frechet_distance), which agrees with ADM's sqrtm on ordinary
+statistics and stays >= 0 where sqrtm goes negative. In addition: image batches are streamed from
 the .npz instead of loaded whole, the reference batch's activations are cached, inputs
 are validated, and the graph is found or downloaded with clear messages.
 """
@@ -14,13 +16,11 @@ import hashlib
 import json
 import os
 import sys
-import warnings
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from scipy import linalg
 from tqdm.auto import tqdm
 
 from udit.cli import ArgumentParser, output_file, positive_int
@@ -160,26 +160,49 @@ def compute_statistics(activations):
     return np.mean(activations, axis=0), np.cov(activations, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2)."""
+def covariance_sqrt(sigma, which):
+    """Symmetric square root (D, D) of a covariance (D, D): U sqrt(max(l, 0)) U^T from sigma = U diag(l) U^T.
+
+    Raises EvaluatorInputError when sigma is not one: not symmetric, or with an eigenvalue
+    below -1e-5 of the largest (float32-stored statistics round to about 1e-7; rounding
+    below that is clamped to 0).
+    """
+    scale = np.abs(sigma).max(initial=0.0)
+    if np.abs(sigma - sigma.T).max(initial=0.0) > 1e-6 * scale:
+        raise EvaluatorInputError(f"the {which} covariance is not symmetric; statistics must be np.cov of features")
+    values, vectors = np.linalg.eigh(sigma)
+    if values[0] < -1e-5 * max(values[-1], 0.0):
+        raise EvaluatorInputError(f"the {which} covariance has eigenvalue {values[0]:.3g} < 0, so it is not a "
+                                  f"covariance; statistics must be np.cov of features")
+    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2): mu (D,), sigma (D, D) covariances.
+
+    |mu1 - mu2|^2 + tr sigma1 + tr sigma2 - 2 tr sqrt(sigma1 sigma2) (Dowson & Landau 1982;
+    FID, Heusel et al. 2017). ADM takes scipy's sqrtm of the product, which for a
+    near-singular one (fewer images than dimensions) is off by ~sqrt(eps) per eigenvalue
+    and gives a negative FID for a batch against itself. Here sigma1 sigma2 = R1 R1 R2 R2
+    (R = covariance_sqrt) is similar to (R1 R2)(R1 R2)^T, so the trace of its square root is
+    the sum of the singular values of R1 R2, each accurate to eps of the largest: identical
+    statistics give 0 to rounding, and well-conditioned ones ADM's value. A distance is
+    never negative: a trace term below 0 by at most 8 D eps (tr sigma1 + tr sigma2), the
+    rounding bound, is 0.
+    """
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise EvaluatorInputError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
     diff = mu1 - mu2
-    with warnings.catch_warnings():
-        # A singular product is handled below, as the original does with sqrtm(disp=False).
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
-        covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    trace_sqrt = np.linalg.svd(covariance_sqrt(sigma1, "first") @ covariance_sqrt(sigma2, "second"),
+                               compute_uv=False).sum()
+    traces = np.trace(sigma1) + np.trace(sigma2)
+    spread = traces - 2 * trace_sqrt
+    rounding = 8 * sigma1.shape[0] * np.finfo(np.float64).eps * traces
+    if spread < -rounding:
+        raise ValueError(f"Frechet distance: trace term {spread:.3g} < 0 beyond rounding ({rounding:.3g})")
+    return float(diff.dot(diff) + max(spread, 0.0))
 
 
 def inception_score(probs, split_size=5000):

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from udit.cli import ArgumentParser, given_flags, inside, non_negative_int, output_dir, positive_int, run_guarded
 from udit.data import COMPACT_LAYOUT, DataError, ImageDataset, open_feature_folder
-from udit.distributed import barrier, cleanup, init_distributed
+from udit.distributed import barrier, cleanup, init_distributed, open_shared_folder
 from udit.vae import SD_VAE_SCALE, encode_moments, latent_channels, latent_factor, latent_normalization, load_vae
 
 
@@ -182,9 +182,8 @@ def extract_all(args, ctx):
         normalization = latent_normalization(vae)
     meta.update(scaling_factor=normalization[0], shift_factor=normalization[1])
     meta.update(layout=COMPACT_LAYOUT, count=len(dataset), flips=flips, latent_shape=latent_shape)
-    if ctx.is_main:
-        store.create_or_check(meta, (len(dataset), flips, 2, *latent_shape))
-    barrier()
+    open_shared_folder(store.root, "--features-path",
+                       lambda: store.create_or_check(meta, (len(dataset), flips, 2, *latent_shape)))
     if not ctx.is_main:
         store.create_or_check(meta, None)
     skipped = extract(store, dataset, to_moments, ctx.rank, ctx.world_size, args.batch_size,

@@ -20,12 +20,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
-from download import resolve_checkpoint
 from udit.cli import ArgumentParser, number, output_dir, positive_int, run_guarded, seed
-from udit.distributed import barrier, broadcast_object, cleanup, configure_matmul_precision, init_distributed
+from udit.data import load_rgb
+from udit.distributed import (barrier, broadcast_object, cleanup, configure_matmul_precision, init_distributed,
+                              open_shared_folder)
+from udit.releases import resolve_checkpoint
 from udit.sampling import (accounting, add_sampling_args, batches_of_rank, check_sampling_args, describe_run,
                            file_sha256, generate, guidance_from_args, labels_for, load_guide_model,
                            load_sampling_model, manifest_digest, open_sample_folder, sampler_from_args,
@@ -109,9 +110,7 @@ def sample_all(args, ctx):
         if ctx.is_main else None)
     manifest = run_manifest(args, settings, info, checkpoint_sha256, guide_sha256)
     folder = Path(args.sample_dir) / run_name(args, settings, info, manifest)
-    if ctx.is_main:
-        open_sample_folder(folder, manifest)
-    barrier()
+    open_shared_folder(folder, "--sample-dir", lambda: open_sample_folder(folder, manifest))
     n = args.num_fid_samples
     todo = [b for b in batches_of_rank(n, args.per_proc_batch_size, ctx.rank, ctx.world_size)
             if not all((folder / f"{i:06d}.png").is_file() for i in b)]
@@ -133,7 +132,7 @@ def sample_all(args, ctx):
         if missing:
             raise ValueError(f"{len(missing)} images missing (e.g. {missing[:3]}); rerun the same command")
         size = settings["image_size"]
-        pngs = (np.asarray(Image.open(folder / f"{i:06d}.png").convert("RGB"))
+        pngs = (np.asarray(load_rgb(folder / f"{i:06d}.png"))
                 for i in tqdm(range(n), desc="writing .npz", unit="img"))
         npz = folder.parent / f"{folder.name}.npz"
         write_npz_streaming(npz, n, (size, size, 3), pngs, labels_for(n, args.global_seed, settings["trained_labels"]))

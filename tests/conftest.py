@@ -129,6 +129,22 @@ def torchrun(script, *args, nproc=2, **kwargs):
                        script, *args], **kwargs)
 
 
+def launch_two_nodes(script, args, cwds, timeout=300):
+    """(exit status, output) of each of two torchrun "nodes" on localhost, one process each, node i in cwds[i]."""
+    import socket
+    import subprocess
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                               str(ROOT / script), *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=script_env())
+             for node, cwd in enumerate(cwds)]
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [(p.returncode, out) for p, out in zip(procs, outs)]
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """Images (64 px, 2 classes), a 32-px copy for pixel space, and a tiny VAE folder."""

@@ -185,3 +185,71 @@ def test_compact_labels_are_checked_when_opened(tmp_path):
         open_feature_folder(write_compact(tmp_path / "negative", [0, -2]))
     with pytest.raises(DataError, match="extracted from 3 class folders, more than --num-classes 2"):
         open_feature_folder(write_compact(tmp_path / "named", [0, 1], classes=["a", "b", "c"]), num_classes=2)
+
+
+# ----------------------------------------------------------------- image modes
+
+def two_level_image(mode, low, high):
+    """A 16 x 16 image of `mode`: the left half holds `low`, the right half `high` (pixel values of the mode)."""
+    from PIL import Image
+    if mode == "I;16":  # Pillow cannot fill or paste values of 2**15 and above into I;16
+        return Image.fromarray(np.repeat(np.array([[low] * 8 + [high] * 8], np.uint16), 16, axis=0))
+    image = Image.new(mode, (16, 16), low)
+    image.paste(high, (8, 0, 16, 16))
+    return image
+
+
+def palette_image():
+    from PIL import Image
+    image = Image.new("P", (16, 16), 0)
+    image.putpalette([32, 32, 32, 128, 128, 128] + [0] * 762)
+    image.paste(1, (8, 0, 16, 16))
+    return image
+
+
+# mode -> (image, file suffix, (R, G, B) expected on the left half, on the right half). Greyscale of
+# more than 8 bits holds 1/8 and 1/2 of its full scale (65535 or 1.0): 32 and 128 of 255.
+IMAGE_MODES = {
+    "L": (lambda: two_level_image("L", 32, 128), ".png", (32,) * 3, (128,) * 3),
+    "LA": (lambda: two_level_image("LA", (32, 0), (128, 255)), ".png", (32,) * 3, (128,) * 3),
+    "P": (palette_image, ".png", (32,) * 3, (128,) * 3),
+    "RGBA": (lambda: two_level_image("RGBA", (10, 20, 30, 0), (200, 100, 50, 255)), ".png", (10, 20, 30), (200, 100, 50)),
+    "CMYK": (lambda: two_level_image("CMYK", (255, 0, 0, 0), (0, 0, 0, 0)), ".tif", (0, 255, 255), (255, 255, 255)),
+    "I;16": (lambda: two_level_image("I;16", 8192, 32768), ".png", (32,) * 3, (128,) * 3),
+    "I": (lambda: two_level_image("I", 8192, 32768), ".tif", (32,) * 3, (128,) * 3),
+    "F": (lambda: two_level_image("F", 0.125, 0.5), ".tif", (32,) * 3, (128,) * 3),
+}
+
+
+@pytest.mark.parametrize("mode", list(IMAGE_MODES))
+def test_every_image_mode_loads_at_its_real_scale(tmp_path, mode):
+    from PIL import Image
+    from udit.data import load_rgb
+    make, suffix, left, right = IMAGE_MODES[mode]
+    make().save(tmp_path / f"img{suffix}")
+    assert Image.open(tmp_path / f"img{suffix}").mode == mode  # the file really holds that mode
+    rgb = np.asarray(load_rgb(tmp_path / f"img{suffix}"))
+    assert rgb.dtype == np.uint8 and rgb.shape == (16, 16, 3)
+    assert (rgb[:, :8] == left).all() and (rgb[:, 8:] == right).all()
+
+
+def test_a_16_bit_png_trains_at_its_real_scale_not_saturated(tmp_path):
+    (tmp_path / "c0").mkdir()
+    two_level_image("I;16", 8192, 32768).save(tmp_path / "c0" / "grey16.png")
+    image, _, ok = ImageDataset(tmp_path, 16, flip=False)[0]
+    assert ok
+    # 1/8 and 1/2 of full scale; convert("RGB") alone gives +1.0 on both halves.
+    assert torch.allclose(image[:, :, :8], torch.tensor(32 / 127.5 - 1), atol=1e-6)
+    assert torch.allclose(image[:, :, 8:], torch.tensor(128 / 127.5 - 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: two_level_image("F", 0.0, 255.0), "mode F values span 0..255, outside 0..1"),
+    (lambda: two_level_image("I", -1, 70000), "mode I values span -1..70000, outside 0..65535"),
+    (lambda: two_level_image("LAB", (50, 0, 0), (50, 0, 0)), "image mode LAB has no known RGB scale"),
+])
+def test_images_without_a_known_scale_are_refused_in_one_line(tmp_path, make, message):
+    from udit.data import load_rgb
+    make().save(tmp_path / "img.tif")
+    with pytest.raises(DataError, match=message):
+        load_rgb(tmp_path / "img.tif")

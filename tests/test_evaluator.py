@@ -28,17 +28,47 @@ def test_frechet_distance_of_identical_statistics_is_zero():
     assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-8)
 
 
-def test_frechet_distance_singular_product_falls_back_to_offset():
-    sigma1 = np.array([[0.0, 1.0], [0.0, 0.0]])
-    with pytest.warns(UserWarning, match="singular product"):
-        value = frechet_distance(np.zeros(2), sigma1, np.zeros(2), np.eye(2))
-    assert np.isfinite(value)
-    assert value == pytest.approx(2.0 - 4 * np.sqrt(1e-6 * (1 + 1e-6)), abs=1e-6)
+def adm_frechet_distance(mu1, sigma1, mu2, sigma2):
+    """guided-diffusion's evaluator formula: scipy's sqrtm of the product."""
+    from scipy import linalg
+    covmean = linalg.sqrtm(sigma1.dot(sigma2)).real
+    diff = mu1 - mu2
+    return diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
 
 
-def test_frechet_distance_rejects_complex_result():
-    with pytest.raises(ValueError, match="Imaginary component"):
-        frechet_distance(np.zeros(2), np.diag([-1.0, 1.0]), np.zeros(2), np.eye(2))
+def test_frechet_distance_agrees_with_adm_on_well_conditioned_statistics():
+    rng = np.random.default_rng(0)
+    for dims in (8, 64, 200):
+        a = rng.normal(size=(4 * dims, dims)) @ rng.normal(size=(dims, dims)) / np.sqrt(dims)
+        b = rng.normal(0.2, 1.3, size=(3 * dims, dims))
+        stats_a, stats_b = evaluator.compute_statistics(a), evaluator.compute_statistics(b)
+        expected = adm_frechet_distance(*stats_a, *stats_b)
+        assert frechet_distance(*stats_a, *stats_b) == pytest.approx(expected, rel=1e-8)
+        assert frechet_distance(*stats_b, *stats_a) == pytest.approx(expected, rel=1e-8)
+
+
+def test_a_batch_scored_against_itself_is_zero_not_negative():
+    # 40 images in 256 dimensions: a covariance of rank 39; ADM's formula gives about -7.5e-6.
+    features = np.abs(np.random.default_rng(0).normal(size=(40, 256)))
+    mu, sigma = evaluator.compute_statistics(features)
+    value = frechet_distance(mu, sigma, mu, sigma)
+    assert 0.0 <= value <= 1e-12 * np.trace(sigma)
+    shifted = frechet_distance(mu + 0.01, sigma, mu, sigma)  # the mean term is kept exactly
+    assert shifted == pytest.approx(256 * 0.01 ** 2, rel=1e-9)
+
+
+def test_frechet_distance_of_a_singular_and_a_full_covariance():
+    # tr sqrt(diag(0, 4) I) = 2: the closed form, where ADM adds 1e-6 to both diagonals.
+    assert frechet_distance(np.zeros(2), np.diag([0.0, 4.0]), np.zeros(2), np.eye(2)) == pytest.approx(2.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("sigma, message", [
+    (np.array([[0.0, 1.0], [0.0, 0.0]]), "first covariance is not symmetric"),
+    (np.diag([-1.0, 1.0]), "first covariance has eigenvalue -1 < 0"),
+])
+def test_frechet_distance_refuses_what_is_not_a_covariance(sigma, message):
+    with pytest.raises(EvaluatorInputError, match=message):
+        frechet_distance(np.zeros(2), sigma, np.zeros(2), np.eye(2))
 
 
 @pytest.mark.parametrize("classes", [1, 10, 100])

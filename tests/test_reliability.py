@@ -87,29 +87,40 @@ def test_disk_full_while_saving_keeps_the_last_checkpoint_and_leaves_no_partial_
         f.write(b"partial bytes")
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(ckpt_module.torch, "save", full_disk)
-    with pytest.raises(OSError, match="disk full while writing .*0000002.pt; the previous checkpoint is intact"):
+    with pytest.raises(OSError, match=r"disk full while writing .*0000002.pt \(no partial file is left; the earlier "
+                                      r"file there is intact\)"):
         save_atomic({"step": 2}, target)
     monkeypatch.setattr(ckpt_module.torch, "save", real_save)
     assert load_checkpoint(target) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0000002.pt"]
 
 
-def test_disk_full_during_training_is_one_line(tiny_data, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("failing_save", [1, 2])
+def test_disk_full_during_training_is_one_line_with_advice_that_works(tiny_data, tmp_path, monkeypatch, capsys,
+                                                                     failing_save):
     calls = {"n": 0}
     real_save = torch.save
 
-    def full_on_second(obj, f, *args, **kwargs):
+    def full_disk_once(obj, f, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == failing_save:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *args, **kwargs)
-    monkeypatch.setattr(ckpt_module.torch, "save", full_on_second)
+    monkeypatch.setattr(ckpt_module.torch, "save", full_disk_once)
     code = train.main(["--data-path", str(tiny_data["small_images"]), "--results-dir", str(tmp_path), "--max-steps",
                        "4", "--ckpt-every", "2", *BIG])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and "disk full while writing" in err[-1] and "0000004.pt" in err[-1]
+    assert code == 1 and "disk full while writing" in err[-1] and f"{2 * failing_save:07d}.pt" in err[-1]
     files = sorted(p.name for p in tmp_path.glob("*/checkpoints/*"))
-    assert files == ["0000002.pt"]
+    (run,) = tmp_path.iterdir()
+    if failing_save == 2:
+        assert files == ["0000002.pt"]
+        assert f"the last checkpoint {run / 'checkpoints' / '0000002.pt'} is intact: resume after freeing space " \
+               f"(--resume {run})" in err[-1]
+        assert train.main(["--resume", str(run)]) == 0  # the advice works
+    else:  # the first checkpoint: nothing to resume, and the message must not say there is
+        assert files == [] and "intact" not in err[-1] and "--resume" not in err[-1]
+        assert "no checkpoint was written yet, so there is nothing to resume: start the run again" in err[-1]
 
 
 def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path):

@@ -1,4 +1,4 @@
-"""sample.py, sample_ddp.py and download.py: the .npz contract, determinism, resume, safety."""
+"""sample.py, sample_ddp.py, download.py and udit/releases.py: the .npz contract, determinism, resume, safety."""
 
 import json
 import os
@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ import sample
 import sample_ddp
 import train
 import udit.hub
-from conftest import ROOT, TINY_UDIT_KWARGS, randomize, run_script, script_env, torchrun
+import udit.releases as releases
+from conftest import ROOT, TINY_UDIT_KWARGS, launch_two_nodes, randomize, run_script, script_env, torchrun
 from udit.checkpoint import CheckpointError, build_model, load_checkpoint
 from udit.sampling import write_npz_streaming
 
@@ -143,7 +145,7 @@ def test_pickled_checkpoint_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"model": {"w": torch.zeros(1)}, "payload": RunsCode(marker)}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="refused to load"):
-        download.find_model(str(tmp_path / "evil.pt"))
+        releases.find_model(str(tmp_path / "evil.pt"))
     assert not marker.exists()
 
 
@@ -157,20 +159,20 @@ def test_truncated_checkpoint_is_named(trained, tmp_path):
 def test_find_model_prefers_ema_and_reads_plain_and_safetensors(trained, tmp_path):
     from safetensors.torch import save_file
     ckpt = load_checkpoint(trained["ckpt"])
-    assert download.find_model(str(trained["ckpt"])).keys() == ckpt["ema"].keys()
-    assert all(torch.equal(v, ckpt["ema"][k]) for k, v in download.find_model(str(trained["ckpt"])).items())
+    assert releases.find_model(str(trained["ckpt"])).keys() == ckpt["ema"].keys()
+    assert all(torch.equal(v, ckpt["ema"][k]) for k, v in releases.find_model(str(trained["ckpt"])).items())
     torch.save(ckpt["model"], tmp_path / "plain.pt")
-    assert torch.equal(download.find_model(str(tmp_path / "plain.pt"))["output.bias"], ckpt["model"]["output.bias"])
+    assert torch.equal(releases.find_model(str(tmp_path / "plain.pt"))["output.bias"], ckpt["model"]["output.bias"])
     save_file({k: v.contiguous() for k, v in ckpt["model"].items()}, tmp_path / "w.safetensors")
-    assert torch.equal(download.find_model(str(tmp_path / "w.safetensors"))["output.bias"], ckpt["model"]["output.bias"])
+    assert torch.equal(releases.find_model(str(tmp_path / "w.safetensors"))["output.bias"], ckpt["model"]["output.bias"])
 
 
 def test_release_files_are_discovered_by_model_and_iterations():
     files = ["README.md", "U-DiT-S-400k.pt", "U-DiT-B-400k.pt", "U-DiT-B-1M.pt", "U-DiT-L-400K.pt", "U-DiT-L-1000k.pt"]
-    assert download.match_release("U-DiT-B-400K", files) == "U-DiT-B-400k.pt"
-    assert download.match_release("U-DiT-L-1M", files) == "U-DiT-L-1000k.pt"
-    with pytest.raises(download.DownloadError, match="no file in yuchuantian/U-DiT matches U-DiT-B-1M.*README.md"):
-        download.match_release("U-DiT-B-1M", ["README.md"])
+    assert releases.match_release("U-DiT-B-400K", files) == "U-DiT-B-400k.pt"
+    assert releases.match_release("U-DiT-L-1M", files) == "U-DiT-L-1000k.pt"
+    with pytest.raises(releases.DownloadError, match="no file in yuchuantian/U-DiT matches U-DiT-B-1M.*README.md"):
+        releases.match_release("U-DiT-B-1M", ["README.md"])
 
 
 def test_offline_download_errors_say_what_to_fetch_and_where(tmp_path, monkeypatch):
@@ -181,13 +183,13 @@ def test_offline_download_errors_say_what_to_fetch_and_where(tmp_path, monkeypat
     monkeypatch.setattr(udit.hub.urllib.request, "urlopen", offline)
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
-    with pytest.raises(download.DownloadError) as info:
-        download.find_model("DiT-XL-2-256x256.pt")
+    with pytest.raises(releases.DownloadError) as info:
+        releases.find_model("DiT-XL-2-256x256.pt")
     message = str(info.value)
     assert "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt" in message
     assert str(tmp_path / "checkpoints" / "DiT-XL-2-256x256.pt") in message
-    with pytest.raises(download.DownloadError) as info:
-        download.find_model("U-DiT-B-400K")
+    with pytest.raises(releases.DownloadError) as info:
+        releases.find_model("U-DiT-B-400K")
     message = str(info.value)
     assert "huggingface.co/yuchuantian/U-DiT" in message and "U-DiT-B file at 400,000 iterations" in message
     assert str(tmp_path / "checkpoints" / "U-DiT-B-400K.pt") in message
@@ -198,15 +200,100 @@ def test_a_release_put_in_the_cache_by_hand_is_used_offline(trained, tmp_path, m
     monkeypatch.setenv("UDIT_CACHE_DIR", str(tmp_path))
     (tmp_path / "checkpoints").mkdir()
     torch.save(load_checkpoint(trained["ckpt"])["ema"], tmp_path / "checkpoints" / "U-DiT-S-400K.pt")
-    assert "output.bias" in download.find_model("U-DiT-S-400K")
+    assert "output.bias" in releases.find_model("U-DiT-S-400K")
+
+
+@pytest.fixture
+def fake_network(tmp_path, monkeypatch):
+    """The cache in tmp_path and a network that serves every release as a small complete checkpoint.
+
+    The hub's download, like the real one with local_dir, keeps a file that is already
+    there, whole or not; the log lists what was fetched.
+    """
+    import huggingface_hub
+    monkeypatch.setenv("UDIT_CACHE_DIR", str(tmp_path / "cache"))
+    fetched = []
+
+    def fetch_url(url, target):
+        fetched.append(url)
+        torch.save({"w": torch.arange(3.0)}, target)
+    monkeypatch.setattr(releases, "download_url", fetch_url)
+    monkeypatch.setattr(releases, "list_repo_files", lambda: ["README.md", "U-DiT-S-400k.pt"])
+
+    def hf_hub_download(repo, filename, local_dir):
+        path = Path(local_dir) / filename
+        if not path.exists():
+            fetched.append(filename)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"w": torch.arange(3.0)}, path)
+        return str(path)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    return fetched
+
+
+def test_a_dangling_cache_link_is_fetched_again(fake_network, tmp_path):
+    entry = releases.cached_path("U-DiT-S-400K")
+    entry.parent.mkdir(parents=True)
+    entry.symlink_to(tmp_path / "cleaned" / "U-DiT-S-400k.pt")  # the hub folder was cleaned
+    assert torch.equal(releases.find_model("U-DiT-S-400K")["w"], torch.arange(3.0))
+    assert fake_network == ["U-DiT-S-400k.pt"] and entry.resolve().is_file()
+
+
+@pytest.mark.parametrize("name", ["U-DiT-S-400K", "DiT-XL-2-256x256.pt"])
+def test_a_truncated_cache_entry_is_fetched_again(fake_network, tmp_path, name):
+    whole = tmp_path / "whole.pt"
+    torch.save({"w": torch.arange(3.0)}, whole)
+    entry = releases.cached_path(name)
+    entry.parent.mkdir(parents=True)
+    if name.startswith("U-DiT"):  # our link points at the hub's copy, which was cut short
+        (entry.parent / "U-DiT").mkdir()
+        (entry.parent / "U-DiT" / "U-DiT-S-400k.pt").write_bytes(whole.read_bytes()[:-100])
+        entry.symlink_to(entry.parent / "U-DiT" / "U-DiT-S-400k.pt")
+    else:
+        entry.write_bytes(whole.read_bytes()[:-100])
+    assert torch.equal(releases.find_model(name)["w"], torch.arange(3.0))
+    assert len(fake_network) == 1
+
+
+def test_complete_checkpoints_are_recognised(trained, tmp_path):
+    from safetensors.torch import save_file
+    save_file({"w": torch.arange(3.0)}, tmp_path / "w.safetensors")
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-4])
+    (tmp_path / "page.pt").write_text("<html>rate limited</html>")
+    assert releases.is_complete_checkpoint(trained["ckpt"]) and releases.is_complete_checkpoint(tmp_path / "w.safetensors")
+    assert not any(releases.is_complete_checkpoint(tmp_path / f) for f in ("cut.safetensors", "page.pt", "absent.pt"))
 
 
 def test_download_list_works_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("UDIT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(download, "list_repo_files", lambda: (_ for _ in ()).throw(download.DownloadError("offline")))
+    monkeypatch.setattr(download, "list_repo_files", lambda: (_ for _ in ()).throw(releases.DownloadError("offline")))
     assert download.main(["--list"]) == 0
     out = capsys.readouterr().out
     assert "U-DiT-L-1M" in out and "not downloaded" in out and "cannot be listed offline" in out
+
+
+def test_a_sample_folder_missing_on_one_node_is_refused_on_every_node(trained, tmp_path):
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    # A relative --sample-dir: each "node" has its own; node 1 lacks the folder rank 0 creates.
+    for status, out in launch_two_nodes("sample_ddp.py", ddp_args(trained, "samples", n=2, batch=1, steps=2), nodes):
+        errors = [line for line in out.splitlines() if "sample_ddp.py: error:" in line]
+        assert status != 0 and len(errors) == 1, out
+        assert "is not one folder shared by every process: rank 1 on" in errors[0], out
+        assert "(no such folder there)" in errors[0] and "Errno 2" not in out and "gloo" not in out.lower()
+    assert not list(nodes[0].glob("samples/*/*.png"))  # refused before sampling
+
+
+def test_a_sample_folder_rank_0_refuses_stops_every_process_with_one_line(trained, tmp_path):
+    assert sample_ddp.main([str(a) for a in ddp_args(trained, tmp_path, n=1, batch=1, steps=2)]) == 0
+    (manifest,) = tmp_path.glob("*/manifest.json")
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "global_seed": 7}))
+    out = torchrun("sample_ddp.py", *ddp_args(trained, tmp_path, n=1, batch=1, steps=2), expect=1)
+    errors = [line for line in out.splitlines() if "sample_ddp.py: error:" in line]
+    assert len(errors) == 2 and all("holds images made with other settings (global_seed: 7 there" in e for e in errors)
+    assert any("rank 0 failed to prepare --sample-dir" in e for e in errors) and "gloo" not in out.lower(), out
 
 
 def test_streamed_npz_loads_like_savez(tmp_path):

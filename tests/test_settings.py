@@ -221,3 +221,30 @@ def test_flags_that_would_be_ignored_are_refused(tiny_data, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         sample.main(["--ckpt", str(ckpt), "--model", "U-DiT-B", *QUICK, "--output", str(tmp_path / "b.png")])
     assert info.value.code == 2 and "weights are for another architecture" in last_error_line(capsys)
+
+
+# ----------------------------------------------------------------- advice that works in its state
+
+def test_the_suggested_num_classes_holds_every_class_folder(tmp_path):
+    import re
+    from conftest import make_image_folder
+    from udit.trainer import class_coverage_warning
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=4, size=16)
+    for image in (data / "class_1").iterdir():
+        image.unlink()  # an empty class folder still takes index 1
+    train_pixel(data, tmp_path / "a", "--num-classes", "5")
+    log = next((tmp_path / "a").glob("*/log.txt")).read_text()
+    suggested = re.search(r"pass --num-classes (\d+) for a model of this data", log).group(1)
+    assert suggested == "3"  # not 2: three folders need three indices
+    train_pixel(data, tmp_path / "b", "--num-classes", suggested)  # the advice works
+    note = class_coverage_warning(argparse.Namespace(num_classes=3), [0, 2], class_folders=3)
+    assert "pass --num-classes" not in note and "no smaller --num-classes holds it" in note
+
+
+def test_a_network_flag_changed_on_resume_does_not_promise_the_weights_load(tiny_data, tmp_path, capsys):
+    experiment = train_pixel(tiny_data["small_images"], tmp_path / "r", "--num-classes", "2").parents[1]
+    with pytest.raises(SystemExit):
+        parse_training_args(training_parser("test"), ["--resume", str(experiment), "--num-classes", "3"])
+    line = last_error_line(capsys)
+    assert "--num-classes cannot change on resume" in line
+    assert "starts it from these weights if the network keeps every tensor's shape" in line

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-from conftest import TINY_UDIT_KWARGS, run_script, script_env, torchrun
+from conftest import TINY_UDIT_KWARGS, launch_two_nodes, run_script, script_env, torchrun
 
 COMMON = ["--model", "U-DiT-S", "--model-kwargs", TINY_UDIT_KWARGS, "--num-classes", "2",
           "--global-batch-size", "4", "--log-every", "2", "--num-workers", "0", "--sample-steps", "2"]
@@ -112,6 +112,22 @@ def test_two_nodes_on_localhost_use_local_rank(tiny_data, tmp_path):
     assert len(load(checkpoints(tmp_path)[-1])["rng"]) == 2
 
 
+def test_resuming_from_an_experiment_folder_the_nodes_do_not_share_is_refused(tiny_data, tmp_path):
+    import shutil
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    args = ["--data-path", tiny_data["small_images"], "--vae", "none", "--image-size", "16", *COMMON]
+    assert train.main([*map(str, args), "--max-steps", "2", "--results-dir", str(nodes[0] / "results")]) == 0
+    # Node 1 holds a copy of the experiment (an older one on a local disk): resuming would load
+    # another checkpoint there than on node 0.
+    shutil.copytree(nodes[0], nodes[1])
+    for status, out in launch_two_nodes("train.py", ["--resume", "results/000-U-DiT-S", "--max-steps", "4"], nodes):
+        errors = [line for line in out.splitlines() if "train.py: error:" in line]
+        assert status != 0 and len(errors) == 1, out
+        assert "--resume results/000-U-DiT-S is not one folder shared by every process: rank 1 on" in errors[0], out
+        assert "(another copy of it)" in errors[0]
+    assert [p.name for p in checkpoints(nodes[0] / "results")] == ["0000002.pt"]  # nothing trained
+
+
 def test_accelerate_launch_two_cpu_processes(tiny_data, tmp_path):
     out = run_script([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                       "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
@@ -191,9 +207,27 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, cap
         np.save(f, np.full((1, 4, 32, 32), np.nan, dtype=np.float32))
     run = next((tmp_path / "r").iterdir())
     assert train.main(["--resume", str(run), "--max-steps", "3"]) == 1
-    assert "loss is nan at step 2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "loss is nan at step 2" in err
+    assert f"the last checkpoint {run / 'checkpoints' / '0000001.pt'} is intact: resume with a lower --lr or " \
+           f"with --skip-nonfinite (--resume {run})" in err
     assert [p.name for p in checkpoints(tmp_path / "r")] == ["0000001.pt"]
     assert all(torch.isfinite(v).all() for v in load(checkpoints(tmp_path / "r")[0])["model"].values())
+    assert train.main(["--resume", str(run), "--max-steps", "3", "--skip-nonfinite"]) == 0  # the advice works
+
+
+def test_divergence_before_the_first_checkpoint_does_not_advise_resuming(tmp_path, capsys):
+    features = write_public_features(tmp_path / "features", "fast-DiT", count=8)
+    for f in (features / "imagenet256_features").iterdir():
+        np.save(f, np.full((1, 4, 32, 32), np.nan, dtype=np.float32))
+    common = ["--feature-path", str(features), "--results-dir", str(tmp_path / "r"), "--precision", "bf16",
+              "--max-steps", "2", *COMMON]
+    assert train.main(common) == 1
+    err = capsys.readouterr().err
+    assert "loss is nan at step 1" in err and "intact" not in err and "--resume" not in err
+    assert "no checkpoint was written yet, so there is nothing to resume: start the run again with a lower --lr " \
+           "or with --skip-nonfinite" in err
+    assert train.main([*common, "--skip-nonfinite"]) == 0  # the advice works
 
 
 def test_skip_nonfinite_counts_and_continues(tmp_path):

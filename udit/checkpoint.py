@@ -24,6 +24,7 @@ def save_atomic(obj, path):
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    existed = path.exists()
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -33,8 +34,9 @@ def save_atomic(obj, path):
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"disk full while writing {path}; the previous checkpoint is intact, "
-                                        f"free space and resume") from err
+            # Only what is true of this file: the caller knows what else there is to resume from.
+            kept = "; the earlier file there is intact" if existed else ""
+            raise OSError(errno.ENOSPC, f"disk full while writing {path} (no partial file is left{kept})") from err
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

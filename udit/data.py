@@ -50,6 +50,41 @@ def check_label(value, where, num_classes):
 #                                 Images                                        #
 #################################################################################
 
+# Modes whose convert("RGB") keeps the stored scale: 1 / 8-bit, palette, CMYK, YCbCr, HSV.
+EIGHT_BIT_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV")
+# Modes with alpha: the alpha channel is dropped and the stored colours kept.
+ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+# Greyscale of more than 8 bits: the full-scale value each stores. Pillow opens 16-bit PNG and
+# TIFF as I;16*, and 16-bit PGM as I, scaled to 65535 whatever the file's maxval.
+HIGH_DEPTH_FULL_SCALE = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def load_rgb(path):
+    """The image at `path` as an 8-bit RGB PIL image at its real scale: every loader of images uses this.
+
+    Pillow's convert("RGB") clamps 16-bit greyscale (I;16, I) at 255, so a value of 1/8 of
+    full scale would come out white; those modes, and 32-bit float (F, full scale 1.0), are
+    rescaled to 0..255 here (rounded). Alpha (LA, PA, RGBA) is dropped, the stored colours
+    kept, as torchvision's default loader and ADM's image_datasets.py do with
+    convert("RGB"): images then match those pipelines and the public reference batches.
+    Raises DataError for a mode without a known scale (LAB, ...) or high-depth values
+    outside 0..full scale (e.g. a float TIFF in 0..255).
+    """
+    with Image.open(path) as image:
+        mode = image.mode
+        if mode in EIGHT_BIT_MODES or mode in ALPHA_MODES:
+            return image.convert("RGB")
+        if mode not in HIGH_DEPTH_FULL_SCALE:
+            raise DataError(f"{path}: image mode {mode} has no known RGB scale; convert it to RGB (e.g. with "
+                            f"Pillow's ImageCms) or remove it")
+        values = np.asarray(image, dtype=np.float64)
+    full = HIGH_DEPTH_FULL_SCALE[mode]
+    if not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= full):
+        raise DataError(f"{path}: mode {mode} values span {values.min():g}..{values.max():g}, outside 0..{full:g} "
+                        f"(the full scale of the mode); rescale the file to 0..{full:g} or save it as 8-bit")
+    return Image.fromarray(np.rint(values * (255 / full)).astype(np.uint8), mode="L").convert("RGB")
+
+
 def center_crop_arr(pil_image, image_size):
     """ADM centre crop: halve with BOX while the short side >= 2x target, BICUBIC resize, crop."""
     while min(*pil_image.size) >= 2 * image_size:
@@ -135,8 +170,7 @@ class ImageDataset(SeededDataset):
 
     def load(self, index):
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            return center_crop_arr(image.convert("RGB"), self.image_size), label
+        return center_crop_arr(load_rgb(path), self.image_size), label
 
     def __getitem__(self, index):
         ok = True

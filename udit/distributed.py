@@ -1,10 +1,16 @@
 """torch.distributed set-up that works for one process, one node or several nodes."""
 
 import os
+import secrets
+import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from udit.cli import ActionableError
 
 
 @dataclass
@@ -85,6 +91,78 @@ def broadcast_object(obj, src=0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+class FolderNotShared(ActionableError):
+    """A folder that every process must see (samples, features, an experiment) differs between nodes."""
+
+
+class FailedOnRankZero(ActionableError):
+    """Raised on the other processes when rank 0 could not prepare a shared folder (its message follows)."""
+
+
+# How long a process waits for rank 0's token to appear: network file systems cache directory
+# listings for a few seconds, so a file just written on one node can take that long on another.
+TOKEN_WAIT_S = 5.0
+
+
+def open_shared_folder(folder, flag, prepare=None):
+    """Rank 0 runs prepare() (create `folder`, check what it holds); then every process checks it sees that folder.
+
+    Rank 0 writes a file with a random token into `folder`; every process reads it back.
+    A process on a node whose `folder` is missing, or is another copy (an older run's
+    folder on a local disk), cannot: without this check it would fail with a bare
+    FileNotFoundError while the others wait in a collective, or fill its own copy so that
+    rank 0 finds images missing on every rerun. Raises, on every process with the same
+    one line: FolderNotShared naming the processes and hosts that do not share it and the
+    fix; FailedOnRankZero (rank 0: the original error) when prepare() failed.
+    """
+    folder = Path(folder)
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    if not multi:
+        if prepare is not None:
+            prepare()
+        return
+    rank = dist.get_rank()
+    outcome = None
+    if rank == 0:
+        try:
+            if prepare is not None:
+                prepare()
+            folder.mkdir(parents=True, exist_ok=True)
+            token = secrets.token_hex(8)
+            (folder / f".shared-check-{token}").write_text(token)
+            outcome = ("ok", token)
+        except Exception as err:  # the others must hear of any failure, or they wait in broadcast_object
+            status = (err.exit_status if isinstance(err, ActionableError) else 2 if isinstance(err, ValueError) else 1)
+            broadcast_object(("failed", str(err).splitlines()[0] if str(err) else type(err).__name__, status))
+            raise
+    outcome = broadcast_object(outcome)
+    if outcome[0] == "failed":
+        error = FailedOnRankZero(f"rank 0 failed to prepare {flag} {folder}: {outcome[1]}")
+        error.exit_status = outcome[2]
+        raise error
+    token = outcome[1]
+    path, deadline = folder / f".shared-check-{token}", time.monotonic() + TOKEN_WAIT_S
+    while not (seen := _holds(path, token)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    reports = all_gather_objects((rank, socket.gethostname(), seen, folder.is_dir()))
+    if rank == 0:
+        path.unlink(missing_ok=True)
+    blind = [r for r in reports if not r[2]]
+    if blind:
+        where = "; ".join(f"rank {r} on {host} ({'another copy of it' if is_dir else 'no such folder there'})"
+                          for r, host, _, is_dir in blind[:4]) + (f"; {len(blind) - 4} more" if len(blind) > 4 else "")
+        raise FolderNotShared(f"{flag} {folder} is not one folder shared by every process: {where} cannot see the "
+                              f"file rank 0 on {reports[0][1]} wrote there; put it on a file system every node mounts "
+                              f"at the same path (or pass that path), or run on one node")
+
+
+def _holds(path, token):
+    try:
+        return path.read_text() == token
+    except OSError:  # no such file or folder on this node
+        return False
 
 
 def cleanup():

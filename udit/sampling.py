@@ -20,6 +20,7 @@ from PIL import Image
 from models import DiT_models
 from udit.checkpoint import build_model, load_checkpoint, load_weights, model_state_dict
 from udit.cli import json_object, number, positive_float, positive_int
+from udit.releases import RELEASED, resolve_checkpoint
 from udit.samplers import (DEFAULT_SAMPLERS, LAST_STEPS, SAMPLERS, SPACINGS, Guidance, GuidedModel, check_step_count,
                            make_sampler, samplers_for, schedule_for)
 from udit.vae import (SD_VAE_SCALE, check_latent_normalization, decode, latent_channels, latent_factor,
@@ -84,7 +85,6 @@ def add_sampling_args(p):
 
 def check_sampling_args(parser, args):
     """Exit with status 2 and one line on values argparse cannot check."""
-    from download import RELEASED
     for flag, ckpt in (("--ckpt", args.ckpt), ("--guide-ckpt", args.guide_ckpt)):
         if ckpt is not None and not Path(ckpt).is_file() and ckpt not in RELEASED:
             parser.error(f"{flag} {ckpt}: neither a file nor a released checkpoint ({', '.join(RELEASED)})")
@@ -164,7 +164,6 @@ def resolve_settings(args, saved, state_dict):
     trainers': only FOREIGN_RELIABLE). Whether the label tables have a null row (trained
     with label dropout, so guidance works) is read off the weights when not recorded.
     """
-    from download import RELEASED
     released = RELEASED.get(args.ckpt, {})
     objective = saved.get("objective", "ddpm")  # every earlier checkpoint and release is ddpm
     if "latent_size" not in saved:
@@ -210,7 +209,6 @@ def load_sampling_model(args, device):
     Raises ValueError (one line) when the checkpoint cannot give what the flags ask: another
     architecture, guidance without a null label, a VAE with other latent constants.
     """
-    from download import resolve_checkpoint
     path = resolve_checkpoint(args.ckpt)
     checkpoint = load_checkpoint(path)
     saved = checkpoint.get("args", {}) if isinstance(checkpoint, dict) and "ema" in checkpoint else {}
@@ -245,7 +243,6 @@ def load_guide_model(ckpt, settings, device):
     earlier checkpoint of the same run saved as a state dict). Raises ValueError (one
     line) when its latent space, latent shape or classes differ from the main model's.
     """
-    from download import RELEASED, resolve_checkpoint
     path = resolve_checkpoint(ckpt)
     checkpoint = load_checkpoint(path)
     saved = checkpoint.get("args", {}) if isinstance(checkpoint, dict) and "ema" in checkpoint else {}

@@ -5,6 +5,7 @@ everything else — data, model, EMA, logging, checkpoints, exact resume — liv
 """
 
 import argparse
+import errno
 import logging
 import math
 import re
@@ -26,7 +27,7 @@ from udit.cli import (ActionableError, ArgumentParser, finite_float, given_flags
 from udit.data import DataError, ImageDataset, ResumableDistributedSampler, open_feature_folder
 from udit.cuda_graphs import GraphedTrainingStep
 from udit.distributed import (all_gather_objects, all_reduce_mean, barrier, broadcast_module, broadcast_object,
-                               configure_matmul_precision, init_distributed)
+                               configure_matmul_precision, init_distributed, open_shared_folder)
 from udit.monitor import MONITOR_SETTINGS, Monitor, add_monitor_args, check_monitor_args, grid_labels
 from udit.objectives import OBJECTIVES, TIME_SAMPLINGS, create_objective
 from udit.vae import (check_latent_normalization, encode, latent_channels, latent_factor, latent_normalization,
@@ -39,6 +40,8 @@ log = logging.getLogger("train")
 RESUMABLE = ("max_steps", "max_minutes", "epochs", "log_every", "ckpt_every", "num_workers", "data_path",
              "feature_path", "vae_path", "compile", "grad_checkpointing", "skip_nonfinite", "lr", "ema_decay",
              "ema_warmup", "precision", "cuda_graph", "resume", "max_grad_norm", *MONITOR_SETTINGS)
+# Flags whose change can change a tensor's shape, so that the old weights may not load.
+NETWORK_SHAPING = ("model", "model_kwargs", "num_classes", "class_dropout_prob", "vae", "image_size")
 
 
 class NonFiniteLoss(ActionableError):
@@ -154,8 +157,14 @@ def resumed_args(parser, args):
     changed = [k for k in args.given if k not in RESUMABLE and saved.get(k, parser.get_default(k)) != getattr(args, k)]
     if changed:
         k = changed[0]
+        if k == "objective":
+            restart = f"with --ckpt {path} --allow-objective-change to start from its weights"
+        elif k in NETWORK_SHAPING:  # the weights may no longer fit: say so rather than promise they load
+            restart = f"--ckpt {path} starts it from these weights if the network keeps every tensor's shape"
+        else:
+            restart = f"with --ckpt {path} to start from its weights"
         parser.error(f"--{k.replace('_', '-')} cannot change on resume (the experiment has {saved.get(k)!r}, given "
-                     f"{getattr(args, k)!r}); start a new experiment, with --ckpt {path} to start from its weights")
+                     f"{getattr(args, k)!r}); start a new experiment (without --resume), {restart}")
     merged = {**{k: v for k, v in vars(args).items() if k not in args.given}, **saved,
               **{k: getattr(args, k) for k in args.given}}
     if "data_path" in args.given:
@@ -246,11 +255,35 @@ def create_logger(exp_dir, is_main):
     return log
 
 
+def checkpoint_files(exp_dir):
+    """The experiment's checkpoints/NNNNNNN.pt files, oldest first."""
+    return sorted(Path(exp_dir, "checkpoints").glob("[0-9][0-9][0-9][0-9][0-9][0-9][0-9].pt"))
+
+
 def latest_checkpoint(exp_dir):
-    ckpts = sorted(Path(exp_dir, "checkpoints").glob("[0-9][0-9][0-9][0-9][0-9][0-9][0-9].pt"))
+    ckpts = checkpoint_files(exp_dir)
     if not ckpts:
         raise CheckpointError(f"--resume {exp_dir}: no checkpoints/NNNNNNN.pt in this experiment folder")
     return ckpts[-1]
+
+
+def recovery_advice(exp_dir, change):
+    """What to do after a run stopped, true in the state it stopped in.
+
+    With a checkpoint: resume from it. Before the first one there is nothing to resume
+    (--resume would exit 2), so: start again. `change` says how, e.g. "with a lower --lr".
+    """
+    ckpts = checkpoint_files(exp_dir)
+    if ckpts:
+        return f"the last checkpoint {ckpts[-1]} is intact: resume {change} (--resume {exp_dir})"
+    return (f"no checkpoint was written yet, so there is nothing to resume: start the run again {change} "
+            f"({exp_dir} holds no checkpoint and can be deleted)")
+
+
+def remove_stale_temporaries(exp_dir):
+    """Delete checkpoint files left half-written by a run killed while saving; the final files are intact."""
+    for stale in (Path(exp_dir) / "checkpoints").glob(".*.tmp-*"):
+        stale.unlink()
 
 
 def new_experiment_dir(results_dir, model_name):
@@ -324,14 +357,20 @@ def model_config(args, in_channels, latent_size, normalization, trained_labels):
             "learn_sigma": args.model_kwargs.get("learn_sigma", args.objective == "ddpm")}
 
 
-def class_coverage_warning(args, trained_labels):
-    """A log line when the data holds fewer classes than the model has label rows; None otherwise."""
+def class_coverage_warning(args, trained_labels, class_folders=0):
+    """A log line when the data holds fewer classes than the model has label rows; None otherwise.
+
+    The --num-classes it suggests must hold every label and, for an image folder, every
+    class folder (empty ones too: they take an index): max(labels) + 1 and class_folders.
+    """
     if trained_labels is None or len(trained_labels) >= args.num_classes:
         return None
+    smallest = max(max(trained_labels) + 1, class_folders)
+    fix = (f"pass --num-classes {smallest} for a model of this data" if smallest < args.num_classes else
+           "the classes without data have indices below the largest one, so no smaller --num-classes holds it")
     return (f"warning: the data holds {len(trained_labels)} classes but --num-classes is {args.num_classes}: "
             f"{args.num_classes - len(trained_labels)} label rows are never trained (samplers draw only the "
-            f"trained classes {format_labels(trained_labels)}); pass --num-classes {len(trained_labels)} "
-            f"for a model of this data")
+            f"trained classes {format_labels(trained_labels)}); {fix}")
 
 
 def format_labels(labels):
@@ -389,16 +428,17 @@ def train(args, backend):
     if args.ckpt and not args.resume:
         initial_weights_note = load_initial_weights(model, args)
 
+    # Every process reads the checkpoints on resume: the folder must be one folder for all nodes.
     if args.resume:
         exp_dir = Path(args.resume)
+        open_shared_folder(exp_dir, "--resume", lambda: remove_stale_temporaries(exp_dir))
     else:
+        open_shared_folder(args.results_dir, "--results-dir", lambda: Path(args.results_dir).mkdir(parents=True,
+                                                                                                    exist_ok=True))
         exp_dir = Path(broadcast_object(str(new_experiment_dir(args.results_dir, args.model)) if rank == 0 else None))
-    if rank == 0:
-        for stale in (exp_dir / "checkpoints").glob(".*.tmp-*"):
-            stale.unlink()  # left by a run killed while writing; the final files are intact
-    barrier()
     logger = create_logger(exp_dir, rank == 0)
-    for note in (class_coverage_warning(args, trained_labels), initial_weights_note):
+    for note in (class_coverage_warning(args, trained_labels, len(getattr(dataset, "classes", []))),
+                 initial_weights_note):
         if note:
             logger.info(note)
     graphed = getattr(backend, "cuda_graph", False)  # train_accelerate's backend has no graphs
@@ -456,11 +496,18 @@ def train(args, backend):
         if rank == 0:
             unwrapped = backend.unwrap(train_model)
             if not (all_finite(unwrapped) and all_finite(ema)):
-                raise NonFiniteLoss(f"non-finite weights at step {step}: checkpoint not written")
+                raise NonFiniteLoss(f"non-finite weights at step {step}: checkpoint not written; "
+                                    f"{recovery_advice(exp_dir, 'with a lower --lr')}")
             path = exp_dir / "checkpoints" / f"{step:07d}.pt"
-            save_atomic({"model": unwrapped.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                         "step": step, "epoch": epoch, "position": position, "rng": states,
-                         "backend": backend.extra_state(), "args": {**vars(args), **config}}, path)
+            try:
+                save_atomic({"model": unwrapped.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                             "step": step, "epoch": epoch, "position": position, "rng": states,
+                             "backend": backend.extra_state(), "args": {**vars(args), **config}}, path)
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    raise
+                raise OSError(errno.ENOSPC, f"{err.strerror}; {recovery_advice(exp_dir, 'after freeing space')}") \
+                    from None
             logger.info("saved checkpoint %s", path)
         barrier()
 
@@ -498,9 +545,8 @@ def train(args, backend):
             log_now = step % args.log_every == 0 or stop_now
             if not torch.isfinite(mean_loss):
                 if not args.skip_nonfinite:
-                    raise NonFiniteLoss(f"loss is {mean_loss.item()} at step {step}: stopping; the last checkpoint "
-                                        f"in {exp_dir / 'checkpoints'} is intact (resume with a lower --lr, or "
-                                        f"--skip-nonfinite)")
+                    raise NonFiniteLoss(f"loss is {mean_loss.item()} at step {step}: stopping; "
+                                        f"{recovery_advice(exp_dir, 'with a lower --lr or with --skip-nonfinite')}")
                 skipped_steps += 1
                 logger.info("step %d: non-finite loss, step skipped (%d so far)", step, skipped_steps)
             else:
