@@ -284,7 +284,8 @@ def test_other_sampler_settings_sample_into_another_folder(trained, tmp_path):
     (["--cfg-scale", "1", "--cfg-interval", "0.5", "5"], "--cfg-interval has no effect without guidance"),
     (["--sampler", "ddim", "--num-sampling-steps", "600"], "integer stride"),
     (["--sampler", "dpm++2m", "--spacing", "linspace", "--num-sampling-steps", "1000"],
-     "put two steps on timestep 500, a step of zero length (NaN images); with --spacing linspace every count up to 999"),
+     "put two steps on timestep 500, a step of zero length (NaN images); with --spacing linspace every count up "
+     "to 999"),
     (["--sampler", "unipc", "--spacing", "trailing", "--num-sampling-steps", "769"],
      "make 770 steps for 769, the last from timestep -1"),
     (["--sampler", "ddpm", "--num-sampling-steps", "1"], "ddpm takes at least 2 steps"),
@@ -327,5 +328,6 @@ def test_non_finite_samples_exit_2_with_one_line_and_write_nothing(trained, tmp_
     assert sample_ddp.main([*flags, "--num-fid-samples", "2", "--per-proc-batch-size", "2",
                             "--sample-dir", str(tmp_path / "samples")]) == 2
     last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
-    assert last.startswith("sample_ddp.py: error: sampling diverged") and "dpm++2m 3 steps (logsnr spacing), cfg 1.5" in last
+    assert last.startswith("sample_ddp.py: error: sampling diverged")
+    assert "dpm++2m 3 steps (logsnr spacing), cfg 1.5" in last
     assert not list((tmp_path / "samples").rglob("*.png")) and not list((tmp_path / "samples").glob("*.npz"))

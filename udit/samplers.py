@@ -16,9 +16,9 @@ Three parts, each in one place:
 
 A sampler sees only `model_fn(x, t) -> network output` (N images at one network
 timestep t) and per-image random generators; it returns x_0. `make_sampler` refuses (one
-line) the settings a solver cannot run: every step must go to a strictly lower noise
-level (a zero-length step divides by zero in the multistep solvers: NaN images). Each sampler belongs to
-one training objective (`Sampler.objective`): the `ddpm` ones above, and for `flow`
+line) the settings a solver cannot run (`Sampler.schedule_problem`): every step must go to
+a strictly lower noise level (a zero-length step divides by zero in the multistep solvers:
+NaN images). Each sampler belongs to one training objective (`Sampler.objective`): the `ddpm` ones above, and for `flow`
 (udit/objectives.py) Euler and Heun on the velocity ODE and SiT's Euler-Maruyama SDE
 (`FlowSolver`) on the linear interpolant (`FlowSchedule`).
 
@@ -290,10 +290,10 @@ class DiffusionLoop(Sampler):
 
     Timesteps: `diffusion/`'s respacing (DDPM "N": N evenly spaced of 1000, from 999 down
     to 0; DDIM "ddimN": stride 1000 / N from 1000 - stride down to 0); at least 2 steps
-    (1 keeps timestep 0 alone). The last step, at
-    t = 0, returns the posterior mean (DDPM) or the x_0 estimate (DDIM). DDPM's step noise
-    has the network's learned variance. One normal draw per image and step from its own
-    generator, in the reference's order (DDIM draws and discards it).
+    (1 keeps timestep 0 alone). The last step, at t = 0, returns the posterior mean (DDPM)
+    or the x_0 estimate (DDIM). DDPM's step noise has the network's learned variance. One
+    normal draw per image and step from its own generator, in the reference's order (DDIM
+    draws and discards it).
     """
     name: str
     loop: str
@@ -422,7 +422,7 @@ class DiffusersSolver(Sampler):
 
 @functools.cache
 def _step_fault(solver):
-    """None if the `steps` steps of a DiffusersSolver each go from a timestep >= 0 to a lower noise level, else how not."""
+    """None if each of a DiffusersSolver's steps goes from a timestep >= 0 to a lower noise level, else how not."""
     scheduler = solver.make_scheduler()
     levels = solver.step_noise_levels(scheduler)
     timesteps = scheduler.timesteps.double().numpy()
@@ -462,7 +462,8 @@ class FlowSolver(Sampler):
 
     Times: `steps` intervals uniform in u from 1 to 0, mapped through the time shift
     t = shift u / (1 + (shift - 1) u) (SD3, Esser et al. 2024, Eq. 23: shift > 1 spends
-    more steps at high noise; the SDE's last step stays 0.04 long). Heun corrects every step but the last, which ends at
+    more steps at high noise; the SDE's last step stays 0.04 long; make_sampler takes
+    shifts in SHIFT_RANGE). Heun corrects every step but the last, which ends at
     t = 0 where an Euler step is exact for the x_0 estimate (EDM, Karras et al. 2022,
     Alg. 1): 2 steps - 1 evaluations. The SDE with a last step (`last_step` "mean":
     SiT's default, the drift alone; "tweedie": the x_0 estimate x - t v) runs steps - 1
