@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from models import DiT_models, cache_rope_tables
 from udit.checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_state_dict,
-                             save_atomic)
+                             recorded_objective, save_atomic)
 from udit.cli import ActionableError, finite_float, given_flags, json_object, positive_int
 from udit.data import DataError, ImageDataset, ResumableDistributedSampler, open_feature_folder
 from udit.cuda_graphs import GraphedTrainingStep
@@ -350,7 +350,9 @@ def load_initial_weights(model, args):
     """
     checkpoint = load_checkpoint(args.ckpt)
     saved = checkpoint.get("args", {}) if isinstance(checkpoint, dict) else {}
-    source_objective = saved.get("objective", "ddpm")  # every earlier checkpoint and release is ddpm
+    source_objective, time_convention = recorded_objective(saved if isinstance(saved, dict) else {}, args.ckpt)
+    if time_convention == "sit":  # our flow, but its network runs time and velocity the other way round
+        source_objective = "flow in SiT's time direction"
     state_dict = model_state_dict(checkpoint)
     if source_objective == args.objective:
         load_weights(model, state_dict, args.ckpt)
