@@ -175,6 +175,14 @@ def test_fine_tuning_from_a_sit_checkpoint_names_its_time_direction(tmp_path, ob
         load_initial_weights(net, settings)
 
 
+def test_resuming_an_experiment_of_another_trainer_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "000-SiT-S-8" / "checkpoints").mkdir(parents=True)
+    sit_checkpoint(tmp_path / "000-SiT-S-8" / "checkpoints" / "0050000.pt")
+    with pytest.raises(SystemExit) as info:
+        parse_training_args(training_parser("train"), ["--resume", str(tmp_path / "000-SiT-S-8")])
+    assert info.value.code == 2 and "written by another trainer" in last_error_line(capsys)
+
+
 def test_model_trained_without_label_dropout_samples_and_refuses_guidance(tiny_data, tmp_path, capsys):
     ckpt = train_pixel(tiny_data["small_images"], tmp_path / "r", "--num-classes", "2", "--class-dropout-prob", "0")
     assert (ckpt.parents[1] / "samples" / "0000001.png").is_file()  # an unguided grid: no null label for cfg 4

@@ -155,6 +155,10 @@ def resumed_args(parser, args):
         saved = load_checkpoint(path, mmap=True)["args"]
     except (CheckpointError, KeyError) as err:
         parser.error(f"--resume {args.resume}: {err}")
+    if "latent_size" not in saved:  # what every checkpoint of this train.py records
+        parser.error(f"--resume {args.resume}: {path} was written by another trainer (DiT's, SiT's, ...), which "
+                     f"saves no state to resume from; start a new experiment with --ckpt {path} to train from "
+                     f"its weights")
     changed = [k for k in args.given if k not in RESUMABLE and saved.get(k, parser.get_default(k)) != getattr(args, k)]
     if changed:
         k = changed[0]
