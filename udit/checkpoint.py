@@ -134,9 +134,10 @@ def recorded_objective(saved, source):
     if transport == SIT_TRANSPORT:
         return "flow", "sit"
     if transport != (None, None) or str(saved.get("model", "")).startswith("SiT-"):
-        raise CheckpointError(f"{source}: trained with path_type {transport[0]!r} and prediction {transport[1]!r}; "
-                              f"only SiT's train.py default (--path-type Linear --prediction velocity) can be "
-                              f"sampled here, as a flow model")
+        what = (f"trained with path_type {transport[0]!r} and prediction {transport[1]!r}" if transport != (None, None)
+                else f"the SiT model {saved['model']!r} records no path_type or prediction")
+        raise CheckpointError(f"{source}: {what}; only SiT's train.py default (--path-type Linear --prediction "
+                              f"velocity) can be sampled here, as a flow model")
     return "ddpm", None
 
 
