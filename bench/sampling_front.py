@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from demo import DigitScorer  # noqa: E402
-from udit.checkpoint import load_checkpoint  # noqa: E402
+from udit.checkpoint import load_checkpoint, recorded_objective  # noqa: E402
 from udit.samplers import SAMPLERS, DiffusersSolver, FlowSolver, Guidance, make_sampler  # noqa: E402
 from udit.sampling import add_sampling_args, generate, load_guide_model, load_sampling_model  # noqa: E402
 from udit.vae import to_uint8  # noqa: E402
@@ -248,7 +248,7 @@ def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     args.json = args.json or str(Path(args.ckpt).with_name(f"{Path(args.ckpt).stem}_sampling_front.json"))
-    args.objective = load_checkpoint(args.ckpt).get("args", {}).get("objective", "ddpm")
+    args.objective = recorded_objective(load_checkpoint(args.ckpt).get("args", {}), args.ckpt)[0]
     sweep = Sweep(args)
     first, n, picks = args.seeds[:1], args.samples, args.select_samples
     flow = args.objective == "flow"

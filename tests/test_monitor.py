@@ -177,6 +177,14 @@ def test_bad_monitor_flags_exit_2_with_one_line(tiny_data, tmp_path, capsys):
             train.main(["--data-path", str(tiny_data["small_images"]), *TINY, *flags])
         err = capsys.readouterr().err.strip().splitlines()
         assert info.value.code == 2 and message in err[-1]
+    # Guided evaluation of a model without a null label, refused before the results folder exists.
+    with pytest.raises(SystemExit) as info:
+        train.main(["--data-path", str(tiny_data["small_images"]), *TINY, "--results-dir", str(tmp_path / "r"),
+                    "--class-dropout-prob", "0", "--eval-every", "1", "--eval-command", "true", "--eval-cfg-scale", "4",
+                    "--max-steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and "--eval-cfg-scale 4 needs the null label" in err[-1]
+    assert not (tmp_path / "r").exists()
     assert train.main(["--data-path", str(tiny_data["small_images"]), *TINY, "--sample-classes", "5",
                        "--results-dir", str(tmp_path)]) == 2
     assert "--sample-classes [5]: not among the classes this run trains (0, 1)" in capsys.readouterr().err

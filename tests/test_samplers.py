@@ -208,6 +208,51 @@ def test_autoguidance_with_the_main_model_as_guide_is_unguided(name, net):
     assert not torch.allclose(guided, plain, atol=1e-3)
 
 
+class OutputLayout(torch.nn.Module):
+    """A network's prediction in another output layout: its first `channels` channels (no learned variance),
+    or followed by as many again (a learned-variance half, here noise) when `padded`."""
+
+    def __init__(self, net, channels, padded=False):
+        super().__init__()
+        self.net, self.channels, self.padded = net, channels, padded
+        self.learn_sigma = padded
+
+    def forward(self, x, t, y):
+        out = self.net(x, t, y)[:, : self.channels]
+        return torch.cat([out, torch.randn_like(out)], dim=1) if self.padded else out
+
+
+@pytest.fixture(scope="module")
+def other_net():
+    return TameNet(seed=1).eval()
+
+
+# --cfg-channels 3 and all; a sampler's default is one of the two (Guidance.for_sampler).
+@pytest.mark.parametrize("channels", [3, None])
+@pytest.mark.parametrize("name", [n for n, s in SAMPLERS.items() if s.objective == "ddpm"] + ["flow-heun", "flow-sde"])
+def test_autoguidance_with_a_guide_of_another_output_layout_guides_the_channels_both_have(name, channels, net,
+                                                                                           other_net):
+    """A guide without learned variance for a main model with it, and the other way round: the guided part is
+    epsilon (velocity for flow); a guide with the main model's own prediction in its layout is no guidance."""
+    sampler = make_sampler(name, 3)
+    flow = sampler.objective == "flow"
+    main = OutputLayout(net, 4) if flow else net  # flow networks have no learned variance
+    settings = {**SETTINGS, "objective": sampler.objective}
+    guides = {"same prediction": OutputLayout(net, 4, padded=flow),
+              "another network": OutputLayout(other_net, 4, padded=flow)}
+    with torch.no_grad():
+        plain, _ = generate(main, None, settings, 0, range(1), sampler)
+        out = {what: generate(main, None, settings, 0, range(1), sampler,
+                              Guidance(scale=3.0, channels=channels, guide=guide))[0] for what, guide in guides.items()}
+        if not flow:  # the main model without learned variance, the guide with it
+            plain_eps, _ = generate(OutputLayout(net, 4), None, settings, 0, range(1), sampler)
+            guided_eps, _ = generate(OutputLayout(net, 4), None, settings, 0, range(1), sampler,
+                                     Guidance(scale=3.0, channels=channels, guide=net))
+            assert torch.equal(guided_eps, plain_eps)
+    assert torch.equal(out["same prediction"], plain)
+    assert torch.isfinite(out["another network"]).all() and not torch.allclose(out["another network"], plain, atol=1e-3)
+
+
 def test_guided_ddpm_is_dit_forward_with_cfg(net):
     """The DiT convention kept: guided DDPM through GuidedModel is diffusion/'s loop on DiT's doubled batch
     (U-DiT's forward_with_cfg, run on the test network)."""

@@ -18,9 +18,13 @@ import extract_features
 import sample
 import sample_ddp
 import train
-from conftest import TINY_UDIT_KWARGS, make_tiny_vae
+from conftest import TINY_UDIT_KWARGS, make_tiny_vae, randomize
 from udit.checkpoint import load_checkpoint
-from udit.trainer import parse_training_args, training_parser
+from udit.cli import ActionableError
+from udit.objectives import SiTVelocity
+from udit.samplers import make_sampler
+from udit.sampling import add_sampling_args, load_sampling_model
+from udit.trainer import load_initial_weights, parse_training_args, training_parser
 
 PIXEL = ["--model", "U-DiT-S", "--model-kwargs", TINY_UDIT_KWARGS, "--vae", "none", "--image-size", "16",
          "--global-batch-size", "4", "--num-workers", "0", "--log-every", "1", "--sample-steps", "2"]
@@ -65,8 +69,124 @@ def test_checkpoint_of_the_original_trainers_with_namespace_args_samples(tmp_pat
                             "--cfg-scale", "1", "--output", str(tmp_path / "wrapped.png")]) == 0
 
 
+# SiT's train.py (willisma/SiT): its transport flags and the rest of its Namespace, as saved in "args".
+SIT_KWARGS = {"hidden_size": 32, "num_heads": 2, "depth": 1}
+SIT_ARGS = dict(data_path="/data/imagenet/train", results_dir="results", model="SiT-S/8", image_size=16,
+                num_classes=2, epochs=1400, global_batch_size=256, global_seed=0, vae="ema", num_workers=4,
+                log_every=100, ckpt_every=50_000, sample_every=10_000, cfg_scale=4.0, wandb=False, ckpt=None,
+                path_type="Linear", prediction="velocity", loss_weight=None, sample_eps=1e-3, train_eps=1e-5)
+
+
+def sit_checkpoint(path, **changes):
+    """A checkpoint as SiT's train.py writes it (model, ema, opt, args) of a tiny SiT-S/8; returns the network.
+
+    SiT-X/p is DiT-X/p (same layout and keys) with learn_sigma on, SiT's default; pixel
+    space (3 channels) to sample without a VAE.
+    """
+    from models import create_model
+    net = randomize(create_model("DiT-S/8", input_size=16, num_classes=2, in_channels=3, **SIT_KWARGS)).eval()
+    args = argparse.Namespace(**{**SIT_ARGS, **changes})
+    torch.save({"model": net.state_dict(), "ema": net.state_dict(), "opt": {}, "args": args}, path)
+    return net
+
+
+def sampling_args(*argv):
+    parser = argparse.ArgumentParser()
+    add_sampling_args(parser)
+    parser.add_argument("--cfg-scale", type=float, default=4.0)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("model_flag", [[], ["--model", "DiT-S/8", "--image-size", "16", "--num-classes", "2"]])
+def test_a_sit_checkpoint_is_a_flow_model_with_its_time_direction_converted(tmp_path, model_flag):
+    net = sit_checkpoint(tmp_path / "sit.pt")
+    args = sampling_args("--ckpt", str(tmp_path / "sit.pt"), "--model-kwargs", json.dumps(SIT_KWARGS), "--vae",
+                         "none", *model_flag)
+    model, _, settings = load_sampling_model(args, torch.device("cpu"))
+    assert (settings["objective"], settings["model"], settings["learn_sigma"]) == ("flow", "DiT-S/8", True)
+    # Our flow time s (the network sees 1000 s, noise at s = 1) is SiT's t = 1 - s, and our velocity
+    # eps - x_0 is minus SiT's x_1 - eps; SiT's forward keeps the first C of its 2 C output channels.
+    x, s, y = torch.randn(3, 3, 16, 16), torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        assert torch.allclose(model(x, 1000 * s, y), -net(x, 1 - s, y)[:, :3], atol=1e-5)
+    flags = ["--ckpt", str(tmp_path / "sit.pt"), "--model-kwargs", json.dumps(SIT_KWARGS), "--vae", "none",
+             *model_flag, "--num-sampling-steps", "2"]
+    assert sample.main([*flags, "--output", str(tmp_path / "sit.png")]) == 0  # flow-sde, cfg 4 on its null label
+    with pytest.raises(SystemExit) as info:
+        sample.main([*flags, "--sampler", "ddpm", "--output", str(tmp_path / "eps.png")])
+    assert info.value.code == 2 and not (tmp_path / "eps.png").exists()
+
+
+class SiTGaussianVelocity(torch.nn.Module):
+    """The exact velocity of SiT's interpolant x_t = t x_1 + (1 - t) eps for data x_1 ~ N(mu_c, s_c^2), called
+    as SiT's network: (x, t in [0, 1] with data at 1, y) -> E[x_1 - eps | x_t].
+
+    x_t ~ N(t mu, V), V = t^2 s^2 + (1 - t)^2; with r = x_t - t mu: E[x_1 | x_t] = mu + t s^2 r / V and
+    E[eps | x_t] = (1 - t) r / V. Its ODE from noise z at t = 0 reaches mu + s z at t = 1.
+    """
+
+    def __init__(self, mu=(0.5, -0.3), s=(0.3, 0.8)):
+        super().__init__()
+        self.mu, self.s = torch.tensor(mu).view(1, -1, 1, 1), torch.tensor(s).view(1, -1, 1, 1)
+
+    def forward(self, x, t, y=None):
+        t = t.double().view(-1, 1, 1, 1)
+        var = t ** 2 * self.s ** 2 + (1 - t) ** 2
+        r = x - t * self.mu
+        return (self.mu + t * self.s ** 2 * r / var - (1 - t) * r / var).float()
+
+
+def test_sit_velocity_sampled_by_our_flow_solvers_reaches_its_data():
+    sit = SiTGaussianVelocity()
+    z = torch.randn(64, 2, 16, 16, generator=torch.Generator().manual_seed(0))
+    exact = sit.mu + sit.s * z
+    def rms_error(network, steps=25):
+        x = make_sampler("flow-heun", steps).sample(lambda x, t: network(x, t, None), z, [])
+        return (x - exact).pow(2).mean().sqrt().item()
+    converted = SiTVelocity(sit)
+    # Heun's second order: 0.0017 at 25 steps, 0.0004 at 50.
+    assert rms_error(converted) < 0.003 and rms_error(converted, 50) < rms_error(converted) / 3
+    # Without either half of the conversion the same solver lands far from the data (0.096 and 2.59).
+    assert rms_error(lambda x, t, y: -sit(x, t / 1000, y)) > 0.05
+    assert rms_error(lambda x, t, y: sit(x, 1 - t / 1000, y)) > 0.05
+
+
+@pytest.mark.parametrize("transport, model", [
+    (dict(path_type="GVP"), "SiT-S/8"), (dict(path_type="VP"), "SiT-S/8"), (dict(prediction="noise"), "SiT-S/8"),
+    (dict(prediction="score"), "SiT-S/8"),
+    (dict(path_type="linear", prediction="v"), "SiT-S/8"),  # REPA's train.py: its own conventions and projectors
+    (dict(path_type=None, prediction=None), "SiT-S/8")])  # a SiT network that records no transport
+def test_sit_transports_we_cannot_sample_are_refused_in_one_line(tmp_path, capsys, transport, model):
+    sit_checkpoint(tmp_path / "sit.pt", model=model, **transport)
+    flags = ["--ckpt", str(tmp_path / "sit.pt"), "--model-kwargs", json.dumps(SIT_KWARGS), "--vae", "none"]
+    for model_flag in ([], ["--model", "DiT-S/8"]):
+        with pytest.raises(SystemExit) as info:
+            sample.main([*flags, *model_flag, "--output", str(tmp_path / "x.png")])
+        err = last_error_line(capsys)
+        assert info.value.code == 2 and "only SiT's train.py default (--path-type Linear --prediction velocity)" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_fine_tuning_from_a_sit_checkpoint_names_its_time_direction(tmp_path, objective):
+    net = sit_checkpoint(tmp_path / "sit.pt")
+    settings = argparse.Namespace(ckpt=str(tmp_path / "sit.pt"), objective=objective, allow_objective_change=False)
+    with pytest.raises(ActionableError, match="flow in SiT's time direction"):
+        load_initial_weights(net, settings)
+
+
+def test_resuming_an_experiment_of_another_trainer_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "000-SiT-S-8" / "checkpoints").mkdir(parents=True)
+    sit_checkpoint(tmp_path / "000-SiT-S-8" / "checkpoints" / "0050000.pt")
+    with pytest.raises(SystemExit) as info:
+        parse_training_args(training_parser("train"), ["--resume", str(tmp_path / "000-SiT-S-8")])
+    assert info.value.code == 2 and "written by another trainer" in last_error_line(capsys)
+
+
 def test_model_trained_without_label_dropout_samples_and_refuses_guidance(tiny_data, tmp_path, capsys):
     ckpt = train_pixel(tiny_data["small_images"], tmp_path / "r", "--num-classes", "2", "--class-dropout-prob", "0")
+    assert (ckpt.parents[1] / "samples" / "0000001.png").is_file()  # an unguided grid: no null label for cfg 4
+    assert "sample grid" not in (ckpt.parents[1] / "log.txt").read_text()
     assert sample.main(["--ckpt", str(ckpt), *QUICK, "--cfg-scale", "1", "--output", str(tmp_path / "g.png")]) == 0
     with pytest.raises(SystemExit) as info:
         sample.main(["--ckpt", str(ckpt), *QUICK, "--cfg-scale", "4", "--output", str(tmp_path / "h.png")])

@@ -114,6 +114,58 @@ def model_state_dict(checkpoint):
     return checkpoint
 
 
+# SiT's train.py (Ma et al. 2024, willisma/SiT) records its transport in `args`: path_type
+# (Linear, GVP, VP) and prediction (velocity, score, noise). Only its default, the linear
+# path with velocity prediction, is our flow objective (udit/objectives.py states the
+# conversion of its time direction).
+SIT_TRANSPORT = ("Linear", "velocity")
+
+
+def recorded_objective(saved, source):
+    """(objective, time convention) that a checkpoint's saved `args` record.
+
+    Ours record `objective` ("ddpm" or "flow", convention None). SiT's train.py records
+    path_type and prediction: Linear + velocity is ("flow", "sit"), time running from
+    noise at t = 0 to data at t = 1. No record (DiT, fast-DiT and U-DiT trainers, raw
+    state dicts, releases): ("ddpm", None). Raises CheckpointError (one line) for a
+    transport we cannot sample (another path or prediction, REPA's lower-case names).
+    """
+    if "objective" in saved:
+        return saved["objective"], None
+    transport = (saved.get("path_type"), saved.get("prediction"))
+    if transport == SIT_TRANSPORT:
+        return "flow", "sit"
+    if transport != (None, None) or str(saved.get("model", "")).startswith("SiT-"):
+        what = (f"trained with path_type {transport[0]!r} and prediction {transport[1]!r}" if transport != (None, None)
+                else f"the SiT model {saved['model']!r} records no path_type or prediction")
+        raise CheckpointError(f"{source}: {what}; only SiT's train.py default (--path-type Linear --prediction "
+                              f"velocity) can be sampled here, as a flow model")
+    return "ddpm", None
+
+
+def dit_name(model):
+    """Our name of a SiT-X/p network (the same layout and state-dict keys as DiT-X/p); other names unchanged."""
+    return "DiT-" + model.removeprefix("SiT-") if model.startswith("SiT-") else model
+
+
+def learned_variance(state_dict):
+    """Whether the weights' output layer has 2 C channels (learned variance) or C; None when it cannot tell.
+
+    C: the input channels of the patch embedding. DiT / SiT: final_layer.linear has p^2
+    C_out rows for a p x p patch of C inputs; U-DiT: final_layer.out_proj has C_out.
+    """
+    embed = state_dict.get("x_embedder.proj.weight")
+    if embed is None:
+        return None
+    if "final_layer.linear.bias" in state_dict:
+        out, unit = state_dict["final_layer.linear.bias"].shape[0], embed[0].numel()
+    elif "final_layer.out_proj.bias" in state_dict:
+        out, unit = state_dict["final_layer.out_proj.bias"].shape[0], embed.shape[1]
+    else:
+        return None
+    return {unit: False, 2 * unit: True}.get(out)
+
+
 def load_weights(model, state_dict, source, skip_mis_shaped=False):
     """load_state_dict(strict) with an error that names missing, unexpected and mis-shaped keys.
 

@@ -8,6 +8,7 @@ end. What appears in the experiment folder:
 
     tensorboard/          event files: `tensorboard --logdir results`
     samples/NNNNNNN.png   a grid from the EMA model: fixed classes, fixed noise, DDIM (50 steps), cfg 4
+                          (unguided for a model without a null label: --class-dropout-prob 0)
     eval/NNNNNNN.json     the metrics of the samples drawn at that step (eval/NNNNNNN.log: the scorer's output)
 """
 
@@ -27,15 +28,15 @@ from tqdm.auto import tqdm
 
 from udit.cli import ActionableError, non_negative_int, number, positive_int
 from udit.distributed import all_reduce_mean
-from udit.sampling import (batches_of_rank, default_labels, generate, image_grid, labels_for, save_png_atomic,
-                           write_npz_streaming)
+from udit.sampling import (batches_of_rank, default_labels, generate, has_null_label, image_grid, labels_for,
+                           save_png_atomic, write_npz_streaming)
 from udit.samplers import SAMPLERS, Guidance, make_sampler, samplers_for
 from udit.vae import load_vae, to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
 # Grids and (by default) evaluations use each objective's deterministic 50-step sampler.
 MONITOR_SAMPLERS = {"ddpm": "ddim", "flow": "flow-euler"}
-GRID_CFG_SCALE = 4.0  # DiT's guidance scale for pictures
+GRID_CFG_SCALE = 4.0  # DiT's guidance scale for pictures, for models with a null label
 
 # Flags that change only what is watched: --resume may change them.
 MONITOR_SETTINGS = ("no_tensorboard", "sample_every", "sample_classes", "sample_steps", "eval_every", "eval_samples",
@@ -56,7 +57,8 @@ def add_monitor_args(p):
     g.add_argument("--sample-classes", type=non_negative_int, nargs="+",
                    help="class labels of the grid (default: DiT's 8 ImageNet classes, else the first 8 trained)")
     g.add_argument("--sample-steps", type=positive_int, default=50,
-                   help="steps of the grid's sampler (cfg 4): ddim, or flow-euler for --objective flow")
+                   help="steps of the grid's sampler (cfg 4; 1 with --class-dropout-prob 0): ddim, or flow-euler "
+                        "for --objective flow")
     g.add_argument("--eval-every", type=non_negative_int, default=0,
                    help="evaluate the EMA model every N steps (default 0: never; see README, Training)")
     # evaluator.py's minimum: precision and recall use each image's 3rd nearest neighbour among the others.
@@ -96,6 +98,10 @@ def check_monitor_args(parser, args):
         value = getattr(args, flag)
         if value and not Path(value).is_file():
             parser.error(f"--{flag.replace('_', '-')} {value}: no such file")
+    if args.eval_every and args.eval_cfg_scale != 1 and args.class_dropout_prob == 0:
+        parser.error(f"--eval-cfg-scale {args.eval_cfg_scale:g} needs the null label that --class-dropout-prob 0 "
+                     f"leaves out (classifier-free guidance); evaluate with --eval-cfg-scale 1, or train with "
+                     f"--class-dropout-prob > 0")
     if args.eval_command is not None:
         try:
             if not shlex.split(args.eval_command):
@@ -190,6 +196,7 @@ class Monitor:
         self.settings = {**config, "trained_labels": config["trained_labels"] or list(range(config["num_classes"]))}
         self.precision = "bf16" if getattr(args, "precision", "fp32") == "bf16" else "fp32"
         self.labels = grid_labels(args, config)
+        self.grid_cfg_scale = GRID_CFG_SCALE if has_null_label(config) else 1.0
         self.evaluation = Evaluation(self, args, batch_size) if args.eval_every else None
         self.grids = args.sample_every > 0
         if config["vae"] != "none" and vae is None and (self.grids or self.evaluation):
@@ -255,7 +262,7 @@ class Monitor:
         try:
             images, _ = generate(ema, self.vae, self.settings, self.args.global_seed, range(len(self.labels)),
                                  make_sampler(MONITOR_SAMPLERS[self.settings["objective"]], self.args.sample_steps),
-                                 Guidance(scale=GRID_CFG_SCALE),
+                                 Guidance(scale=self.grid_cfg_scale),
                                  labels=self.labels, precision=self.precision)
             grid = image_grid(images, grid_columns(len(self.labels)))
             save_png_atomic(grid, self.exp_dir / "samples" / f"{step:07d}.png")

@@ -16,7 +16,8 @@ Two objectives share the training loop, the checkpoints and the sampling scripts
   way noise grows, as in DDPM and rectified flow (SD3); SiT runs it the other way
   (t = 1 is data, velocity x_0 - eps): the same model with t -> 1 - t and v -> -v. The
   network sees 1000 t, the range its timestep embedder was built for, and has C output
-  channels (no learned variance).
+  channels (no learned variance). `SiTVelocity` calls a network of SiT's train.py in
+  this convention.
 """
 
 import torch
@@ -86,6 +87,29 @@ class FlowObjective:
             raise ValueError(f"flow matching needs a network with {x0.shape[1]} output channels (no learned "
                              f"variance), got {tuple(prediction.shape)}")
         return {"loss": mean_flat((prediction - velocity) ** 2)}
+
+
+class SiTVelocity(torch.nn.Module):
+    """A network trained by SiT's train.py, called as a network of our flow objective.
+
+    SiT (willisma/SiT, transport/path.py ICPlan): x_t = t x_1 + (1 - t) eps with data x_1
+    at t = 1, the network sees t in [0, 1] itself (not 1000 t) and predicts the velocity
+    x_1 - eps in its first C channels (its default learn_sigma leaves C more, untrained and
+    dropped by its own forward). Ours: s = 1 - t, the network sees 1000 s and predicts
+    eps - x_0. So  v_ours(x, 1000 s, y) = -v_SiT(x, 1 - s, y).
+
+    net: the SiT network (a DiT of the same size: same layout and state-dict keys).
+    forward: x (N, C, H, W), t (N,) our timesteps 1000 s, y (N,) -> velocity (N, C, H, W).
+    """
+
+    learn_sigma = False
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t, y):
+        return -self.net(x, 1.0 - t / TIMESTEP_SCALE, y)[:, : x.shape[1]]
 
 
 def create_objective(config):

@@ -166,8 +166,16 @@ class Guidance:
 
 
 def combine(cond, uncond, scale, channels):
-    """uncond + scale (cond - uncond) on the first `channels` channels (None: all); the rest from cond."""
-    if channels is None or channels >= cond.shape[1]:
+    """uncond + scale (cond - uncond) on the first `channels` channels (None: all); the rest from cond.
+
+    cond (N, C_main, H, W), uncond (N, C_guide, H, W): an autoguidance guide may have
+    another output layout than the main model (learned variance or not); only the channels
+    both have (epsilon or velocity first, Guidance.channels at most) are guided, and the
+    result keeps cond's layout.
+    """
+    shared = min(cond.shape[1], uncond.shape[1])
+    channels = shared if channels is None else min(channels, shared)
+    if channels == cond.shape[1] == uncond.shape[1]:
         return uncond + scale * (cond - uncond)
     guided = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
     return torch.cat([guided, cond[:, channels:]], dim=1)

@@ -18,8 +18,10 @@ import torch
 from PIL import Image
 
 from models import DiT_models
-from udit.checkpoint import build_model, load_checkpoint, load_weights, model_state_dict
+from udit.checkpoint import (build_model, dit_name, learned_variance, load_checkpoint, load_weights, model_state_dict,
+                             recorded_objective)
 from udit.cli import json_object, number, positive_float, positive_int
+from udit.objectives import SiTVelocity
 from udit.releases import RELEASED, resolve_checkpoint
 from udit.samplers import (DEFAULT_SAMPLERS, LAST_STEPS, SAMPLERS, SPACINGS, Guidance, GuidedModel, check_step_count,
                            make_sampler, samplers_for, schedule_for)
@@ -152,8 +154,9 @@ def describe_run(info):
     return text + f", {info['nfe_per_image']} network evaluations per image"
 
 
-# The settings of the original U-DiT / DiT / fast-DiT train.py (an argparse.Namespace) that
-# describe the network they trained; the rest of their flags mean other things.
+# The settings of the original U-DiT / DiT / fast-DiT / SiT train.py (an argparse.Namespace)
+# that describe the network they trained; of the rest, only SiT's transport is read
+# (udit.checkpoint.recorded_objective).
 FOREIGN_RELIABLE = ("model", "image_size", "num_classes", "vae")
 
 
@@ -161,13 +164,18 @@ def resolve_settings(args, saved, state_dict):
     """Model settings: explicit flags win, then the checkpoint's saved args, then the weights, then defaults.
 
     saved: a checkpoint's `args` (ours: everything the network needs; the original
-    trainers': only FOREIGN_RELIABLE). Whether the label tables have a null row (trained
-    with label dropout, so guidance works) is read off the weights when not recorded.
+    trainers': only FOREIGN_RELIABLE, and the objective SiT's records). Whether the label
+    tables have a null row (trained with label dropout, so guidance works) and whether the
+    output has learned-variance channels are read off the weights when not recorded. A
+    SiT checkpoint is a flow model whose SiT-X/p is our DiT-X/p, with "time_convention"
+    "sit" (sampling_network converts its time direction). Raises ValueError (one line).
     """
     released = RELEASED.get(args.ckpt, {})
-    objective = saved.get("objective", "ddpm")  # every earlier checkpoint and release is ddpm
+    objective, time_convention = recorded_objective(saved, args.ckpt)
     if "latent_size" not in saved:
         saved = {k: saved[k] for k in FOREIGN_RELIABLE if k in saved}
+        if time_convention == "sit" and "model" in saved:
+            saved["model"] = dit_name(saved["model"])
     defaults = {"model": "U-DiT-B", "model_kwargs": {}, "image_size": 256, "num_classes": 1000, "vae": "ema"}
     if args.model is not None and args.model != saved.get("model", released.get("model")):
         # Another architecture: none of the checkpoint's settings apply but the latent space it
@@ -181,8 +189,15 @@ def resolve_settings(args, saved, state_dict):
         raise ValueError(f"{args.ckpt}: the checkpoint names the model {settings['model']!r}, which is not one of "
                          f"{', '.join(DiT_models)}; pass --model")
     settings["objective"] = objective
-    if "learn_sigma" in saved or objective == "flow":  # flow networks have no learned-variance channels
-        settings["learn_sigma"] = saved.get("learn_sigma", False)
+    if time_convention is not None:
+        settings["time_convention"] = time_convention
+    inferred_variance = learned_variance(state_dict)
+    if "learn_sigma" in saved:
+        settings["learn_sigma"] = saved["learn_sigma"]
+    elif inferred_variance is not None:
+        settings["learn_sigma"] = inferred_variance
+    elif objective == "flow":  # our flow networks have no learned-variance channels
+        settings["learn_sigma"] = False
     settings["label_dropout"] = saved.get("label_dropout", "shared")
     label_rows = [v.shape[0] for k, v in state_dict.items() if k.endswith("embedding_table.weight")]
     inferred_dropout = 0.0 if label_rows and label_rows[0] == settings["num_classes"] else 0.1
@@ -199,8 +214,20 @@ def resolve_settings(args, saved, state_dict):
 
 
 def has_null_label(settings):
-    """Whether the label tables have the null row that classifier-free guidance feeds."""
-    return settings["class_dropout_prob"] > 0
+    """Whether the label tables have the null row that classifier-free guidance feeds.
+
+    resolve_settings always records it (saved, or read off the weights); settings made by
+    hand without "class_dropout_prob" are taken to have the default label dropout's row.
+    """
+    return settings.get("class_dropout_prob", 0.1) > 0
+
+
+def check_guidance_fits(settings, scale, autoguided, source):
+    """ValueError (one line) for classifier-free guidance (scale > 1, no guide) of a model without a null label."""
+    if scale != 1.0 and not autoguided and not has_null_label(settings):
+        raise ValueError(f"{source} was trained without label dropout (--class-dropout-prob 0), so it "
+                         f"has no null label and classifier-free guidance cannot work; sample with --cfg-scale 1 "
+                         f"or with autoguidance (--guide-ckpt)")
 
 
 def load_sampling_model(args, device):
@@ -214,10 +241,7 @@ def load_sampling_model(args, device):
     saved = checkpoint.get("args", {}) if isinstance(checkpoint, dict) and "ema" in checkpoint else {}
     state_dict = model_state_dict(checkpoint)
     settings = resolve_settings(args, saved if isinstance(saved, dict) else {}, state_dict)
-    if args.cfg_scale > 1 and not args.guide_ckpt and not has_null_label(settings):
-        raise ValueError(f"{path}: this model was trained without label dropout (--class-dropout-prob 0), so it "
-                         f"has no null label and classifier-free guidance cannot work; sample with --cfg-scale 1 "
-                         f"or with autoguidance (--guide-ckpt)")
+    check_guidance_fits(settings, args.cfg_scale, args.guide_ckpt is not None, f"the model of {path}")
     if settings["vae"] == "none" and args.vae_path:
         raise ValueError(f"--vae-path {args.vae_path} does not apply: this model works in pixel space (--vae none)")
     vae = load_vae(settings["vae"], args.vae_path, device)
@@ -226,9 +250,21 @@ def load_sampling_model(args, device):
                                    f"{path}", f"the VAE {vae_source(settings['vae'], args.vae_path)}")
     settings.setdefault("in_channels", latent_channels(vae))
     settings["latent_size"] = settings["image_size"] // latent_factor(vae)
+    return sampling_network(settings, state_dict, path, device), vae, settings
+
+
+def sampling_network(settings, state_dict, source, device):
+    """The network of `settings` with the weights `state_dict`, in eval mode on `device`.
+
+    Called in this project's convention of its objective: a SiT network ("time_convention"
+    "sit") is wrapped in udit.objectives.SiTVelocity. Raises CheckpointError (one line)
+    when the weights are for another architecture.
+    """
     model = build_model(settings)
-    load_weights(model, state_dict, path)
-    return model.to(device).eval(), vae, settings
+    load_weights(model, state_dict, source)
+    if settings.get("time_convention") == "sit":
+        model = SiTVelocity(model)
+    return model.to(device).eval()
 
 
 # The SD VAEs ft-EMA and ft-MSE fine-tuned the decoder only: one latent space.
@@ -252,10 +288,12 @@ def load_guide_model(ckpt, settings, device):
     flags = argparse.Namespace(ckpt=ckpt, **{key: None if key in known else settings[key]
                                              for key in ("model", "image_size", "num_classes", "vae")})
     flags.model_kwargs = (settings["model_kwargs"] if "model_kwargs" not in known and
-                          known.get("model", settings["model"]) == settings["model"] else None)
+                          dit_name(known.get("model", settings["model"])) == settings["model"] else None)
     guide = resolve_settings(flags, saved, state_dict)
-    if not known:  # a bare state dict: of the main model's objective, as for its other settings
+    if not known:  # a bare state dict: of the main model's objective and time convention, as for its other settings
         guide["objective"] = settings["objective"]
+        if "time_convention" in settings:
+            guide["time_convention"] = settings["time_convention"]
     guide.setdefault("in_channels", settings["in_channels"])
     guide["latent_size"] = guide["image_size"] * settings["latent_size"] // settings["image_size"]
     differ = [f"{what} (guide {guide[key]}, main {settings[key]})" for what, key in
@@ -270,9 +308,7 @@ def load_guide_model(ckpt, settings, device):
     if differ:
         raise ValueError(f"--guide-ckpt {ckpt}: the guide must share the main model's latent space and classes; "
                          f"it differs in {', '.join(differ)}")
-    model = build_model(guide)
-    load_weights(model, state_dict, path)
-    return model.to(device).eval()
+    return sampling_network(guide, state_dict, path, device)
 
 
 #################################################################################
@@ -347,6 +383,7 @@ def generate(model, vae, settings, seed, indices, sampler=None, guidance=Guidanc
     if sampler.objective != objective:
         raise ValueError(f"{sampler.name} samples models trained with --objective {sampler.objective}, this one was "
                          f"trained with --objective {objective}: use one of {', '.join(samplers_for(objective))}")
+    check_guidance_fits(settings, guidance.scale, guidance.guide is not None, "this model")
     device = next(model.parameters()).device
     shape = (settings["in_channels"], settings["latent_size"], settings["latent_size"])
     y, z = initial_draws(seed, indices, shape, settings["trained_labels"], labels)

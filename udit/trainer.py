@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from models import DiT_models, cache_rope_tables
 from udit.checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_state_dict,
-                             save_atomic)
+                             recorded_objective, save_atomic)
 from udit.cli import (ActionableError, ArgumentParser, finite_float, given_flags, inside, json_object,
                       non_negative_int, number, output_dir, positive_float, positive_int, seed)
 from udit.data import DataError, ImageDataset, ResumableDistributedSampler, open_feature_folder
@@ -154,6 +154,10 @@ def resumed_args(parser, args):
         saved = load_checkpoint(path, mmap=True)["args"]
     except (CheckpointError, KeyError) as err:
         parser.error(f"--resume {args.resume}: {err}")
+    if "latent_size" not in saved:  # what every checkpoint of this train.py records
+        parser.error(f"--resume {args.resume}: {path} was written by another trainer (DiT's, SiT's, ...), which "
+                     f"saves no state to resume from; start a new experiment with --ckpt {path} to train from "
+                     f"its weights")
     changed = [k for k in args.given if k not in RESUMABLE and saved.get(k, parser.get_default(k)) != getattr(args, k)]
     if changed:
         k = changed[0]
@@ -385,7 +389,9 @@ def load_initial_weights(model, args):
     """
     checkpoint = load_checkpoint(args.ckpt)
     saved = checkpoint.get("args", {}) if isinstance(checkpoint, dict) else {}
-    source_objective = saved.get("objective", "ddpm")  # every earlier checkpoint and release is ddpm
+    source_objective, time_convention = recorded_objective(saved if isinstance(saved, dict) else {}, args.ckpt)
+    if time_convention == "sit":  # our flow, but its network runs time and velocity the other way round
+        source_objective = "flow in SiT's time direction"
     state_dict = model_state_dict(checkpoint)
     if source_objective == args.objective:
         load_weights(model, state_dict, args.ckpt)
