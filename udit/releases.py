@@ -135,8 +135,8 @@ def download(name):
     source = (DIT_URL.format(name=name) if name.startswith("DiT")
               else f"https://huggingface.co/{UDIT_REPO}/tree/main (the {RELEASED[name]['model']} file at "
                    f"{RELEASED[name]['iterations']:,} iterations)")
-    stale = "replacing the incomplete cache entry " if target.is_symlink() or target.exists() else ""
-    print(f"downloading {name} into {target} {stale}...", file=sys.stderr)
+    stale = " (replacing an incomplete cache entry)" if target.is_symlink() or target.exists() else ""
+    print(f"downloading {name} into {target}{stale} ...", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         if name.startswith("DiT"):
