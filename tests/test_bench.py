@@ -152,3 +152,32 @@ def test_sampling_front_runs_every_stage_for_both_objectives(objective, tmp_path
     assert max(r["nfe"] for r in cheap if r["config"]["samples"] == 4) == 40
     assert f"{'flow-sde' if objective == 'flow' else 'ddpm'}-250 (NFE 500): FD" in out
     assert "best at <= 50 NFE" in out and "best at <= 20 NFE" in out
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_sampling_front_candidates_are_judged_by_class_accuracy_beside_the_reference(objective, capsys):
+    """A candidate that loses more than 2% of the reference's class accuracy is not kept, whatever its FD."""
+    import sampling_front
+    from types import SimpleNamespace
+    args = SimpleNamespace(samples=1000, seeds=[0, 1], objective=objective, guide_ckpts=[], reference_samples=500)
+    reference, cfgs = sampling_front.candidate_configs(objective, 1000, reference_samples=500)
+    assert reference["steps"] == 250 and reference["samples"] == 500 and reference["interval"] is None
+    assert all(sampling_front.evaluations(c) < 50 for c in cfgs)  # the budget the README recommends in
+    assert [1.0, 2.0] in [c["interval"] for c in cfgs] and None in [c["interval"] for c in cfgs]
+
+    def records(cfg, fd, accuracy):
+        return [{"key": sampling_front.key(cfg), "config": cfg, "seed": s, "fd_classifier": fd,
+                 "class_accuracy": accuracy, "nfe": sampling_front.evaluations(cfg)} for s in (0, 1)]
+    # a short run: the reference at 0.9; the first candidate keeps 0.885 (>= 98% of it), the second 0.87 at a lower FD
+    measured = records(cfgs[0], 1.5, 0.885) + records(cfgs[1], 1.0, 0.87)
+    sampling_front.print_candidates(measured, args)
+    out = capsys.readouterr().out
+    assert "(500 samples) not measured on seeds [0, 1]: no verdict" in out and out.count("| ? |") == 2
+    sampling_front.print_candidates(measured + records(reference, 2.0, 0.9), args)
+    out = capsys.readouterr().out
+    assert "(500 samples): FD 2.00, class accuracy 0.900; kept = class accuracy >= 0.882 (98% of it)" in out
+    first, second = cfgs[:2]
+    assert f"| {sampling_front.label(first)} | {sampling_front.evaluations(first)} | 1.50 | 0.885 | yes |" in out
+    assert f"| {sampling_front.label(second)} | {sampling_front.evaluations(second)} | 1.00 | 0.870 | NO |" in out
+    assert out.count("| yes |") + out.count("| NO |") == 2  # unmeasured candidates are not shown
+
