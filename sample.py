@@ -58,8 +58,11 @@ def main(argv=None):
     guidance = guidance_from_args(args, sampler, guide)
     print(f"sampling {len(labels)} images: {settings['model']} at {settings['image_size']} px, "
           f"{describe_run(accounting(sampler, guidance, args.guide_ckpt))}, on {device}")
-    images, _ = generate(model, vae, settings, args.seed, range(len(labels)), sampler, guidance, labels=labels,
-                         precision=args.precision, cuda_graph=args.cuda_graph, progress=True)
+    try:
+        images, _ = generate(model, vae, settings, args.seed, range(len(labels)), sampler, guidance, labels=labels,
+                             precision=args.precision, cuda_graph=args.cuda_graph, progress=True)
+    except ValueError as err:  # non-finite samples: nothing is written
+        p.exit(2, f"sample.py: error: {err}\n")
     image_grid_png(images, args.output, args.nrow)
     print(f"wrote {args.output}")
     if args.save_individual:

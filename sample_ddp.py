@@ -114,14 +114,14 @@ def sample_all(args, ctx):
     if ctx.is_main:
         print(f"sampling {n} images into {folder} with {ctx.world_size} processes ({already} already there), "
               f"{describe_run(info)}")
-    bar = tqdm(total=n, initial=already, unit="img", desc="sampling", disable=not ctx.is_main, smoothing=0.1)
-    for batch in todo:
-        images, _ = generate(model, vae, settings, args.global_seed, batch, sampler, guidance,
-                             precision=args.precision, cuda_graph=args.cuda_graph)
-        for i, array in zip(batch, to_uint8(images).numpy()):
-            save_png_atomic(array, folder / f"{i:06d}.png")
-        bar.update(min(len(batch) * ctx.world_size, n - bar.n))  # rank 0 reports for all
-    bar.close()
+    # Closed on a failure too, so that the error line comes after the bar, not inside it.
+    with tqdm(total=n, initial=already, unit="img", desc="sampling", disable=not ctx.is_main, smoothing=0.1) as bar:
+        for batch in todo:
+            images, _ = generate(model, vae, settings, args.global_seed, batch, sampler, guidance,
+                                 precision=args.precision, cuda_graph=args.cuda_graph)
+            for i, array in zip(batch, to_uint8(images).numpy()):
+                save_png_atomic(array, folder / f"{i:06d}.png")
+            bar.update(min(len(batch) * ctx.world_size, n - bar.n))  # rank 0 reports for all
     barrier()
     if ctx.is_main:
         missing = [i for i in range(n) if not (folder / f"{i:06d}.png").is_file()]

@@ -121,6 +121,15 @@ def sampler_and_guidance(cfg, guide=None):
     return sampler, guidance
 
 
+def accepted(cfg):
+    """Whether make_sampler takes a configuration (it refuses a zero-length step, e.g. sigma_min after karras)."""
+    try:
+        sampler_and_guidance(cfg)
+    except ValueError:
+        return False
+    return True
+
+
 def evaluations(cfg):
     """Network evaluations per image of a configuration, counted without running it."""
     sampler, guidance = sampler_and_guidance(cfg, guide=object() if cfg["guide"] else None)  # counted, never called
@@ -294,7 +303,7 @@ def main(argv=None):
         sweep.run([c for cs in candidates.values() for c in cs], first)
         for name, cs in candidates.items():
             best = sweep.best(cs, first)
-            if best["final"] is not None:
+            if best["final"] is not None and accepted({**best, "final": "sigma_min"}):
                 best = sweep.best([best, {**best, "final": "sigma_min"}], first)
             picked[name] = {**best, "samples": n}
     else:

@@ -1,6 +1,7 @@
 """udit/samplers.py: every solver on closed-form data, against diffusers' own loop, guidance and its accounting."""
 
 import functools
+import re
 
 import diffusers
 import numpy as np
@@ -12,8 +13,9 @@ from diffusion import create_diffusion
 from models import U_DiT
 from conftest import randomize, tiny_udit
 from test_cuda_graphs import Recorder
-from udit.sampling import generate, initial_draws, seeded_generator
-from udit.samplers import SAMPLERS, DiffusersSolver, Guidance, GuidedModel, VPSchedule, make_sampler
+from udit.sampling import accounting, describe_run, generate, initial_draws, seeded_generator
+from udit.samplers import (FLOW, SAMPLERS, SHIFT_RANGE, SPACINGS, DiffusersSolver, Guidance, GuidedModel, VPSchedule,
+                           make_sampler)
 
 SCHEDULE = VPSchedule.training()
 
@@ -139,7 +141,8 @@ def test_diffusers_solvers_agree_with_diffusers_own_loop(name, net):
     y = torch.tensor([3, 7])
     sampler = make_sampler(name, 10)
     with torch.no_grad():
-        ours = sampler.sample(GuidedModel(net, y, 10, Guidance(scale=1.0, channels=None), SCHEDULE), z,
+        unguided = Guidance(scale=1.0, channels=None)
+        ours = sampler.sample(GuidedModel(net, y, 10, unguided, sampler.guided_evaluations(unguided)), z,
                               [torch.Generator().manual_seed(i) for i in range(2)])
         theirs = diffusers_reference(name, 10, net, z, y, [torch.Generator().manual_seed(i) for i in range(2)])
     assert theirs.abs().max() < 5
@@ -165,7 +168,7 @@ def test_guidance_interval_skips_the_unconditional_pass(name):
     sampler = make_sampler(name, 12)
     guidance = Guidance(scale=3.0, interval=(0.5, 5.0)).for_sampler(sampler)
     y = torch.tensor([1, 2, 0])
-    model_fn = GuidedModel(log, y, 10, guidance, SCHEDULE)
+    model_fn = GuidedModel(log, y, 10, guidance, sampler.guided_evaluations(guidance))
     sampler.sample(model_fn, torch.randn(3, 4, 2, 2), [torch.Generator().manual_seed(i) for i in range(3)])
     inside = [0.5 < SCHEDULE.sigma(t) <= 5.0 for _, t, _ in log.calls]
     assert 0 < sum(inside) < len(inside)
@@ -181,7 +184,7 @@ def test_autoguidance_calls_the_guide_inside_the_interval_only():
     main, guide = CallLog(), CallLog()
     sampler = make_sampler("dpm++2m", 10)
     guidance = Guidance(scale=2.0, interval=(0.5, 5.0), guide=guide).for_sampler(sampler)
-    model_fn = GuidedModel(main, torch.tensor([4, 5]), 10, guidance, SCHEDULE)
+    model_fn = GuidedModel(main, torch.tensor([4, 5]), 10, guidance, sampler.guided_evaluations(guidance))
     sampler.sample(model_fn, torch.randn(2, 4, 2, 2), [])
     assert [c[0] for c in main.calls] == [2] * 10 and all(c[2] == [4, 5] for c in main.calls + guide.calls)
     assert [t for _, t, _ in guide.calls] == [t for _, t, _ in main.calls if 0.5 < SCHEDULE.sigma(t) <= 5.0]
@@ -269,7 +272,141 @@ def test_sampler_settings_are_checked():
         make_sampler("unipc", 0)
     assert Guidance().for_sampler(SAMPLERS["ddpm"]).channels == 3 and Guidance().for_sampler(SAMPLERS["unipc"]).channels is None
     with pytest.raises(ValueError, match="for_sampler"):
-        GuidedModel(CallLog(), torch.tensor([0]), 10, Guidance(scale=2.0), SCHEDULE)
+        GuidedModel(CallLog(), torch.tensor([0]), 10, Guidance(scale=2.0), [True])
     assert make_sampler("euler", 12, spacing="logsnr").describe() == {
         "sampler": "euler", "steps": 12, "spacing": "logsnr", "final_sigma": "zero"}
     assert len(make_sampler("heun", 10).timesteps()) == 19  # Heun: two evaluations per step but the last
+
+
+# ----------------------------------------------------------------- what the sampler says is what it runs
+
+class ExactNet(torch.nn.Module):
+    """A tiny network: the exact predictor of Gaussian data plus a label term; counts the images it is called on.
+
+    objective "ddpm": [epsilon; v] of GaussianData; "flow": the velocity of test_flow.GaussianFlow. The label
+    term (0.005 y in every channel) makes guided and unguided calls differ. `images`: images passed so far, so
+    `images / N` is the network evaluations per image of a run on N images. Cheap enough for 1000-step runs.
+    """
+
+    def __init__(self, objective="ddpm"):
+        super().__init__()
+        from test_flow import GaussianFlow
+        mu, s = (0.2, -0.1, 0.0, 0.1), (0.3, 0.4, 0.2, 0.3)
+        self.predict = GaussianData(mu, s) if objective == "ddpm" else GaussianFlow(mu, s)
+        self.label_weight = torch.nn.Parameter(torch.tensor(0.005))  # generate() reads the device off a parameter
+        self.learn_sigma = objective == "ddpm"
+        self.images = 0
+
+    def forward(self, x, t, y):
+        self.images += len(x)
+        return self.predict(x, t) + self.label_weight * y.float().view(-1, 1, 1, 1)
+
+
+def exact_settings(objective):
+    return {"in_channels": 4, "latent_size": 2, "num_classes": 10, "trained_labels": list(range(10)),
+            "objective": objective}
+
+
+def noise_levels(sampler):
+    """float64 sigma of each network evaluation, from the solver's float64 timesteps (the README's definition)."""
+    schedule = FLOW if sampler.objective == "flow" else SCHEDULE
+    return [schedule.sigma(t) for t in np.asarray(sampler.timesteps(), dtype=np.float64)]
+
+
+def nfe_cases(name):
+    """(sampler, guidance) over steps, shifts and intervals, including intervals whose bounds are step noise levels."""
+    flow = SAMPLERS[name].objective == "flow"
+    for steps in {"ddpm": (2, 3, 10), "ddim": (2, 4, 10), "flow-sde": (2, 3, 10)}.get(name, (1, 3, 10)):
+        for shift in (1.0, 3.0) if flow else (None,):
+            sampler = make_sampler(name, steps, shift=shift)
+            levels = sorted(set(noise_levels(sampler)))
+            mid = len(levels) // 2
+            intervals = [(1.0, 2.0), (0.5, 10.0), (0.0, levels[mid]), (levels[max(mid - 1, 0)], levels[-1])]
+            for interval in intervals:
+                yield sampler, Guidance(scale=4.0, interval=interval)
+            yield sampler, Guidance(scale=2.0, interval=(1.0, 2.0), guide=ExactNet(sampler.objective))
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_the_printed_evaluations_are_the_network_calls(name):
+    """accounting()'s NFE (what sample.py prints and sample_ddp.py records) = the calls generate() makes.
+
+    The README's flow-heun 10, shift 3, interval (1, 2] has a step at sigma = 2 exactly; a run that compared
+    the float32 timestep it hands the network (sigma 2.0000002) made 21 calls where 23 were printed.
+    """
+    for sampler, guidance in nfe_cases(name):
+        net = ExactNet(sampler.objective)
+        with torch.no_grad():
+            generate(net, None, exact_settings(sampler.objective), 0, range(2), sampler, guidance)
+        printed = accounting(sampler, guidance)
+        made = {"main": net.images / 2, "guide": guidance.guide.images / 2 if guidance.guide else 0}
+        assert (made["main"], made["guide"]) == (printed["nfe_main_per_image"], printed["nfe_guide_per_image"]), \
+            f"{describe_run(printed)}: {made} made"
+        assert printed["nfe_per_image"] == made["main"] + made["guide"]
+    if name == "flow-heun":
+        sampler, guidance = make_sampler(name, 10, shift=3.0), Guidance(scale=4.0, interval=(1.0, 2.0))
+        net = ExactNet("flow")
+        generate(net, None, exact_settings("flow"), 0, range(1), sampler, guidance)
+        assert net.images == accounting(sampler, guidance)["nfe_per_image"] == 23
+
+
+def accepted_settings(name):
+    """Each setting of `name` the CLI can give besides the step count: spacings, time shifts (bounds included)."""
+    sampler = SAMPLERS[name]
+    if isinstance(sampler, DiffusersSolver):
+        return [{"spacing": spacing} for spacing in SPACINGS]
+    if sampler.objective == "flow":
+        return [{"shift": shift} for shift in (SHIFT_RANGE[0], 0.5, 1.0, 3.0, SHIFT_RANGE[1])]
+    return [{}]
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_setting_is_refused_at_parse_time_or_gives_finite_images(name):
+    """Over spacings / shifts and step counts 1, 2, 61, 769, 999, 1000: refused in one line, or finite images.
+
+    diffusers' linspace timesteps repeat at 1000 steps (NaN for the multistep solvers) and its trailing ones
+    add a step to timestep -1 at 61, 769, ... steps (NaN for dpm++3m and unipc at 769). A refusal names the
+    count up to which every count works, which must be accepted. Sampled (a tiny exact network, cfg 4): 1 and
+    2 steps, the largest accepted count and every named one.
+    """
+    for setting in accepted_settings(name):
+        accepted, named = [], set()
+        for steps in (1, 2, 61, 769, 999, 1000):
+            try:
+                accepted.append(make_sampler(name, steps, **setting))
+            except ValueError as err:
+                assert "\n" not in str(err)
+                works = re.search(r"every count up to (\d+) works", str(err))
+                if works:
+                    named.add(int(works.group(1)))
+        assert accepted, f"{name} {setting}: no count accepted"
+        runs = {s.steps: s for s in accepted if s.steps <= 2 or s is accepted[-1]}
+        runs.update({steps: make_sampler(name, steps, **setting) for steps in named})
+        for steps, sampler in sorted(runs.items()):
+            with torch.no_grad():
+                images, _ = generate(ExactNet(sampler.objective), None, exact_settings(sampler.objective), 0,
+                                     range(1), sampler, Guidance(scale=4.0))
+            assert torch.isfinite(images).all(), f"{name} {setting} {steps} steps: non-finite images"
+
+
+class DivergingNet(ExactNet):
+    """The exact network with a NaN in the predictions of label 3, as a diverged or corrupted model gives."""
+
+    def forward(self, x, t, y):
+        out = super().forward(x, t, y)
+        return torch.where((y == 3).view(-1, 1, 1, 1), torch.full_like(out, float("nan")), out)
+
+
+@pytest.mark.parametrize("name, objective", [("ddpm", "ddpm"), ("dpm++2m", "ddpm"), ("flow-heun", "flow")])
+def test_non_finite_latents_stop_generation_with_one_line_naming_the_settings(name, objective):
+    sampler = make_sampler(name, 4, **({"shift": 3.0} if objective == "flow" else {}))
+    with torch.no_grad():
+        ok, _ = generate(DivergingNet(objective), None, exact_settings(objective), 0, range(3), sampler,
+                         Guidance(scale=2.0), labels=[1, 2, 4])
+        assert torch.isfinite(ok).all()
+        with pytest.raises(ValueError) as info:
+            generate(DivergingNet(objective), None, exact_settings(objective), 0, [5, 6, 7], sampler,
+                     Guidance(scale=2.0), labels=[1, 3, 4])
+    message = str(info.value)
+    assert "\n" not in message and "the latents of image 6 are not finite" in message
+    assert describe_run(accounting(sampler, Guidance(scale=2.0).for_sampler(sampler))) in message

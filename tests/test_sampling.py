@@ -283,6 +283,12 @@ def test_other_sampler_settings_sample_into_another_folder(trained, tmp_path):
     (["--cfg-interval", "5", "1"], "needs 0 <= LOW < HIGH"),
     (["--cfg-scale", "1", "--cfg-interval", "0.5", "5"], "--cfg-interval has no effect without guidance"),
     (["--sampler", "ddim", "--num-sampling-steps", "600"], "integer stride"),
+    (["--sampler", "dpm++2m", "--spacing", "linspace", "--num-sampling-steps", "1000"],
+     "put two steps on timestep 500, a step of zero length (NaN images); with --spacing linspace every count up to 999"),
+    (["--sampler", "unipc", "--spacing", "trailing", "--num-sampling-steps", "769"],
+     "make 770 steps for 769, the last from timestep -1"),
+    (["--sampler", "ddpm", "--num-sampling-steps", "1"], "ddpm takes at least 2 steps"),
+    (["--sampler", "flow-heun", "--time-shift", "1e4"], "--time-shift must be in [0.001, 1000]"),
     (["--guide-ckpt", "nowhere.pt"], "--guide-ckpt nowhere.pt: neither a file"),
 ])
 def test_bad_solver_and_guidance_flags_exit_2(trained, flags, message, capsys):
@@ -302,3 +308,24 @@ def test_a_guide_of_another_latent_space_or_class_count_exits_2(trained, tmp_pat
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1
     assert "the guide must share the main model's latent space and classes; it differs in classes (guide 3, main 2)" in err
+
+
+def test_non_finite_samples_exit_2_with_one_line_and_write_nothing(trained, tmp_path, capsys):
+    """A checkpoint whose output layer holds NaN: sample.py and sample_ddp.py name the settings, write no image."""
+    ckpt = load_checkpoint(trained["ckpt"])
+    ckpt["ema"] = {k: torch.full_like(v, float("nan")) if k.startswith("final_layer.") else v
+                   for k, v in ckpt["ema"].items()}
+    torch.save(ckpt, tmp_path / "diverged.pt")
+    flags = ["--ckpt", str(tmp_path / "diverged.pt"), "--vae-path", str(trained["vae"]), "--sampler", "dpm++2m",
+             "--num-sampling-steps", "3"]
+    with pytest.raises(SystemExit) as info:
+        sample.main([*flags, "--output", str(tmp_path / "grid.png")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and not (tmp_path / "grid.png").exists()
+    assert "sampling diverged: the latents of image 0, 1, 2, 3, ... (8 of 8) are not finite" in err
+    assert "dpm++2m 3 steps (logsnr spacing), cfg 4.0 on all channels" in err
+    assert sample_ddp.main([*flags, "--num-fid-samples", "2", "--per-proc-batch-size", "2",
+                            "--sample-dir", str(tmp_path / "samples")]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert last.startswith("sample_ddp.py: error: sampling diverged") and "dpm++2m 3 steps (logsnr spacing), cfg 1.5" in last
+    assert not list((tmp_path / "samples").rglob("*.png")) and not list((tmp_path / "samples").glob("*.npz"))

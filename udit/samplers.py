@@ -6,13 +6,18 @@ Three parts, each in one place:
   network timestep, and what the network output means (epsilon in its first channels);
 - guidance (`Guidance`, `GuidedModel`): the one model call every sampler makes, with
   classifier-free guidance or autoguidance, an optional guidance interval, bf16
-  autocast, CUDA-graph replay and a count of network evaluations per image (NFE);
+  autocast, CUDA-graph replay and a count of network evaluations per image (NFE). Which
+  evaluations are guided is decided once per run, from the sampler's float64 list of
+  network timesteps (`Sampler.guided_evaluations`): the model call follows that list and
+  the NFE accounting counts it, so the printed NFE is the number of network calls;
 - the solvers (`SAMPLERS`): DDPM and DDIM through `diffusion/` (the DiT API and random
   order the golden vectors check) and diffusers' DPM-Solver++, UniPC, Euler and Heun
   schedulers configured with the training betas.
 
 A sampler sees only `model_fn(x, t) -> network output` (N images at one network
-timestep t) and per-image random generators; it returns x_0. Each sampler belongs to
+timestep t) and per-image random generators; it returns x_0. `make_sampler` refuses (one
+line) the settings a solver cannot run: every step must go to a strictly lower noise
+level (a zero-length step divides by zero in the multistep solvers: NaN images). Each sampler belongs to
 one training objective (`Sampler.objective`): the `ddpm` ones above, and for `flow`
 (udit/objectives.py) Euler and Heun on the velocity ODE and SiT's Euler-Maruyama SDE
 (`FlowSolver`) on the linear interpolant (`FlowSchedule`).
@@ -25,6 +30,7 @@ same noise for both objectives. DDPM: sigma = sqrt((1 - abar_t) / abar_t), from 
 """
 
 import dataclasses
+import functools
 import importlib
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -146,7 +152,7 @@ class Guidance:
         return dataclasses.replace(self, channels=sampler.default_cfg_channels)
 
     def active(self, sigma):
-        """Whether a call at noise level sigma is guided."""
+        """Whether a call at noise level sigma (float64) is guided: sigma in (low, high] of the interval."""
         if self.scale == 1.0:
             return False
         return self.interval is None or self.interval[0] < sigma <= self.interval[1]
@@ -172,10 +178,14 @@ class GuidedModel:
 
     model, guide: networks called as model(x, t, y). y: (N,) class labels. null_label:
     the label of the unconditional prediction (the label table's extra row).
-    schedule: gives the noise level of t, which decides whether a call is guided.
-    A guided classifier-free call runs one batch [x; x] with labels [y; null]; a guided
-    autoguidance call runs the main and the guide network on x; an unguided call (scale 1,
-    or outside the interval) runs the main network on x alone.
+    guided: (K,) bools, whether each of the K network evaluations of one sampling run is
+    guided, in the solver's order (`Sampler.guided_evaluations`, which the NFE accounting
+    counts too): call k follows entry k, so the run makes exactly the counted calls and
+    never reads t back from the device. A guided classifier-free call runs one batch
+    [x; x] with labels [y; null]; a guided autoguidance call runs the main and the guide
+    network on x; an unguided call (scale 1, or outside the interval) runs the main network
+    on x alone. One GuidedModel serves one run; a call beyond the K listed is a
+    RuntimeError (a solver that evaluates other timesteps than it lists).
 
     precision "bf16": autocast; outputs are float32. cuda_graph: every network call is
     replayed from a CUDA graph, one per batch shape (the interval alternates two).
@@ -183,10 +193,10 @@ class GuidedModel:
     (conditional + unconditional) and guide model.
     """
 
-    def __init__(self, model, y, null_label, guidance, schedule, precision="fp32", cuda_graph=False):
+    def __init__(self, model, y, null_label, guidance, guided, precision="fp32", cuda_graph=False):
         if guidance.channels == "default":
             raise ValueError("resolve the guided channels first: Guidance.for_sampler(sampler)")
-        self.y, self.guidance, self.schedule = y, guidance, schedule
+        self.y, self.guidance, self.guided = y, guidance, [bool(g) for g in guided]
         self.null = torch.full_like(y, null_label)
         device_type = y.device.type
         self.autocast = torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
@@ -198,12 +208,14 @@ class GuidedModel:
             return GraphedForward(call) if cuda_graph else call
         self.cond, self.pair = network(model), network(model)
         self.guide = network(guidance.guide) if guidance.guide is not None else None
-        self.evaluations, self.guide_evaluations = 0, 0
+        self.calls, self.evaluations, self.guide_evaluations = 0, 0, 0
 
     def __call__(self, x, t):
         g = self.guidance
-        # All images of a call share t; reading it is a device sync, paid only with an interval.
-        guided = g.scale != 1.0 and (g.interval is None or g.active(self.schedule.sigma(t[0].item())))
+        if self.calls == len(self.guided):
+            raise RuntimeError(f"network call {self.calls + 1} of a run that lists {len(self.guided)} evaluations")
+        guided = self.guided[self.calls]
+        self.calls += 1
         if not guided:
             self.evaluations += 1
             return self.cond(x, t, y=self.y)
@@ -244,14 +256,32 @@ class Sampler:
         """The settings as plain data, for logs, the accounting JSON and the sample folder's identity."""
         return {"sampler": self.name, "steps": self.steps}
 
-    def evaluations_per_image(self, guidance, schedule=None):
-        """{"main", "guide", "total"}: network evaluations per image with this guidance, as GuidedModel counts them."""
+    def noise_levels(self, schedule=None):
+        """(K,) float64 noise level sigma of each network evaluation, in the solver's order."""
         schedule = schedule or (FLOW if self.objective == "flow" else TRAINING)
-        timesteps = self.timesteps()
-        guided = sum(guidance.active(schedule.sigma(t)) for t in timesteps)
+        return np.array([schedule.sigma(t) for t in np.asarray(self.timesteps(), dtype=np.float64)])
+
+    def guided_evaluations(self, guidance, schedule=None):
+        """(K,) bools: whether each network evaluation is guided (Guidance.active of its noise level).
+
+        The one decision that both the run (GuidedModel) and the accounting
+        (evaluations_per_image) use: taken in float64 from the solver's own timesteps, never
+        from the float32 timestep the network is given (flow-heun 10, shift 3 puts a step at
+        sigma = 2 exactly: 1.9999999999999998 in float64, 2.0000002 in float32).
+        """
+        return np.array([guidance.active(sigma) for sigma in self.noise_levels(schedule)], dtype=bool)
+
+    def evaluations_per_image(self, guidance, schedule=None):
+        """{"main", "guide", "total"}: network evaluations per image with this guidance, as GuidedModel makes them."""
+        guided = self.guided_evaluations(guidance, schedule)
+        steps, extra = len(guided), int(guided.sum())
         if guidance.guide is None:
-            return {"main": len(timesteps) + guided, "guide": 0, "total": len(timesteps) + guided}
-        return {"main": len(timesteps), "guide": guided, "total": len(timesteps) + guided}
+            return {"main": steps + extra, "guide": 0, "total": steps + extra}
+        return {"main": steps, "guide": extra, "total": steps + extra}
+
+    def schedule_problem(self):
+        """Why these settings cannot run, in one line, or None (make_sampler raises it as a ValueError)."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -259,7 +289,8 @@ class DiffusionLoop(Sampler):
     """DDPM ancestral sampling or DDIM (eta 0) through `diffusion/`: the paper's protocol.
 
     Timesteps: `diffusion/`'s respacing (DDPM "N": N evenly spaced of 1000, from 999 down
-    to 0; DDIM "ddimN": stride 1000 / N from 1000 - stride down to 0). The last step, at
+    to 0; DDIM "ddimN": stride 1000 / N from 1000 - stride down to 0); at least 2 steps
+    (1 keeps timestep 0 alone). The last step, at
     t = 0, returns the posterior mean (DDPM) or the x_0 estimate (DDIM). DDPM's step noise
     has the network's learned variance. One normal draw per image and step from its own
     generator, in the reference's order (DDIM draws and discards it).
@@ -276,6 +307,12 @@ class DiffusionLoop(Sampler):
 
     def timesteps(self):
         return self._diffusion().timestep_map[::-1]
+
+    def schedule_problem(self):
+        if self.steps == 1:  # the respacing of 1 step keeps timestep 0 alone
+            return (f"{self.name} takes at least 2 steps: with 1, diffusion/'s respacing keeps only timestep 0, "
+                    f"and the sample would be the initial noise")
+        return None
 
     def sample(self, model_fn, z, generators, schedule=TRAINING, progress=False):
         def step_noise(x):
@@ -306,6 +343,20 @@ class DiffusersSolver(Sampler):
     guidance acts on epsilon (all its channels by default). Stochastic solvers draw each
     image's noise from its own generator (diffusers' randn_tensor draws one tensor per
     generator of a list).
+
+    Refused settings (`schedule_problem`): every one of the `steps` steps must go from a
+    timestep in 0..999 to a strictly lower noise level. diffusers rounds the linspace and
+    trailing timesteps to integers and takes their noise levels from them: linspace 1000
+    puts two steps on one timestep (... 501 500 500 499 ...), a zero-length step that the
+    multistep solvers divide by (NaN images); trailing's float `arange` adds a step to
+    timestep -1 at 62 counts from 61 on (61: ... 32 15 -1, 62 steps; from 769 on, -1 and 0
+    share sigma_min: NaN). The refusal names the count up to which every count works
+    (linspace 999, trailing 60) and the nearest working one below. The Karras and log-SNR
+    noise levels come from a formula and are distinct at every count (their rounded network
+    timesteps repeat at high counts, as in diffusers; the solver still steps between
+    distinct noise levels and converges). The final step "sigma_min" has zero length
+    wherever the spacing already ends at sigma_min (Karras, log-SNR, linspace for Euler):
+    refused too.
     """
     name: str
     scheduler: str
@@ -337,6 +388,28 @@ class DiffusersSolver(Sampler):
     def timesteps(self):
         return self.make_scheduler().timesteps.numpy()
 
+    def step_noise_levels(self, scheduler):
+        """(N + 1,) float64 noise levels that the N solver steps of a configured scheduler go between."""
+        sigmas = scheduler.sigmas.double().numpy()
+        if self.final is None:  # Heun's list repeats each inner level: its predictor and corrector steps
+            sigmas = np.append(sigmas[0::2], sigmas[-1])
+        return sigmas
+
+    def schedule_problem(self):
+        fault = _step_fault(self)
+        if fault is None:
+            return None
+        if self.final == "sigma_min" and _step_fault(dataclasses.replace(self, final="zero")) is None:
+            return (f"{self.name} with {self.spacing} spacing and the final step sigma_min at {self.steps} steps: the "
+                    f"spacing already ends at sigma_min = {TRAINING.sigma(0):.4f}, so the final step would have zero "
+                    f"length (a network evaluation for nothing, NaN in third-order solvers); use the final step zero")
+        works = next(n for n in range(1, self.steps) if _step_fault(dataclasses.replace(self, steps=n + 1)))
+        below = next(n for n in range(self.steps - 1, 0, -1) if _step_fault(dataclasses.replace(self, steps=n)) is None)
+        nearest = f" (and {below}, the nearest count below {self.steps})" if below > works else ""
+        return (f"{self.name} with --spacing {self.spacing} cannot take {self.steps} steps: diffusers' {self.spacing} "
+                f"timesteps {fault}; with --spacing {self.spacing} every count up to {works} works{nearest}, or use "
+                f"--spacing karras or logsnr")
+
     def sample(self, model_fn, z, generators, schedule=TRAINING, progress=False):
         scheduler = self.make_scheduler(schedule)
         noise = {"generator": list(generators)} if self.stochastic else {}
@@ -347,8 +420,30 @@ class DiffusersSolver(Sampler):
         return x
 
 
+@functools.cache
+def _step_fault(solver):
+    """None if the `steps` steps of a DiffusersSolver each go from a timestep >= 0 to a lower noise level, else how not."""
+    scheduler = solver.make_scheduler()
+    levels = solver.step_noise_levels(scheduler)
+    timesteps = scheduler.timesteps.double().numpy()
+    if solver.final is None:
+        timesteps = timesteps[0::2]  # Heun: each step's predictor timestep
+    if len(timesteps) != solver.steps or timesteps.min() < 0:
+        return (f"make {len(timesteps)} steps for {solver.steps}, the last from timestep {timesteps[-1]:g}, outside "
+                f"the trained 0..999")
+    flat = np.flatnonzero(np.diff(levels) >= 0)
+    if len(flat) and flat[0] + 1 < len(timesteps):
+        return f"put two steps on timestep {timesteps[flat[0]]:g}, a step of zero length (NaN images)"
+    if len(flat):
+        return "end at the final noise level, a final step of zero length"
+    return None
+
+
 LAST_STEPS = ("mean", "tweedie", "none")
 LAST_STEP_SIZE = 0.04  # SiT's: the stride of 250 steps over [0, 1]
+# Beyond these shifts the step times crowd within float32 rounding of t = 1 (the network
+# sees the same timestep twice) or of t = 0 (the SDE's score -(x + (1 - t) v) / t overflows).
+SHIFT_RANGE = (1e-3, 1e3)
 
 
 @dataclass(frozen=True)
@@ -519,8 +614,10 @@ def make_sampler(name, steps=None, spacing=None, final=None, shift=None, last_st
         if not isinstance(sampler, FlowSolver):
             raise ValueError(f"--time-shift is a setting of the flow solvers ({', '.join(samplers_for('flow'))}), "
                              f"not of {name}")
-        if not 0 < shift < float("inf"):
-            raise ValueError(f"--time-shift must be a positive finite number (1: no shift), got {shift}")
+        if not SHIFT_RANGE[0] <= shift <= SHIFT_RANGE[1]:
+            raise ValueError(f"--time-shift must be in [{SHIFT_RANGE[0]:g}, {SHIFT_RANGE[1]:g}] (1: no shift; SD3 "
+                             f"samples with 3), got {shift:g}: beyond, the step times crowd within float32 rounding "
+                             f"of t = 0 or 1")
         changes["shift"] = float(shift)
     if last_step is not None:
         if not isinstance(sampler, FlowSolver) or sampler.last_step is None:
@@ -532,5 +629,8 @@ def make_sampler(name, steps=None, spacing=None, final=None, shift=None, last_st
     check_step_count(sampler.steps)
     if isinstance(sampler, FlowSolver) and sampler.last_step in ("mean", "tweedie") and sampler.steps < 2:
         raise ValueError(f"flow-sde with --last-step {sampler.last_step} takes at least 2 steps, got {sampler.steps}")
+    problem = sampler.schedule_problem()
+    if problem is not None:
+        raise ValueError(problem)
     sampler.timesteps()  # raises for a step count the solver cannot take (e.g. ddim with no integer stride)
     return sampler

@@ -334,8 +334,11 @@ def generate(model, vae, settings, seed, indices, sampler=None, guidance=Guidanc
     settings), a configured sampler (udit.samplers.make_sampler), or None for the
     objective's default; it must be one of the objective's. guidance: udit.samplers.Guidance (scale,
     channels, interval, guide network). The network evaluations per image are
-    `sampler.evaluations_per_image(guidance)`. cuda_graph: replay each network call
-    from a CUDA graph recorded for this batch (one per batch shape).
+    `sampler.evaluations_per_image(guidance)`: the run follows the same list of guided
+    evaluations. cuda_graph: replay each network call from a CUDA graph recorded for this
+    batch (one per batch shape). Raises ValueError (one line naming the settings) when the
+    latents or the decoded images are not finite (NaN or inf), so that no caller writes
+    them as black images.
 
         from udit.samplers import Guidance, make_sampler
         images, labels = generate(model, vae, settings, seed=0, indices=range(8),
@@ -354,12 +357,29 @@ def generate(model, vae, settings, seed, indices, sampler=None, guidance=Guidanc
     y, z = y.to(device), z.to(device)
     generators = [seeded_generator(seed, i, 1, device) for i in indices]
     schedule = schedule_for(objective, model.learn_sigma)
-    model_fn = GuidedModel(model, y, settings["num_classes"], guidance.for_sampler(sampler), schedule, precision,
-                           cuda_graph)
+    guidance = guidance.for_sampler(sampler)
+    model_fn = GuidedModel(model, y, settings["num_classes"], guidance, sampler.guided_evaluations(guidance, schedule),
+                           precision, cuda_graph)
     with torch.no_grad():
         latents = sampler.sample(model_fn, z, generators, schedule, progress=progress)
-        images = decode(vae, latents).clamp(-1, 1)
-    return images, y
+        check_finite(latents, "latents", indices, sampler, guidance)
+        images = decode(vae, latents)
+        if vae is not None:
+            check_finite(images, "decoded images", indices, sampler, guidance)
+    return images.clamp(-1, 1), y
+
+
+def check_finite(x, what, indices, sampler, guidance):
+    """ValueError (one line naming the settings) unless every value of x (N, ...) of images `indices` is finite."""
+    finite = torch.isfinite(x).flatten(1).all(dim=1).cpu()
+    if bool(finite.all()):
+        return
+    bad = [i for i, ok in zip(indices, finite.tolist()) if not ok]
+    shown = ", ".join(map(str, bad[:4])) + (f", ... ({len(bad)} of {len(finite)})" if len(bad) > 4 else "")
+    raise ValueError(f"sampling diverged: the {what} of image {shown} are not finite (NaN or inf) with "
+                     f"{describe_run(accounting(sampler, guidance))}; nothing was written for them. A checkpoint "
+                     f"with non-finite weights does this at every setting; else try fewer steps, another "
+                     f"--spacing or --time-shift, or a lower --cfg-scale")
 
 
 #################################################################################
