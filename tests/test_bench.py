@@ -181,3 +181,38 @@ def test_sampling_front_candidates_are_judged_by_class_accuracy_beside_the_refer
     assert f"| {sampling_front.label(second)} | {sampling_front.evaluations(second)} | 1.00 | 0.870 | NO |" in out
     assert out.count("| yes |") + out.count("| NO |") == 2  # unmeasured candidates are not shown
 
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_demo_ends_with_the_readme_recommendation_and_says_how_fast_it_trained(objective):
+    """make demo samples its end with the README's recommended flags (valid for the objective), the reference beside."""
+    import argparse
+    import sampling_front  # noqa: F401  (puts scripts/ on the path)
+    import demo
+    from udit.sampling import add_sampling_args, sampler_from_args
+    recommended = demo.END_SAMPLERS[objective]["recommended"]
+    assert " ".join(recommended) in (ROOT / "README.md").read_text()  # the *Which to use* row it follows
+    p = argparse.ArgumentParser()
+    add_sampling_args(p)
+    args = p.parse_args(["--ckpt", "x", *recommended])
+    assert sampler_from_args(args, objective).objective == objective
+    assert demo.sample_flags(objective)[-2:] == ["--cfg-scale", "4.0"]
+
+    summary = {"objective": objective, "sampler": demo.describe_sampler(objective), "nfe_per_image": 21,
+               "class_accuracy": 0.99, "fd_classifier": 1.0, "fd_classifier_real_vs_real": 0.86, "real_accuracy": 0.98,
+               "reference": {"sampler": demo.describe_sampler(objective, "reference"), "nfe_per_image": 200,
+                             "class_accuracy": 1.0, "fd_classifier": 2.5},
+               "training_steps": 499, "training": {"steps_per_s": 1.04, "minutes": 8.0, "idle_steps_per_s": 3.8,
+                                                   "cpus": 2, "load_average_before": 6.1}}
+    lines = demo.summary_lines(summary)
+    assert lines[0].startswith(f"end samples, the README's recommended sampler for {objective} "
+                               f"({' '.join(recommended[1:2] + recommended[3:4])} steps")
+    assert "21 network evaluations per image): class accuracy 0.990, FD 1.00" in lines[0]
+    reference = demo.END_SAMPLERS[objective]["reference"]
+    assert f"reference sampler ({reference[1]} {reference[3]} steps; 200 network evaluations" in lines[1]
+    assert "499 training steps in 8.0 min at 1.04 steps/s (the idle 2-core development machine: ~3.8 steps/s, " \
+           "~1,800 steps in the default 8 min); load average 6.1 on 2 CPUs before training" in lines[3]
+    assert "trained at 27% of that speed" in lines[4]
+    summary["training"]["steps_per_s"] = 3.5  # near the idle speed: nothing to explain
+    assert len(demo.summary_lines(summary)) == 4
+    del summary["training"]  # --score: no training here
+    assert len(demo.summary_lines(summary)) == 3
