@@ -25,6 +25,11 @@ Stages, in order (each uses the choices of those before; --stages runs a subset)
   autoguidance    each guide checkpoint x scale on that solver at 20 steps, then the
                   best pair at 5, 10, 20, 50 steps, with and without the interval
   ddpm-interval   DDPM at 100 and 250 steps with the interval (not run by default)
+  candidates      the recommendations considered for the README at fixed settings (no
+                  picks: see candidate_configs()) beside the 250-step reference, each marked
+                  kept if its class accuracy is at least RECOMMEND_SHARE of the
+                  reference's (not run by default; run it on every checkpoint the
+                  README's recommendations claim to hold on)
 
 Picks use the first seed and --select-samples samples (the ranking, not the figure, is
 what they need). FD rewards diversity, so on its own it prefers weaker guidance; an
@@ -68,8 +73,12 @@ NO_LIMIT = 1000.0  # above the schedule's sigma_max (157): an interval open at t
 INTERVALS = [[lo, hi] for lo in (0.0, 0.2, 0.5, 1.0) for hi in (2.0, 5.0, 10.0, NO_LIMIT) if [lo, hi] != [0.0, NO_LIMIT]]
 GUIDE_SCALES = (1.5, 2.0, 3.0)
 ACCURACY_SLACK = 0.005  # class accuracy a guidance setting may lose against cfg 4 at every step
-STAGES = ("baseline", "spacing", "front", "interval", "front-interval", "autoguidance", "ddpm-interval")
-DEFAULT_STAGES = STAGES[:-1]
+# A recommendation must keep at least this share of the reference's class accuracy on every
+# checkpoint it is recommended for: FD rewards diversity, so it alone prefers dropping classes.
+RECOMMEND_SHARE = 0.98
+STAGES = ("baseline", "spacing", "front", "interval", "front-interval", "autoguidance", "ddpm-interval",
+          "candidates")
+DEFAULT_STAGES = STAGES[:-2]
 
 
 def config(sampler, steps, spacing=None, final=None, cfg=4.0, interval=None, guide=None, samples=1000, shift=None):
@@ -77,6 +86,32 @@ def config(sampler, steps, spacing=None, final=None, cfg=4.0, interval=None, gui
     cfg = {"sampler": sampler, "steps": steps, "spacing": spacing, "final": final, "cfg": cfg,
            "interval": None if interval is None else list(interval), "guide": guide, "samples": samples}
     return cfg if shift is None else {**cfg, "shift": shift}
+
+
+def candidate_configs(objective, samples, guide=None, reference_samples=None):
+    """(reference, candidates): the recommendations the README considers, at fixed settings (no picks).
+
+    Each solver at fewer than 50 NFE with the guidance intervals (1, 2] (the README's first
+    pick), (0.5, 5], (1, inf) and none (cfg at every step); for ddpm also autoguidance by
+    `guide` at scale 2 with (1, 2]. The reference is the objective's 250-step sampler, with
+    reference_samples samples (default: samples; it costs 500 NFE per image).
+    """
+    top = float("inf") if objective == "flow" else NO_LIMIT
+    intervals = ([1.0, 2.0], [0.5, 5.0], [1.0, top], None)
+    reference_samples = reference_samples or samples
+    if objective == "flow":
+        reference = config("flow-sde", 250, samples=reference_samples, shift=1.0)
+        solvers = [config("flow-heun", 10, samples=samples, shift=3.0), config("flow-euler", 20, samples=samples,
+                   shift=3.0), config("flow-sde", 20, samples=samples, shift=1.0)]
+    else:
+        reference = config("ddpm", 250, samples=reference_samples)
+        solvers = [config(name, steps, spacing, SAMPLERS[name].final, samples=samples)
+                   for name, steps, spacing in (("dpm++3m", 10, "trailing"), ("euler", 20, "trailing"),
+                                                ("dpm++2m-sde", 10, "logsnr"), ("dpm++2m-sde", 20, "logsnr"))]
+    cfgs = [{**c, "interval": iv} for c in solvers for iv in intervals]
+    if guide and objective == "ddpm":
+        cfgs.append({**solvers[-1], "interval": [1.0, 2.0], "guide": guide, "cfg": 2.0})
+    return reference, cfgs
 
 
 def sampler_and_guidance(cfg, guide=None):
@@ -239,6 +274,8 @@ def build_parser():
                    help="configurations measured at a time (one process each)")
     p.add_argument("--max-nfe", type=positive_int,
                    help="skip front configurations with more network evaluations per image")
+    p.add_argument("--reference-samples", type=positive_int,
+                   help="samples of the candidates stage's 250-step reference (default: --samples)")
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads per worker (one: OpenMP threads spin on a shared machine)")
     return p
@@ -318,9 +355,16 @@ def main(argv=None):
     if "ddpm-interval" in args.stages and interval and not flow:
         sweep.run([config("ddpm", s, interval=interval, samples=n) for s in (100, 250)], args.seeds)
 
+    if "candidates" in args.stages:
+        reference, cfgs = candidate_configs(args.objective, n, args.guide_ckpts[0] if args.guide_ckpts else None,
+                                            args.reference_samples)
+        sweep.run(cfgs + [reference], args.seeds)  # the costly reference last: an interrupted sweep has the rest
+
     if sweep.pool:
         sweep.pool.shutdown()
     print_table(sweep, args)
+    if "candidates" in args.stages:
+        print_candidates(sweep.records, args)
     return 0
 
 
@@ -354,6 +398,33 @@ def print_table(sweep, args):
                 fd, nfe, name = min(fits)
                 print(f"best at <= {budget} NFE: {name} (NFE {nfe}): FD {fd:.3f} = {fd / ref_fd:.2f}x the reference's; "
                       f"target <= {slack:.1f}x {'met' if fd <= slack * ref_fd else 'missed'}")
+
+
+def print_candidates(records, args):
+    """Markdown: each candidate's FD and class accuracy beside the reference's, and whether it keeps RECOMMEND_SHARE.
+
+    Only what was measured on every seed is shown; without the reference there is no verdict.
+    """
+    reference, cfgs = candidate_configs(args.objective, args.samples, args.guide_ckpts[0] if args.guide_ckpts else None,
+                                        args.reference_samples)
+    rows = {**complete(records, args.samples, args.seeds), **complete(records, reference["samples"], args.seeds)}
+    mean = {key(c): {m: float(np.mean([rows[key(c)][s][m] for s in args.seeds]))
+                     for m in ("fd_classifier", "class_accuracy", "nfe")} for c in [reference, *cfgs] if key(c) in rows}
+    ref = mean.get(key(reference))
+    if ref is None:
+        print(f"\n{label(reference)} ({reference['samples']} samples) not measured on seeds {args.seeds}: no verdict")
+        floor = None
+    else:
+        floor = RECOMMEND_SHARE * ref["class_accuracy"]
+        print(f"\n{label(reference)} ({reference['samples']} samples): FD {ref['fd_classifier']:.2f}, class accuracy "
+              f"{ref['class_accuracy']:.3f}; kept = class accuracy >= {floor:.3f} ({RECOMMEND_SHARE:.0%} of it)")
+    print(f"\n| candidate ({args.samples} samples, seeds {args.seeds}) | NFE | FD | class accuracy | kept |\n"
+          f"|---|---:|---:|---:|---|")
+    for c in cfgs:
+        if key(c) in mean:
+            m = mean[key(c)]
+            kept = "?" if floor is None else "yes" if m["class_accuracy"] >= floor else "NO"
+            print(f"| {label(c)} | {m['nfe']:.0f} | {m['fd_classifier']:.2f} | {m['class_accuracy']:.3f} | {kept} |")
 
 
 if __name__ == "__main__":

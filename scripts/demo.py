@@ -3,7 +3,9 @@
 Data: the 8x8 handwritten digits that ship with scikit-learn (1,797 images, 10 classes),
 written once as an ImageFolder; 297 are held out for scoring. The real scripts run:
 `torchrun --nproc_per_node=2 train.py` in pixel space, `sample_ddp.py`, `sample.py`
-for a grid with one row per class. Scoring uses a classifier trained on the real
+for a grid with one row per class, both with the README's recommended sampler for the
+objective (a second set of samples with the objective's reference sampler is scored
+beside them). Scoring uses a classifier trained on the real
 digits: the share of generated samples it assigns to the requested class, and a
 Frechet distance in its hidden-layer feature space against the held-out digits. The
 same scorer evaluates the run while it trains (train.py --eval-command runs this script
@@ -18,6 +20,7 @@ with --fd), and curves.png plots the loss and that distance against the steps.
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -44,18 +47,38 @@ TRAIN_FLAGS = ["--model", "U-DiT-S", "--model-kwargs", json.dumps(MODEL_KWARGS),
                "--ema-decay", "0.999", "--ema-warmup", "--no-flip", "--num-workers", "0", "--log-every", "50",
                "--max-steps", "1000000", "--global-seed", "0", "--sample-every", "250",
                "--sample-classes", *map(str, range(10))]
-# The final samples: each objective's reference sampler (DDPM 100 steps; SiT's SDE, 100 steps), cfg 4.
-SAMPLERS = {"ddpm": ("ddpm", 100), "flow": ("flow-sde", 100)}
 CFG_SCALE = 4.0
+# The end samples, cfg 4: first the README's recommendation for the objective (*Sampling*,
+# *Which to use*): for ddpm guidance at every step with a 20-NFE solver (held at 1,500
+# steps; at 500 every row at <= 50 NFE lost classes, the intervals most), for flow the
+# best at <= 50 NFE (held at 500 and 1,500 steps); then, as a second, labelled
+# line, the objective's reference sampler at 100 steps (the paper's DDPM; SiT's SDE).
+END_SAMPLERS = {
+    "ddpm": {"recommended": ["--sampler", "dpm++2m-sde", "--num-sampling-steps", "10"],
+             "reference": ["--sampler", "ddpm", "--num-sampling-steps", "100"]},
+    "flow": {"recommended": ["--sampler", "flow-heun", "--num-sampling-steps", "10", "--time-shift", "3",
+                             "--cfg-interval", "1", "2"],
+             "reference": ["--sampler", "flow-sde", "--num-sampling-steps", "100"]},
+}
 # Evaluation while training: the final scorer, on fewer samples drawn with a deterministic
-# sampler (DDIM; Euler for flow) at a quarter of the final steps.
+# sampler (DDIM; Euler for flow) at a quarter of the reference's steps.
 EVAL_SAMPLES, EVAL_STEPS = 500, 25
 EVAL_SAMPLERS = {"ddpm": "ddim", "flow": "flow-euler"}
+# Training speed of `make demo` on the idle 2-core development machine (1,830 steps in its
+# 8 minutes, README *Try it first*): what a user's steps/s is compared with.
+IDLE_STEPS_PER_S = 3.8
 
 
-def sample_flags(objective):
-    sampler, steps = SAMPLERS[objective]
-    return ["--sampler", sampler, "--num-sampling-steps", str(steps), "--cfg-scale", str(CFG_SCALE)]
+def sample_flags(objective, which="recommended"):
+    """sample.py / sample_ddp.py flags of an end sampler: which is "recommended" or "reference"."""
+    return [*END_SAMPLERS[objective][which], "--cfg-scale", str(CFG_SCALE)]
+
+
+def describe_sampler(objective, which="recommended"):
+    """An end sampler as its label in the plot and summary: 'euler 20 steps --spacing trailing --cfg-interval 1 2'."""
+    flags = END_SAMPLERS[objective][which]
+    assert flags[0] == "--sampler" and flags[2] == "--num-sampling-steps"
+    return " ".join([flags[1], flags[3], "steps", *flags[4:]])
 
 
 def eval_flags(objective):
@@ -183,19 +206,30 @@ def run(cmd, log):
 
 
 def sample_and_score(ckpt, out, samples, clf, train_x, held_x, held_y, log, times):
-    """Stages 2-4 for a checkpoint: samples with sample_ddp.py, a grid with sample.py, the scores."""
+    """Stages 2-4 for a checkpoint: samples of both end samplers with sample_ddp.py, a grid, the scores.
+
+    Returns the summary: the recommended sampler's scores at the top level (class_accuracy,
+    fd_classifier, sampler, nfe_per_image; its samples in samples.npz, its grid in
+    grid.png), the reference sampler's under "reference" (samples_reference.npz).
+    """
     objective = load_checkpoint(ckpt)["args"].get("objective", "ddpm")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     t0 = time.time()
-    print(f"[2/4] sampling {samples} digits with sample_ddp.py (2 processes)")
-    shutil.rmtree(out / "samples", ignore_errors=True)
-    run([*torchrun, "sample_ddp.py", "--ckpt", ckpt, "--num-fid-samples", samples,
-         "--per-proc-batch-size", "250", "--sample-dir", out / "samples", *sample_flags(objective)], log)
-    shutil.copy(next((out / "samples").glob("*.npz")), out / "samples.npz")
+    scores = {}
+    for which, name in (("recommended", "samples"), ("reference", "samples_reference")):
+        print(f"[2/4] sampling {samples} digits with sample_ddp.py (2 processes), the {which} sampler: "
+              f"{describe_sampler(objective, which)}")
+        shutil.rmtree(out / name, ignore_errors=True)
+        run([*torchrun, "sample_ddp.py", "--ckpt", ckpt, "--num-fid-samples", samples,
+             "--per-proc-batch-size", "250", "--sample-dir", out / name, *sample_flags(objective, which)], log)
+        npz = next((out / name).glob("*.npz"))
+        shutil.copy(npz, out / f"{name}.npz")
+        scores[which] = {**score_samples(clf, out / f"{name}.npz", held_x), "sampler": describe_sampler(objective, which),
+                         "nfe_per_image": json.loads(npz.with_suffix(".json").read_text())["nfe_per_image"]}
     times["sample_s"] = time.time() - t0
 
     t0 = time.time()
-    print("[3/4] a grid with one row per class (sample.py)")
+    print("[3/4] a grid with one row per class (sample.py), the recommended sampler")
     labels = [c for c in range(10) for _ in range(10)]
     run([sys.executable, "sample.py", "--ckpt", ckpt, "--class-labels", *labels, "--nrow", "10",
          "--output", out / "grid_8px.png", *sample_flags(objective)], log)
@@ -206,25 +240,63 @@ def sample_and_score(ckpt, out, samples, clf, train_x, held_x, held_y, log, time
     t0 = time.time()
     print("[4/4] scoring with the classifier trained on the real digits")
     summary = {
-        **score_samples(clf, out / "samples.npz", held_x),
+        **scores["recommended"],
+        "reference": scores["reference"],
         "fd_classifier_real_vs_real": fd_to_held_out(clf, train_x[:HELD_OUT], held_x),
         "real_accuracy": float((clf.predict(to_features(held_x)) == held_y).mean()),
         "samples": samples,
         "objective": objective,
-        "sampler": "{} {}".format(*SAMPLERS[objective]),
         "training_steps": int(load_checkpoint(ckpt)["step"]),
     }
     times["score_s"] = time.time() - t0
     return summary
 
 
+def training_speed(exp_dir, train_s, load_before):
+    """How fast this machine trained: {"steps_per_s" (median of the logged rates), "minutes", "idle_steps_per_s",
+    "cpus", "load_average_before"}; load_before: the 1-minute load average before training started."""
+    rates = [value for _, value in read_scalars(exp_dir / "tensorboard").get("train/steps_per_sec", [])]
+    return {"steps_per_s": round(float(np.median(rates)), 2) if rates else None, "minutes": round(train_s / 60, 1),
+            "idle_steps_per_s": IDLE_STEPS_PER_S, "cpus": os.cpu_count(), "load_average_before": round(load_before, 1)}
+
+
+def summary_lines(summary):
+    """The printed summary: the recommended end sampler's scores, the reference's, the training speed."""
+    ref = summary["reference"]
+    lines = [f"end samples, the README's recommended sampler for {summary['objective']} ({summary['sampler']}; "
+             f"{summary['nfe_per_image']} network evaluations per image): class accuracy {summary['class_accuracy']:.3f}, "
+             f"FD {summary['fd_classifier']:.2f}",
+             f"  reference sampler ({ref['sampler']}; {ref['nfe_per_image']} network evaluations per image): "
+             f"class accuracy {ref['class_accuracy']:.3f}, FD {ref['fd_classifier']:.2f}",
+             f"  (FD in classifier features, real vs real: {summary['fd_classifier_real_vs_real']:.2f}; the classifier "
+             f"gets {summary['real_accuracy']:.3f} on held-out real digits)"]
+    speed = summary.get("training")
+    if speed:
+        text = (f"{summary['training_steps']:,} training steps in {speed['minutes']:.1f} min")
+        if speed["steps_per_s"]:
+            text += (f" at {speed['steps_per_s']:.2f} steps/s (the idle 2-core development machine: "
+                     f"~{speed['idle_steps_per_s']:.1f} steps/s, ~{round(speed['idle_steps_per_s'] * 480, -2):,.0f} steps in the "
+                     f"default 8 min)")
+        text += f"; load average {speed['load_average_before']:.1f} on {speed['cpus']} CPUs before training"
+        lines.append(text)
+        if speed["steps_per_s"] and speed["steps_per_s"] < 0.7 * speed["idle_steps_per_s"]:
+            lines.append(f"  this machine trained at {speed['steps_per_s'] / speed['idle_steps_per_s']:.0%} of that "
+                         f"speed: fewer steps give a weaker model and higher FDs than the README's (--steps N or "
+                         f"--minutes M trains longer)")
+    return lines
+
+
 def plot_curves(exp_dir, summary, path):
-    """Training loss and FD in classifier features against steps (matplotlib), from the run's TensorBoard events."""
+    """Training loss and FD in classifier features against steps (matplotlib), from the run's TensorBoard events.
+
+    The end points are each labelled with their sampler: the evaluations during training use
+    another (cheaper) one, so the end is not a point of that curve.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     scalars = read_scalars(exp_dir / "tensorboard")
-    fig, (ax_loss, ax_fd) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_loss, ax_fd) = plt.subplots(1, 2, figsize=(10, 4.6))
     ax_loss.plot(*zip(*scalars["train/loss"]), color="C0")
     ax_loss.set(xlabel="training step", yscale="log",
                 ylabel="training loss (mse + vb)" if summary["objective"] == "ddpm" else "training loss (velocity mse)",
@@ -232,16 +304,20 @@ def plot_curves(exp_dir, summary, path):
     if "eval/fd_classifier" in scalars:
         ax_fd.plot(*zip(*scalars["eval/fd_classifier"]), marker="o", color="C0",
                    label=f"during training: {EVAL_SAMPLES:,} samples, {EVAL_SAMPLERS[summary['objective']]} "
-                         f"{EVAL_STEPS}")
-    ax_fd.plot([summary["training_steps"]], [summary["fd_classifier"]], marker="*", markersize=14, color="C3",
-               linestyle="none", label=f"end: {summary['samples']:,} samples, {summary['sampler']}")
+                         f"{EVAL_STEPS} steps")
+    for scores, marker, color, which in ((summary, "*", "C3", "end, recommended"),
+                                         (summary["reference"], "X", "C1", "end, reference")):
+        ax_fd.plot([summary["training_steps"]], [scores["fd_classifier"]], marker=marker, markersize=12, color=color,
+                   linestyle="none", label=f"{which}: {scores['sampler']} ({scores['nfe_per_image']} NFE), "
+                                           f"{summary['samples']:,} samples")
     ax_fd.axhline(summary["fd_classifier_real_vs_real"], linestyle="--", color="gray", label="real vs real")
     ax_fd.set(xlabel="training step", ylabel="FD in classifier features", yscale="log",
               title="FD to held-out digits (cfg 4)")
-    ax_fd.legend()
     for ax in (ax_loss, ax_fd):
         ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
+    # Below both panels: the end points' labels name their samplers in full.
+    fig.legend(*ax_fd.get_legend_handles_labels(), loc="lower center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -300,6 +376,7 @@ def main(argv=None):
     if args.score:
         ckpt = Path(args.score).resolve()
     else:
+        load_before = os.getloadavg()[0]
         t0 = time.time()
         shutil.rmtree(out / "train", ignore_errors=True)
         print(f"[1/4] training a pixel-space U-DiT with --objective {args.objective} on {len(train_x)} digits for "
@@ -318,6 +395,7 @@ def main(argv=None):
         times["train_s"] = time.time() - t0
 
     summary = sample_and_score(ckpt, out, args.samples, clf, train_x, held_x, held_y, log, times)
+    summary["training"] = None if args.score else training_speed(last.parents[1], times["train_s"], load_before)
     if not args.score:
         plot_curves(last.parents[1], summary, out / "curves.png")
     summary["minutes_budget"] = None if args.score else args.minutes
@@ -325,12 +403,9 @@ def main(argv=None):
     summary["wall_seconds"]["total_s"] = round(sum(times.values()), 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
-    print(f"\nclass accuracy of generated digits: {summary['class_accuracy']:.3f} "
-          f"(the classifier gets {summary['real_accuracy']:.3f} on held-out real digits)")
-    print(f"Frechet distance in classifier features: {summary['fd_classifier']:.2f} "
-          f"(real vs real: {summary['fd_classifier_real_vs_real']:.2f})")
-    print(f"{summary['training_steps']} training steps; wall time {summary['wall_seconds']['total_s'] / 60:.1f} min")
-    print(f"outputs in {out}: grid.png, curves.png, samples.npz, checkpoint.pt, train_log.txt, summary.json "
+    print("\n" + "\n".join(summary_lines(summary)))
+    print(f"wall time {summary['wall_seconds']['total_s'] / 60:.1f} min; outputs in {out}: grid.png, curves.png, "
+          f"samples.npz, samples_reference.npz, checkpoint.pt, train_log.txt, summary.json "
           f"(TensorBoard: tensorboard --logdir {out / 'train'})")
     return 0
 

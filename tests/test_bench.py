@@ -152,3 +152,67 @@ def test_sampling_front_runs_every_stage_for_both_objectives(objective, tmp_path
     assert max(r["nfe"] for r in cheap if r["config"]["samples"] == 4) == 40
     assert f"{'flow-sde' if objective == 'flow' else 'ddpm'}-250 (NFE 500): FD" in out
     assert "best at <= 50 NFE" in out and "best at <= 20 NFE" in out
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_sampling_front_candidates_are_judged_by_class_accuracy_beside_the_reference(objective, capsys):
+    """A candidate that loses more than 2% of the reference's class accuracy is not kept, whatever its FD."""
+    import sampling_front
+    from types import SimpleNamespace
+    args = SimpleNamespace(samples=1000, seeds=[0, 1], objective=objective, guide_ckpts=[], reference_samples=500)
+    reference, cfgs = sampling_front.candidate_configs(objective, 1000, reference_samples=500)
+    assert reference["steps"] == 250 and reference["samples"] == 500 and reference["interval"] is None
+    assert all(sampling_front.evaluations(c) < 50 for c in cfgs)  # the budget the README recommends in
+    assert [1.0, 2.0] in [c["interval"] for c in cfgs] and None in [c["interval"] for c in cfgs]
+
+    def records(cfg, fd, accuracy):
+        return [{"key": sampling_front.key(cfg), "config": cfg, "seed": s, "fd_classifier": fd,
+                 "class_accuracy": accuracy, "nfe": sampling_front.evaluations(cfg)} for s in (0, 1)]
+    # a short run: the reference at 0.9; the first candidate keeps 0.885 (>= 98% of it), the second 0.87 at a lower FD
+    measured = records(cfgs[0], 1.5, 0.885) + records(cfgs[1], 1.0, 0.87)
+    sampling_front.print_candidates(measured, args)
+    out = capsys.readouterr().out
+    assert "(500 samples) not measured on seeds [0, 1]: no verdict" in out and out.count("| ? |") == 2
+    sampling_front.print_candidates(measured + records(reference, 2.0, 0.9), args)
+    out = capsys.readouterr().out
+    assert "(500 samples): FD 2.00, class accuracy 0.900; kept = class accuracy >= 0.882 (98% of it)" in out
+    first, second = cfgs[:2]
+    assert f"| {sampling_front.label(first)} | {sampling_front.evaluations(first)} | 1.50 | 0.885 | yes |" in out
+    assert f"| {sampling_front.label(second)} | {sampling_front.evaluations(second)} | 1.00 | 0.870 | NO |" in out
+    assert out.count("| yes |") + out.count("| NO |") == 2  # unmeasured candidates are not shown
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_demo_ends_with_the_readme_recommendation_and_says_how_fast_it_trained(objective):
+    """make demo samples its end with the README's recommended flags (valid for the objective), the reference beside."""
+    import argparse
+    import sampling_front  # noqa: F401  (puts scripts/ on the path)
+    import demo
+    from udit.sampling import add_sampling_args, sampler_from_args
+    recommended = demo.END_SAMPLERS[objective]["recommended"]
+    assert " ".join(recommended) in (ROOT / "README.md").read_text()  # the *Which to use* row it follows
+    p = argparse.ArgumentParser()
+    add_sampling_args(p)
+    args = p.parse_args(["--ckpt", "x", *recommended])
+    assert sampler_from_args(args, objective).objective == objective
+    assert demo.sample_flags(objective)[-2:] == ["--cfg-scale", "4.0"]
+
+    summary = {"objective": objective, "sampler": demo.describe_sampler(objective), "nfe_per_image": 21,
+               "class_accuracy": 0.99, "fd_classifier": 1.0, "fd_classifier_real_vs_real": 0.86, "real_accuracy": 0.98,
+               "reference": {"sampler": demo.describe_sampler(objective, "reference"), "nfe_per_image": 200,
+                             "class_accuracy": 1.0, "fd_classifier": 2.5},
+               "training_steps": 499, "training": {"steps_per_s": 1.04, "minutes": 8.0, "idle_steps_per_s": 3.8,
+                                                   "cpus": 2, "load_average_before": 6.1}}
+    lines = demo.summary_lines(summary)
+    assert lines[0].startswith(f"end samples, the README's recommended sampler for {objective} "
+                               f"({' '.join(recommended[1:2] + recommended[3:4])} steps")
+    assert "21 network evaluations per image): class accuracy 0.990, FD 1.00" in lines[0]
+    reference = demo.END_SAMPLERS[objective]["reference"]
+    assert f"reference sampler ({reference[1]} {reference[3]} steps; 200 network evaluations" in lines[1]
+    assert "499 training steps in 8.0 min at 1.04 steps/s (the idle 2-core development machine: ~3.8 steps/s, " \
+           "~1,800 steps in the default 8 min); load average 6.1 on 2 CPUs before training" in lines[3]
+    assert "trained at 27% of that speed" in lines[4]
+    summary["training"]["steps_per_s"] = 3.5  # near the idle speed: nothing to explain
+    assert len(demo.summary_lines(summary)) == 4
+    del summary["training"]  # --score: no training here
+    assert len(demo.summary_lines(summary)) == 3
