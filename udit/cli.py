@@ -27,11 +27,30 @@ def run_guarded(prog, fn):
     try:
         fn()
     except (ActionableError, ValueError, OSError) as err:
-        print(f"{prog}: error: {error_message(err)}", file=sys.stderr)
+        print(f"{prog}: error: {error_message(err)}", file=sys.stderr, flush=True)
+        if getattr(err, "raised_on_every_process", False):
+            _meet_before_exit()
         if isinstance(err, ActionableError):
             return err.exit_status
         return 2 if isinstance(err, ValueError) else 1
     return 0
+
+
+def raised_on_every_process(err):
+    """Mark err as raised by every process of the job at the same point; returns err.
+
+    run_guarded then prints its line and waits for the others before returning: a launcher
+    (torchrun) that sees one process exit stops the rest, often before they print, and a
+    node would end with no line at all.
+    """
+    err.raised_on_every_process = True
+    return err
+
+
+def _meet_before_exit():
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def error_message(err):

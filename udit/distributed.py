@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from udit.cli import ActionableError
+from udit.cli import ActionableError, raised_on_every_process
 
 
 @dataclass
@@ -136,12 +136,12 @@ def open_shared_folder(folder, flag, prepare=None):
         except Exception as err:  # the others must hear of any failure, or they wait in broadcast_object
             status = (err.exit_status if isinstance(err, ActionableError) else 2 if isinstance(err, ValueError) else 1)
             broadcast_object(("failed", str(err).splitlines()[0] if str(err) else type(err).__name__, status))
-            raise
+            raise raised_on_every_process(err)
     outcome = broadcast_object(outcome)
     if outcome[0] == "failed":
         error = FailedOnRankZero(f"rank 0 failed to prepare {flag} {folder}: {outcome[1]}")
         error.exit_status = outcome[2]
-        raise error
+        raise raised_on_every_process(error)
     token = outcome[1]
     path, deadline = folder / f".shared-check-{token}", time.monotonic() + TOKEN_WAIT_S
     while not (seen := _holds(path, token)) and time.monotonic() < deadline:
@@ -153,9 +153,10 @@ def open_shared_folder(folder, flag, prepare=None):
     if blind:
         where = "; ".join(f"rank {r} on {host} ({'another copy of it' if is_dir else 'no such folder there'})"
                           for r, host, _, is_dir in blind[:4]) + (f"; {len(blind) - 4} more" if len(blind) > 4 else "")
-        raise FolderNotShared(f"{flag} {folder} is not one folder shared by every process: {where} cannot see the "
-                              f"file rank 0 on {reports[0][1]} wrote there; put it on a file system every node mounts "
-                              f"at the same path (or pass that path), or run on one node")
+        raise raised_on_every_process(FolderNotShared(
+            f"{flag} {folder} is not one folder shared by every process: {where} cannot see the file rank 0 on "
+            f"{reports[0][1]} wrote there; put it on a file system every node mounts at the same path (or pass "
+            f"that path), or run on one node"))
 
 
 def _holds(path, token):
