@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from udit.cli import ArgumentParser, given_flags, inside, non_negative_int, output_dir, positive_int, run_guarded
 from udit.data import COMPACT_LAYOUT, DataError, ImageDataset, open_feature_folder
-from udit.distributed import barrier, cleanup, init_distributed, open_shared_folder
+from udit.distributed import barrier, cleanup, init_distributed, open_shared_folder, parse_on_every_process
 from udit.vae import SD_VAE_SCALE, encode_moments, latent_channels, latent_factor, latent_normalization, load_vae
 
 
@@ -138,8 +138,8 @@ def build_parser():
     return p
 
 
-def main(argv=None):
-    p = build_parser()
+def parse(p, argv):
+    """The command line, checked before any work: exits 2 with one line on a bad value."""
     args = p.parse_args(argv)
     ignored = [flag for flag in given_flags(p, argv) if flag in ("image_size", "vae", "vae_path", "flips")]
     if args.convert and ignored:
@@ -153,7 +153,12 @@ def main(argv=None):
     if inside(args.features_path, source):
         p.error(f"--features-path {args.features_path} is inside {source_flag} {source}: the store would be read "
                 f"as part of the input (a class folder, feature files); choose a folder outside it")
+    return args
 
+
+def main(argv=None):
+    p = build_parser()
+    args = parse_on_every_process("extract_features.py", lambda: parse(p, argv))
     ctx = init_distributed()
     try:
         return run_guarded("extract_features.py", lambda: extract_all(args, ctx))

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from udit.cli import ArgumentParser, number, output_dir, positive_int, run_guarded, seed
 from udit.data import load_rgb
 from udit.distributed import (barrier, broadcast_object, cleanup, configure_matmul_precision, init_distributed,
-                              open_shared_folder)
+                              open_shared_folder, parse_on_every_process)
 from udit.releases import resolve_checkpoint
 from udit.sampling import (accounting, add_sampling_args, batches_of_rank, check_sampling_args, describe_run,
                            file_sha256, generate, guidance_from_args, labels_for, load_guide_model,
@@ -87,9 +87,13 @@ def build_parser():
 
 def main(argv=None):
     p = build_parser()
-    args = p.parse_args(argv)
-    check_sampling_args(p, args)
 
+    def parse():
+        args = p.parse_args(argv)
+        check_sampling_args(p, args)
+        return args
+
+    args = parse_on_every_process("sample_ddp.py", parse)
     ctx = init_distributed()
     try:
         return run_guarded("sample_ddp.py", lambda: sample_all(args, ctx))

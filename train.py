@@ -8,7 +8,7 @@ import sys
 import torch
 
 from udit.cli import run_guarded
-from udit.distributed import cleanup
+from udit.distributed import cleanup, parse_on_every_process
 from udit.trainer import DDPBackend, parse_training_args, train, training_parser
 
 
@@ -22,11 +22,16 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
-    parser = build_parser()
+def parse(parser, argv):
     args = parse_training_args(parser, argv)
     if args.cuda_graph and not torch.cuda.is_available():
         parser.error("--cuda-graph needs a CUDA device")
+    return args
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parse_on_every_process("train.py", lambda: parse(parser, argv))
     backend = DDPBackend(args.precision, cuda_graph=args.cuda_graph)
     try:
         return run_guarded("train.py", lambda: train(args, backend))

@@ -12,6 +12,7 @@ import torch
 from accelerate import Accelerator
 
 from udit.cli import run_guarded
+from udit.distributed import parse_on_every_process
 from udit.trainer import parse_training_args, train, training_parser
 
 
@@ -64,7 +65,7 @@ def build_parser():
 
 def main(argv=None):
     parser = build_parser()
-    args = parse_training_args(parser, argv)
+    args = parse_on_every_process("train_accelerate.py", lambda: parse_training_args(parser, argv))
     backend = AccelerateBackend()
     args.precision = backend.accelerator.mixed_precision
     try:

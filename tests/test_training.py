@@ -112,19 +112,23 @@ def test_two_nodes_on_localhost_use_local_rank(tiny_data, tmp_path):
     assert len(load(checkpoints(tmp_path)[-1])["rng"]) == 2
 
 
-def test_resuming_from_an_experiment_folder_the_nodes_do_not_share_is_refused(tiny_data, tmp_path):
+@pytest.mark.parametrize("node1", ["older copy", "missing"])
+def test_resuming_from_an_experiment_folder_the_nodes_do_not_share_is_refused(tiny_data, tmp_path, node1):
     import shutil
     nodes = [tmp_path / "node0", tmp_path / "node1"]
     args = ["--data-path", tiny_data["small_images"], "--vae", "none", "--image-size", "16", *COMMON]
     assert train.main([*map(str, args), "--max-steps", "2", "--results-dir", str(nodes[0] / "results")]) == 0
-    # Node 1 holds a copy of the experiment (an older one on a local disk): resuming would load
-    # another checkpoint there than on node 0.
-    shutil.copytree(nodes[0], nodes[1])
-    for status, out in launch_two_nodes("train.py", ["--resume", "results/000-U-DiT-S", "--max-steps", "4"], nodes):
+    if node1 == "older copy":  # an older experiment on a local disk: resuming would load another checkpoint there
+        shutil.copytree(nodes[0], nodes[1])
+        expected = ["--resume results/000-U-DiT-S is not one folder shared by every process: rank 1 on"] * 2
+    else:  # node 1 fails while parsing (no such folder there); it used to leave node 0 in init_process_group
+        nodes[1].mkdir()
+        expected = ["the command line was refused by rank 1 on", "--resume results/000-U-DiT-S: no such"]
+    results = launch_two_nodes("train.py", ["--resume", "results/000-U-DiT-S", "--max-steps", "4"], nodes,
+                               timeout=120)
+    for (status, out), what in zip(results, expected):
         errors = [line for line in out.splitlines() if "train.py: error:" in line]
-        assert status != 0 and len(errors) == 1, out
-        assert "--resume results/000-U-DiT-S is not one folder shared by every process: rank 1 on" in errors[0], out
-        assert "(another copy of it)" in errors[0]
+        assert status != 0 and len(errors) == 1 and what in errors[0], out
     assert [p.name for p in checkpoints(nodes[0] / "results")] == ["0000002.pt"]  # nothing trained
 
 

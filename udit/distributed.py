@@ -3,6 +3,7 @@
 import os
 import secrets
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,38 @@ def init_distributed(require_cuda=False):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
                                 device_id=device if device.type == "cuda" else None)
     return DistContext(rank, local_rank, world_size, device)
+
+
+def parse_on_every_process(prog, parse):
+    """parse() (the command line and every check before work starts), agreed on by every process of a launch.
+
+    A process of a multi-node launch whose checks fail on its own node (a --resume or
+    --data-path folder missing there) used to exit before joining the process group, and
+    the others waited in init_process_group until it timed out (30 minutes), with no line
+    on their node. Here that process joins the group anyway (its own line is already
+    printed), every process learns which failed, and each exits 2 with one line.
+    Returns parse()'s result; alone (no torchrun / accelerate launch) it is just parse().
+    """
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return parse()
+    try:
+        result, failed = parse(), False
+    except SystemExit as stop:
+        if stop.code in (0, None):  # --help
+            raise
+        result, failed = None, True
+    init_distributed()
+    reports = all_gather_objects((failed, socket.gethostname()))
+    refused = [(rank, host) for rank, (bad, host) in enumerate(reports) if bad]
+    if refused:
+        if not failed:
+            where = ", ".join(f"rank {rank} on {host}" for rank, host in refused[:4])
+            print(f"{prog}: error: the command line was refused by {where} (its own line there says why: a path "
+                  f"missing on that node, say); fix it there and launch again", file=sys.stderr, flush=True)
+        barrier()  # every line is out before the launcher sees a process exit
+        cleanup()
+        raise SystemExit(2)
+    return result
 
 
 def configure_matmul_precision(precision, device):
