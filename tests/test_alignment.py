@@ -15,6 +15,7 @@ from udit.alignment import (AlignedObjective, Aligner, Projector, average_gradie
 from udit.checkpoint import load_checkpoint
 from udit.encoders import (EncoderError, PatchEncoder, build_local_vit, dinov2_resolution, load_encoder,
                            save_encoder)
+from udit.monitor import read_scalars
 from udit.objectives import FlowObjective
 
 TINY_ENCODER = dict(img_size=16, patch_size=4, embed_dim=24, depth=1, num_heads=2)
@@ -244,6 +245,8 @@ def test_aligned_training_records_its_settings_and_samples_like_any_checkpoint(e
     assert set(ckpt["ema"]) == set(ckpt["model"]) and not any("projector" in k for k in ckpt["model"])
     log = next(tmp_path.glob("r/*/log.txt")).read_text()
     assert "alignment: " + ("latent.0" if family is UDIT else "blocks.0") in log
+    scalars = read_scalars(next(tmp_path.glob("r/*/tensorboard")))
+    assert len(scalars["train/align"]) == 2 and ("train/manifold" in scalars) == (family is UDIT)
     out = tmp_path / "samples"
     assert sample_ddp.main(["--ckpt", str(path), "--num-fid-samples", "4", "--per-proc-batch-size", "4",
                             "--num-sampling-steps", "2", "--sample-dir", str(out)]) == 0
@@ -257,6 +260,16 @@ def test_aligned_training_from_features_with_images_and_bf16(encoder_file, tiny_
                        "--results-dir", str(tmp_path / "r")]) == 0
     ckpt = load_checkpoint(next(tmp_path.glob("r/*/checkpoints/0000002.pt")))
     assert all(torch.isfinite(v).all() for v in [*ckpt["model"].values(), *ckpt["aligner"].values()])
+
+
+def test_accelerate_trains_with_alignment(encoder_file, tmp_path):
+    import train_accelerate
+    data = make_image_folder(tmp_path / "images", size=16)
+    assert train_accelerate.main(["--data-path", str(data), *UDIT, *PIXEL, "--max-steps", "2", "--repa",
+                                  "--encoder", str(encoder_file), "--projector-width", "32",
+                                  "--results-dir", str(tmp_path / "r")]) == 0
+    ckpt = load_checkpoint(next(tmp_path.glob("r/*/checkpoints/0000002.pt")))
+    assert ckpt["step"] == 2 and "aligner" in ckpt
 
 
 # ----------------------------------------------------------------- refusals
