@@ -11,6 +11,7 @@ with --fd), and curves.png plots the loss and that distance against the steps.
 
     python scripts/demo.py [--minutes 8] [--out results/demo]
     python scripts/demo.py --objective flow            # flow matching (out: results/demo_flow)
+    python scripts/demo.py --objective flow --repa     # with U-REPA against a digits encoder (results/demo_flow_repa)
     python scripts/demo.py --minutes 60 --steps 1830 --save-every 250   # a fixed step count, every checkpoint kept
     python scripts/demo.py --score results/demo/checkpoint.pt --out results/demo_rescored
     python scripts/demo.py --fd SAMPLES.npz --json METRICS.json [--out results/demo]   # the scorer alone
@@ -49,6 +50,26 @@ CFG_SCALE = 4.0
 # sampler (DDIM; Euler for flow) at a quarter of the final steps.
 EVAL_SAMPLES, EVAL_STEPS = 500, 25
 EVAL_SAMPLERS = {"ddpm": "ddim", "flow": "flow-euler"}
+
+
+# --repa: U-REPA at the middle stage (2 x 2, upsampled to the encoder's 4 x 4) against the
+# digits encoder of scripts/digits_encoder.py, trained once (without labels) and cached.
+ENCODER = "results/digits_encoder.pt"
+ALIGN_FLAGS = ["--repa", "--projector-width", "256"]
+
+
+def digits_encoder(train_x, times):
+    """The cached encoder file, trained first on the training digits if missing (its time counts in `times`)."""
+    path = ROOT / ENCODER
+    if not path.is_file():
+        from digits_encoder import train_encoder
+        t0 = time.time()
+        print(f"[0/4] training the alignment encoder on {len(train_x)} digits without labels (masked patches)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        train_encoder(train_x, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").rename(path)
+        times["encoder_s"] = time.time() - t0
+    return path
 
 
 def sample_flags(objective):
@@ -252,7 +273,9 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=1000, help="generated samples to score")
     p.add_argument("--objective", choices=["ddpm", "flow"], default="ddpm",
                    help="ddpm: the paper's epsilon prediction; flow: velocity on the linear interpolant")
-    p.add_argument("--out", help="default: results/demo, results/demo_flow for --objective flow")
+    p.add_argument("--repa", action="store_true",
+                   help="train with representation alignment (U-REPA) against a small digits encoder trained first")
+    p.add_argument("--out", help="default: results/demo, results/demo_flow for --objective flow (+ _repa)")
     p.add_argument("--save-every", type=int, default=1_000_000, help="also keep a checkpoint every N steps")
     p.add_argument("--score", metavar="CKPT", help="skip training: sample and score this checkpoint")
     p.add_argument("--eval-every", type=int, default=300, help="score the run every N steps while it trains (0: never)")
@@ -260,7 +283,9 @@ def main(argv=None):
                    help="only score these samples with the classifier of --out (what train.py runs while training)")
     p.add_argument("--json", metavar="METRICS.json", help="with --fd: write the metrics here")
     args = p.parse_args(argv)
-    out = ROOT / (args.out or ("results/demo" if args.objective == "ddpm" else f"results/demo_{args.objective}"))
+    default_out = ("results/demo" + ("" if args.objective == "ddpm" else f"_{args.objective}")
+                   + ("_repa" if args.repa else ""))
+    out = ROOT / (args.out or default_out)
     (train_x, train_y), (held_x, held_y) = split(*digits())
     if args.fd:
         metrics = score_samples(Classifier.load(out / "classifier.npz"), args.fd, held_x)
@@ -287,14 +312,16 @@ def main(argv=None):
     else:
         t0 = time.time()
         shutil.rmtree(out / "train", ignore_errors=True)
-        print(f"[1/4] training a pixel-space U-DiT with --objective {args.objective} on {len(train_x)} digits for "
+        print(f"[1/4] training a pixel-space U-DiT with --objective {args.objective}{' and U-REPA' * args.repa} "
+              f"on {len(train_x)} digits for "
               f"{args.minutes} minutes (train.py, 2 processes), scored every {args.eval_every} steps")
         scorer = " ".join(shlex.quote(str(a)) for a in (sys.executable, Path(__file__).resolve(), "--out", out, "--fd"))
         evaluation = (["--eval-every", args.eval_every, "--eval-command", scorer, *eval_flags(args.objective)]
                       if args.eval_every else [])
+        alignment = [*ALIGN_FLAGS, "--encoder", digits_encoder(train_x, times)] if args.repa else []
         run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
              "--data-path", data, "--results-dir", out / "train", "--max-minutes", args.minutes,
-             *TRAIN_FLAGS, "--objective", args.objective, *evaluation, "--ckpt-every", args.save_every,
+             *TRAIN_FLAGS, "--objective", args.objective, *alignment, *evaluation, "--ckpt-every", args.save_every,
              *(["--max-steps", args.steps] if args.steps else [])], log)
         last = sorted((out / "train").glob("*/checkpoints/*.pt"))[-1]
         ckpt = out / "checkpoint.pt"

@@ -1,6 +1,7 @@
 """Representation alignment (--repa): encoders, projector, losses, data pairing, training, refusals."""
 
 import json
+import sys
 from contextlib import nullcontext
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from conftest import TINY_UDIT_KWARGS, make_image_folder, tiny_udit
+from conftest import ROOT, TINY_UDIT_KWARGS, make_image_folder, tiny_udit
 from udit.alignment import (AlignedObjective, Aligner, Projector, average_gradients, manifold_loss,
                             negative_cosine, resample_grid)
 from udit.checkpoint import load_checkpoint
@@ -270,6 +271,19 @@ def test_accelerate_trains_with_alignment(encoder_file, tmp_path):
                                   "--results-dir", str(tmp_path / "r")]) == 0
     ckpt = load_checkpoint(next(tmp_path.glob("r/*/checkpoints/0000002.pt")))
     assert ckpt["step"] == 2 and "aligner" in ckpt
+
+
+def test_the_demo_encoder_learns_masked_patches_and_loads_as_an_encoder(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from digits_encoder import patchify, train_encoder
+    x = torch.arange(2 * 3 * 4 * 4.0).view(2, 3, 4, 4)
+    assert torch.equal(patchify(x, 2)[0, 1], x[0, :, 0:2, 2:4].permute(1, 2, 0).reshape(-1))  # token order: rows
+    rng = np.random.default_rng(0)
+    digits = (rng.random((64, 8, 8)) < 0.3).astype(np.uint8) * 255
+    losses = train_encoder(digits, tmp_path / "enc.pt", steps=40, batch_size=16)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    encoder = load_encoder(str(tmp_path / "enc.pt"), image_size=8)
+    assert (encoder.grid, encoder.width) == (4, 32) and encoder(torch.zeros(2, 3, 8, 8)).shape == (2, 16, 32)
 
 
 # ----------------------------------------------------------------- refusals
