@@ -136,9 +136,12 @@ def alignment_site(model, align_block=None, align_stage=None):
 class Aligner(nn.Module):
     """The projector of one aligned state and the alignment losses: state_dict holds `projector.*` only.
 
+    model: the DiT or U-DiT whose state is aligned (alignment_site); encoder_grid G and
+    encoder_width D: the encoder's tokens per side and width; align_coeff and
+    manifold_coeff: the weights of the two terms (a zero manifold weight skips it).
     project(hidden) maps the captured block output (DiT (N, g*g, C); U-DiT channels-last
-    (N, g, g, C)) to the encoder's grid: (N, G*G, D). Raises EncoderError if the grids
-    cannot be resampled.
+    (N, g, g, C)) through the projector, then to the encoder's grid: (N, G*G, D). Raises
+    EncoderError if the grids cannot be resampled.
     """
 
     def __init__(self, model, encoder_grid, encoder_width, align_block=None, align_stage=None, align_coeff=0.5,
