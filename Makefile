@@ -23,7 +23,7 @@ $(DEMO_STAMP): $(STAMP) requirements-demo.txt
 # MINUTES=20 make demo trains longer; OBJECTIVE=flow make demo trains with flow matching;
 # REPA=1 make demo trains with representation alignment (U-REPA) against a digits encoder.
 demo: $(DEMO_STAMP)
-	$(PY) scripts/demo.py $(if $(MINUTES),--minutes $(MINUTES)) $(if $(OBJECTIVE),--objective $(OBJECTIVE)) $(if $(REPA),--repa)
+	$(PY) scripts/demo.py $(if $(MINUTES),--minutes $(MINUTES)) $(if $(OBJECTIVE),--objective $(OBJECTIVE)) $(if $(REPA),--alignment u-repa)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

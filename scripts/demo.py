@@ -11,7 +11,7 @@ with --fd), and curves.png plots the loss and that distance against the steps.
 
     python scripts/demo.py [--minutes 8] [--out results/demo]
     python scripts/demo.py --objective flow            # flow matching (out: results/demo_flow)
-    python scripts/demo.py --objective flow --repa     # with U-REPA against a digits encoder (results/demo_flow_repa)
+    python scripts/demo.py --objective flow --alignment u-repa   # with U-REPA (results/demo_flow_u-repa)
     python scripts/demo.py --minutes 60 --steps 1830 --save-every 250   # a fixed step count, every checkpoint kept
     python scripts/demo.py --score results/demo/checkpoint.pt --out results/demo_rescored
     python scripts/demo.py --fd SAMPLES.npz --json METRICS.json [--out results/demo]   # the scorer alone
@@ -52,14 +52,19 @@ EVAL_SAMPLES, EVAL_STEPS = 500, 25
 EVAL_SAMPLERS = {"ddpm": "ddim", "flow": "flow-euler"}
 
 
-# --repa: U-REPA at the middle stage (2 x 2, upsampled to the encoder's 4 x 4) against the
-# digits encoder of scripts/digits_encoder.py, trained once (without labels) and cached.
+# --alignment: against the digits encoder of scripts/digits_encoder.py (4 x 4 tokens, trained
+# once without labels and cached with its training time). u-repa: U-REPA's middle stage (2 x 2,
+# upsampled to 4 x 4) with the manifold loss; repa: REPA's recipe, per-token cosine only, at an
+# early stage (the encoder half's 4 x 4 level).
 ENCODER = "results/digits_encoder.pt"
-ALIGN_FLAGS = ["--repa", "--projector-width", "256"]
+ALIGNMENTS = {"u-repa": ["--repa", "--projector-width", "256"],
+              "repa": ["--repa", "--projector-width", "256", "--align-stage", "encoder_level_2",
+                       "--manifold-coeff", "0"]}
 
 
 def digits_encoder(train_x, times):
-    """The cached encoder file, trained first on the training digits if missing (its time counts in `times`)."""
+    """(the cached encoder file, the seconds its training took), training it first if missing (then its
+    time is also wall time of this run, in `times`)."""
     path = ROOT / ENCODER
     if not path.is_file():
         from digits_encoder import train_encoder
@@ -67,9 +72,10 @@ def digits_encoder(train_x, times):
         print(f"[0/4] training the alignment encoder on {len(train_x)} digits without labels (masked patches)")
         path.parent.mkdir(parents=True, exist_ok=True)
         train_encoder(train_x, path.with_suffix(".tmp"))
+        path.with_suffix(".json").write_text(json.dumps({"train_s": round(time.time() - t0, 1)}) + "\n")
         path.with_suffix(".tmp").rename(path)
         times["encoder_s"] = time.time() - t0
-    return path
+    return path, json.loads(path.with_suffix(".json").read_text())["train_s"]
 
 
 def sample_flags(objective):
@@ -273,9 +279,9 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=1000, help="generated samples to score")
     p.add_argument("--objective", choices=["ddpm", "flow"], default="ddpm",
                    help="ddpm: the paper's epsilon prediction; flow: velocity on the linear interpolant")
-    p.add_argument("--repa", action="store_true",
-                   help="train with representation alignment (U-REPA) against a small digits encoder trained first")
-    p.add_argument("--out", help="default: results/demo, results/demo_flow for --objective flow (+ _repa)")
+    p.add_argument("--alignment", choices=list(ALIGNMENTS),
+                   help="train with representation alignment against a small digits encoder trained first")
+    p.add_argument("--out", help="default: results/demo, results/demo_flow for --objective flow (+ _ALIGNMENT)")
     p.add_argument("--save-every", type=int, default=1_000_000, help="also keep a checkpoint every N steps")
     p.add_argument("--score", metavar="CKPT", help="skip training: sample and score this checkpoint")
     p.add_argument("--eval-every", type=int, default=300, help="score the run every N steps while it trains (0: never)")
@@ -284,7 +290,7 @@ def main(argv=None):
     p.add_argument("--json", metavar="METRICS.json", help="with --fd: write the metrics here")
     args = p.parse_args(argv)
     default_out = ("results/demo" + ("" if args.objective == "ddpm" else f"_{args.objective}")
-                   + ("_repa" if args.repa else ""))
+                   + (f"_{args.alignment}" if args.alignment else ""))
     out = ROOT / (args.out or default_out)
     (train_x, train_y), (held_x, held_y) = split(*digits())
     if args.fd:
@@ -312,13 +318,17 @@ def main(argv=None):
     else:
         t0 = time.time()
         shutil.rmtree(out / "train", ignore_errors=True)
-        print(f"[1/4] training a pixel-space U-DiT with --objective {args.objective}{' and U-REPA' * args.repa} "
+        with_alignment = f" and {args.alignment}" if args.alignment else ""
+        print(f"[1/4] training a pixel-space U-DiT with --objective {args.objective}{with_alignment} "
               f"on {len(train_x)} digits for "
               f"{args.minutes} minutes (train.py, 2 processes), scored every {args.eval_every} steps")
         scorer = " ".join(shlex.quote(str(a)) for a in (sys.executable, Path(__file__).resolve(), "--out", out, "--fd"))
         evaluation = (["--eval-every", args.eval_every, "--eval-command", scorer, *eval_flags(args.objective)]
                       if args.eval_every else [])
-        alignment = [*ALIGN_FLAGS, "--encoder", digits_encoder(train_x, times)] if args.repa else []
+        alignment, encoder_s = [], None
+        if args.alignment:
+            encoder, encoder_s = digits_encoder(train_x, times)
+            alignment = [*ALIGNMENTS[args.alignment], "--encoder", encoder]
         run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
              "--data-path", data, "--results-dir", out / "train", "--max-minutes", args.minutes,
              *TRAIN_FLAGS, "--objective", args.objective, *alignment, *evaluation, "--ckpt-every", args.save_every,
@@ -333,6 +343,9 @@ def main(argv=None):
     if not args.score:
         plot_curves(last.parents[1], summary, out / "curves.png")
     summary["minutes_budget"] = None if args.score else args.minutes
+    summary["alignment"] = args.alignment
+    if args.alignment and not args.score:
+        summary["encoder_train_s"] = encoder_s  # spent once, before this run or in it
     summary["wall_seconds"] = {k: round(v, 1) for k, v in times.items()}
     summary["wall_seconds"]["total_s"] = round(sum(times.values()), 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
