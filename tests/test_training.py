@@ -78,6 +78,15 @@ def test_torchrun_two_processes_each_feature_layout(tiny_data, tmp_path, layout)
     assert f"{expected} samples" in out
     ckpt = load(checkpoints(results)[-1])
     assert ckpt["args"]["in_channels"] == 4 and ("aligner" in ckpt) == bool(repa)
+    if repa:  # 2 processes with alignment, resumed halfway: bitwise the straight run
+        torchrun("train.py", "--resume", next(results.iterdir()), "--max-steps", "4")
+        torchrun("train.py", "--feature-path", features, "--max-steps", "4", "--results-dir", tmp_path / "straight",
+                 *COMMON, *repa)
+        resumed, straight = load(checkpoints(results)[-1]), load(checkpoints(tmp_path / "straight")[-1])
+        assert resumed["step"] == straight["step"] == 4
+        for key in ("model", "ema", "aligner"):
+            for name, value in straight[key].items():
+                assert torch.equal(value, resumed[key][name]), f"{key}.{name} differs after resume"
 
 
 @pytest.mark.parametrize("alignment", [False, True], ids=["plain", "u-repa"])

@@ -398,6 +398,8 @@ def train(args, backend):
     if args.ckpt and not args.resume:
         initial_weights_note = load_initial_weights(model, args)
     aligner = build_aligner(args, model, encoder).to(device) if encoder is not None else None
+    if aligner is not None:
+        broadcast_module(aligner)  # drawn from each rank's seed: start all from rank 0's, as DDP does the network
 
     if args.resume:
         exp_dir = Path(args.resume)
