@@ -20,9 +20,10 @@ $(DEMO_STAMP): $(STAMP) requirements-demo.txt
 	touch $(DEMO_STAMP)
 
 # Train, sample and score a pixel-space U-DiT on scikit-learn's 8x8 digits (CPU, ~12 min).
-# MINUTES=20 make demo trains longer; OBJECTIVE=flow make demo trains with flow matching.
+# MINUTES=20 make demo trains longer; OBJECTIVE=flow make demo trains with flow matching;
+# REPA=1 make demo trains with representation alignment (U-REPA) against a digits encoder.
 demo: $(DEMO_STAMP)
-	$(PY) scripts/demo.py $(if $(MINUTES),--minutes $(MINUTES)) $(if $(OBJECTIVE),--objective $(OBJECTIVE))
+	$(PY) scripts/demo.py $(if $(MINUTES),--minutes $(MINUTES)) $(if $(OBJECTIVE),--objective $(OBJECTIVE)) $(if $(REPA),--alignment u-repa)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -6,7 +6,9 @@
 For every image the posterior mean and std of the image and of its mirror image are
 stored (float16, normalised with the VAE's scaling and shift factors, recorded in meta.json), so training draws a fresh flip and posterior sample
 each epoch. A killed run continues where it stopped when rerun with the same command;
-the result is identical to an uninterrupted run.
+the result is identical to an uninterrupted run. --keep-images also stores each centre
+crop (uint8) for representation alignment (train.py --repa): training then feeds the
+encoder the very image of the latent it draws, mirrored with the mirrored latent.
 """
 
 import json
@@ -26,7 +28,8 @@ from udit.vae import SD_VAE_SCALE, encode_moments, latent_channels, latent_facto
 
 
 class FeatureStore:
-    """features.npy (N, F, 2, C, h, w) float16, labels.npy (N,), done.npy (N,) and meta.json in `root`."""
+    """features.npy (N, F, 2, C, h, w) float16, labels.npy (N,), done.npy (N,) and meta.json in `root`;
+    with meta "images" also images.npy (N, S, S, 3) uint8, the centre crops that were encoded."""
 
     def __init__(self, root):
         self.root = Path(root)
@@ -40,8 +43,9 @@ class FeatureStore:
         if self.meta_path.is_file():
             old = json.loads(self.meta_path.read_text())
             keys = ("layout", "count", "flips", "latent_shape", "source", "image_size", "vae", "scaling_factor",
-                    "shift_factor")
-            old = {"scaling_factor": SD_VAE_SCALE, "shift_factor": 0.0, **old}  # stores from before they were recorded
+                    "shift_factor", "images")
+            # Stores from before these were recorded.
+            old = {"scaling_factor": SD_VAE_SCALE, "shift_factor": 0.0, "images": False, **old}
             diffs = [f"{k}: {old.get(k)} vs {meta[k]}" for k in keys if old.get(k) != meta[k]]
             if diffs:
                 raise DataError(f"{self.root} holds features of another job ({'; '.join(diffs)}); choose another "
@@ -51,6 +55,10 @@ class FeatureStore:
         np.lib.format.open_memmap(self.root / "features.npy", mode="w+", dtype=np.float16, shape=shape).flush()
         np.lib.format.open_memmap(self.root / "labels.npy", mode="w+", dtype=np.int64, shape=(shape[0],)).flush()
         np.lib.format.open_memmap(self.root / "done.npy", mode="w+", dtype=np.uint8, shape=(shape[0],)).flush()
+        if meta["images"]:
+            size = meta["image_size"]
+            np.lib.format.open_memmap(self.root / "images.npy", mode="w+", dtype=np.uint8,
+                                      shape=(shape[0], size, size, 3)).flush()
         self.write_meta({**meta, "complete": False})
 
     def write_meta(self, meta):
@@ -62,6 +70,11 @@ class FeatureStore:
         return tuple(np.load(self.root / f"{name}.npy", mmap_mode="r+", allow_pickle=False)
                      for name in ("features", "labels", "done"))
 
+    def open_images(self):
+        """images.npy (N, S, S, 3) uint8 for writing, or None for a store without images."""
+        path = self.root / "images.npy"
+        return np.load(path, mmap_mode="r+", allow_pickle=False) if path.is_file() else None
+
 
 def chunks_of_rank(count, rank, world_size, batch_size):
     """Fixed batches of this rank's indices (rank, rank + W, ...): the same on every rerun."""
@@ -72,6 +85,7 @@ def chunks_of_rank(count, rank, world_size, batch_size):
 def extract(store, dataset, to_moments, rank, world_size, batch_size, num_workers, device, show_progress):
     """Fill the store's missing rows; each batch is flushed, then marked done."""
     features, labels, done = store.open()
+    images = store.open_images()
     todo = [chunk for chunk in chunks_of_rank(len(dataset), rank, world_size, batch_size) if not done[chunk].all()]
     flat = [i for chunk in todo for i in chunk]
     if not flat:
@@ -86,6 +100,9 @@ def extract(store, dataset, to_moments, rank, world_size, batch_size, num_worker
         labels[chunk] = y.numpy()
         features.flush()
         labels.flush()
+        if images is not None:
+            images[chunk] = image_bytes(x)
+            images.flush()
         done[chunk] = 1
         done.flush()
         skipped += int((~ok).sum())
@@ -118,6 +135,11 @@ def image_moments(vae, flips):
     return to_moments
 
 
+def image_bytes(x):
+    """(B, 3, S, S) in [-1, 1] from udit.data.image_to_tensor -> the uint8 (B, S, S, 3) it was made of."""
+    return x.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def sample_moments(x):
     """A stored posterior sample as moments: mean = sample, std = 0, one flip."""
     return torch.stack([x, torch.zeros_like(x)], dim=1)[:, None]
@@ -133,6 +155,9 @@ def build_parser():
     p.add_argument("--vae", choices=["ema", "mse"], default="ema")
     p.add_argument("--vae-path", help="local diffusers VAE folder (default: the hub id stabilityai/sd-vae-ft-{ema,mse})")
     p.add_argument("--flips", type=int, choices=[1, 2], default=2, help="store the mirror image's moments too")
+    p.add_argument("--keep-images", action="store_true",
+                   help="also store the centre-cropped images (uint8, 3 S^2 bytes each) for representation "
+                        "alignment (train.py --repa)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per process and batch")
     p.add_argument("--num-workers", type=non_negative_int, default=4, help="data loading processes per process")
     return p
@@ -141,7 +166,8 @@ def build_parser():
 def parse(p, argv):
     """The command line, checked before any work: exits 2 with one line on a bad value."""
     args = p.parse_args(argv)
-    ignored = [flag for flag in given_flags(p, argv) if flag in ("image_size", "vae", "vae_path", "flips")]
+    ignored = [flag for flag in given_flags(p, argv) if flag in ("image_size", "vae", "vae_path", "flips",
+                                                                 "keep_images")]
     if args.convert and ignored:
         p.error(f"--{ignored[0].replace('_', '-')} does not apply to --convert (the folder's latents are stored "
                 f"as they are); drop it")
@@ -174,7 +200,7 @@ def extract_all(args, ctx):
         latent_shape = list(dataset[0][0].shape)
         to_moments, flips = sample_moments, 1
         meta = {"source": str(Path(args.convert).resolve()), "vae": "unknown (converted)",
-                "image_size": latent_shape[-1] * 8}
+                "image_size": latent_shape[-1] * 8, "images": False}
         normalization = dataset.latent_normalization
     else:
         dataset = ImageDataset(args.data_path, args.image_size, flip=False)
@@ -183,7 +209,7 @@ def extract_all(args, ctx):
         latent_shape = [latent_channels(vae), args.image_size // factor, args.image_size // factor]
         to_moments, flips = image_moments(vae, args.flips), args.flips
         meta = {"source": str(Path(args.data_path).resolve()), "vae": args.vae_path or args.vae,
-                "image_size": args.image_size, "classes": dataset.classes}
+                "image_size": args.image_size, "classes": dataset.classes, "images": args.keep_images}
         normalization = latent_normalization(vae)
     meta.update(scaling_factor=normalization[0], shift_factor=normalization[1])
     meta.update(layout=COMPACT_LAYOUT, count=len(dataset), flips=flips, latent_shape=latent_shape)

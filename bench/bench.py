@@ -4,6 +4,7 @@
     python bench/bench.py --models U-DiT-B U-DiT-L DiT-B/2 DiT-L/2 DiT-XL/2 --batch-size 32 \\
         --precision bf16 --cuda-graph --sampling             # GPU
     python bench/bench.py --models U-DiT-S --objectives ddpm flow   # the training objectives side by side
+    python bench/bench.py --models U-DiT-B DiT-B/2 --alignment       # with and without REPA / U-REPA
 
 Models are measured in one process, alternating between them round by round, so that
 they see the same machine state; each figure is the median over rounds. The ceiling is
@@ -13,6 +14,12 @@ forward MACs). "ops/step" counts the operators one eager training step dispatche
 (views excluded): each launches at least one kernel on a GPU, so a step bound by
 launches rather than arithmetic grows with it (and with the host-side cost of each call,
 views included). Prints a table and writes JSON (--json).
+
+--alignment adds each model trained with representation alignment (udit/alignment.py:
+REPA at DiT's default block, U-REPA at U-DiT's middle stage with the manifold term) against
+a DINOv2-B/14 of random weights (the same cost as the real one): the step then includes
+the encoder's forward on the batch's images at 224 px (for 256), the projector and the
+alignment losses. GMACs and utilisation count the diffusion model only.
 """
 
 import json
@@ -20,7 +27,7 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from copy import deepcopy
 from pathlib import Path
 
@@ -30,14 +37,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusion import create_diffusion  # noqa: E402
-from models import (DiT_models, cache_rope_tables, compile_blocks, count_params, create_model,  # noqa: E402
-                    model_report)
+from models import (DiT_models, U_DiT, cache_rope_tables, capture_block_outputs, compile_blocks,  # noqa: E402
+                    count_params, create_model, model_report)
+from udit.alignment import MANIFOLD_COEFF, AlignedObjective, Aligner, encoder_targets  # noqa: E402
 from udit.cuda_graphs import GraphedForward, capture  # noqa: E402
 from udit.distributed import configure_matmul_precision  # noqa: E402
+from udit.encoders import DINOV2, PatchEncoder, dinov2_resolution  # noqa: E402
 from udit.objectives import OBJECTIVES, create_objective  # noqa: E402
 from udit.cli import ArgumentParser, non_negative_int, number, output_file, positive_int  # noqa: E402
 
 SAME_MACS = {"U-DiT-S": "DiT-S/2", "U-DiT-B": "DiT-B/2", "U-DiT-L": "DiT-L/2"}
+ALIGNED = (" + U-REPA", " + REPA")  # name suffixes of the aligned cases
+BENCH_ENCODER = "dinov2-vitb14"
 
 
 def sync(device):
@@ -139,7 +150,7 @@ class Case:
     after the eager warm-up; step() and infer() then replay them.
     """
 
-    def __init__(self, name, args, device, objective="ddpm"):
+    def __init__(self, name, args, device, objective="ddpm", align=False):
         self.name = name if objective == "ddpm" else f"{name} {objective}"
         self.objective = create_objective({"objective": objective})
         torch.manual_seed(0)
@@ -147,9 +158,14 @@ class Case:
                                   learn_sigma=self.objective.learn_sigma).to(device)
         self.params = count_params(self.model)
         self.gmacs = model_report([name], args.latent_size)[0][3]  # folded, as the paper counts
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True,
-                                     capturable=args.cuda_graph and device.type == "cuda")
         n = args.batch_size
+        self.encoder, self.hooks = None, ExitStack()
+        if align:
+            self.name += ALIGNED[0] if isinstance(self.model, U_DiT) else ALIGNED[1]
+            self.align(args, device)
+        self.trained = [*self.model.parameters(), *(self.aligner.parameters() if self.encoder else ())]
+        self.opt = torch.optim.AdamW(self.trained, lr=1e-4, fused=True,
+                                     capturable=args.cuda_graph and device.type == "cuda")
         self.x = torch.randn(n, 4, args.latent_size, args.latent_size, device=device)
         self.y = torch.randint(0, 1000, (n,), device=device)
         self.t = self.objective.sample_time(n, device)
@@ -163,6 +179,20 @@ class Case:
         self.operators = None
         self.breakdown = {}
 
+    def align(self, args, device):
+        """Train with alignment against a random DINOv2-B at REPA's resolution; hooks before compiling."""
+        import timm
+        resolution = dinov2_resolution(args.image_size)
+        vit = timm.create_model(DINOV2[BENCH_ENCODER], pretrained=False, img_size=resolution, num_classes=0)
+        self.encoder = PatchEncoder(vit, resolution, BENCH_ENCODER).to(device)
+        family = "U-DiT" if isinstance(self.model, U_DiT) else "DiT"
+        self.aligner = Aligner(self.model, self.encoder.grid, self.encoder.width,
+                               manifold_coeff=MANIFOLD_COEFF[family]).to(device)
+        captured = self.hooks.enter_context(capture_block_outputs(self.model, [self.aligner.block_name]))
+        # The projection runs inside the step's autocast region (eager_step enters it).
+        self.objective = AlignedObjective(self.objective, self.aligner, captured, nullcontext)
+        self.images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
+
     def step(self):
         if self.graphs:
             return self.graphs["train"].replay()
@@ -170,7 +200,8 @@ class Case:
 
     def eager_step(self):
         with self.autocast:
-            loss = self.objective.losses(self.train_fn, self.x, self.t, self.y)["loss"].mean()
+            features = {"target": encoder_targets(self.encoder, self.images, nullcontext)} if self.encoder else {}
+            loss = self.objective.losses(self.train_fn, self.x, self.t, self.y, **features)["loss"].mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -201,7 +232,7 @@ class Case:
 
     def resident_bytes(self):
         """Bytes of this model's parameters, gradients and optimizer state."""
-        tensors = [p for p in self.model.parameters()] + [p.grad for p in self.model.parameters()]
+        tensors = [p for p in self.trained] + [p.grad for p in self.trained]
         tensors += [v for state in self.opt.state.values() for v in state.values()]
         return sum(x.numel() * x.element_size() for x in tensors if torch.is_tensor(x))
 
@@ -248,7 +279,10 @@ def write_json(path, results):
 
 def comparisons(name, models):
     """The measured models `name` is compared with: the DiT with the same MACs, and DiT-XL/2; a flow
-    case with the same model trained as the paper does."""
+    case with the same model trained as the paper does; an aligned case with the same model unaligned."""
+    for suffix in ALIGNED:
+        if name.endswith(suffix):
+            return [name.removesuffix(suffix)] if name.removesuffix(suffix) in models else []
     if name.endswith(" flow"):
         return [name.removesuffix(" flow")] if name.removesuffix(" flow") in models else []
     return [other for other in (SAME_MACS.get(name), "DiT-XL/2") if other in models and other != name]
@@ -259,7 +293,7 @@ def print_table(results, args):
     compile_note += ", CUDA graphs" if args.cuda_graph else ""
     print(f"{results['device']}, torch {results['torch']}, {args.precision}{compile_note}, batch {args.batch_size}, "
           f"{args.image_size} px; GEMM ceiling {results['gemm_ceiling_gflops']:.0f} GFLOP/s")
-    print(f"{'model':<14} {'GMACs':>7} {'train s':>9} {'steps/s':>8} {'infer s':>9} {'GFLOP/s':>8} {'util':>6} "
+    print(f"{'model':<18} {'GMACs':>7} {'train s':>9} {'steps/s':>8} {'infer s':>9} {'GFLOP/s':>8} {'util':>6} "
           f"{'GiB':>6} {'ops/step':>8}  step-time ratios (train / infer)")
     models = results["models"]
     for name, r in models.items():
@@ -267,7 +301,7 @@ def print_table(results, args):
                   f"{r['infer_s'] / models[other]['infer_s']:.2f}x" for other in comparisons(name, models)]
         memory = f"{r['train_peak_memory_gib']:.1f}" if r["train_peak_memory_gib"] else "-"
         operators = r["train_ops_per_step"] or "-"
-        print(f"{name:<14} {r['gmacs']:>7.2f} {r['train_step_s']:>9.4f} {r['train_steps_per_s']:>8.2f} "
+        print(f"{name:<18} {r['gmacs']:>7.2f} {r['train_step_s']:>9.4f} {r['train_steps_per_s']:>8.2f} "
               f"{r['infer_s']:>9.4f} {r['train_gflops']:>8.0f} {r['utilisation']:>6.0%} "
               f"{memory:>6} {operators:>8}  {'; '.join(ratios)}")
     if any(r["train_kernel_seconds"] for r in models.values()):
@@ -298,6 +332,8 @@ def build_parser():
     p.add_argument("--models", nargs="+", default=["U-DiT-S", "DiT-S/2"], choices=list(DiT_models))
     p.add_argument("--objectives", nargs="+", default=["ddpm"], choices=OBJECTIVES,
                    help="training objectives to measure each model with (flow: C output channels, no VB term)")
+    p.add_argument("--alignment", action="store_true",
+                   help="also measure each model trained with REPA (DiT) / U-REPA (U-DiT) against a random DINOv2-B")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--image-size", type=number(int, min=8), default=256, help="pixels (latents: / 8)")
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
@@ -338,7 +374,8 @@ def main(argv=None):
     gemm_size = args.gemm_size or (8192 if device.type == "cuda" else 2048)
     ceiling = gemm_ceiling(device, gemm_dtype, gemm_size)
 
-    cases = [Case(name, args, device, objective) for name in args.models for objective in args.objectives]
+    cases = [Case(name, args, device, objective, align) for name in args.models for objective in args.objectives
+             for align in ((False, True) if args.alignment else (False,))]
     for _ in range(args.warmup):
         for case in cases:
             case.set_mode(True)

@@ -23,7 +23,9 @@ or runs out of time still leaves the earlier ones' results and logs in OUT:
   step with the model's spatial convolutions in each layout;
 - eager, eager-sampling: bench.py without graphs (eager: with the time per kernel kind,
   --breakdown) -> gpu_eager*.json;
-- blocks: bench.py with every transformer block compiled -> gpu_blocks.json.
+- blocks: bench.py with every transformer block compiled -> gpu_blocks.json;
+- alignment: bench.py, U-DiT-B and DiT-B/2 with and without REPA / U-REPA against a
+  random DINOv2-B, bf16, batch 32, graph-replayed -> gpu_alignment.json.
 """
 
 import argparse
@@ -311,6 +313,7 @@ STAGES = {
               "--breakdown"],
     "eager-sampling": ["--models", "U-DiT-B", "DiT-XL/2", *BENCH, "--rounds", "1", "--sampling"],
     "blocks": ["--models", "U-DiT-B", "U-DiT-L", "DiT-XL/2", *BENCH, "--rounds", "5", "--compile", "blocks"],
+    "alignment": ["--models", "U-DiT-B", "DiT-B/2", *BENCH, "--rounds", "5", "--cuda-graph", "--alignment"],
 }
 
 

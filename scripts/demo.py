@@ -13,6 +13,7 @@ with --fd), and curves.png plots the loss and that distance against the steps.
 
     python scripts/demo.py [--minutes 8] [--out results/demo]
     python scripts/demo.py --objective flow            # flow matching (out: results/demo_flow)
+    python scripts/demo.py --objective flow --alignment u-repa   # with U-REPA (results/demo_flow_u-repa)
     python scripts/demo.py --minutes 60 --steps 1830 --save-every 250   # a fixed step count, every checkpoint kept
     python scripts/demo.py --score results/demo/checkpoint.pt --out results/demo_rescored
     python scripts/demo.py --fd SAMPLES.npz --json METRICS.json [--out results/demo]   # the scorer alone
@@ -67,6 +68,32 @@ EVAL_SAMPLERS = {"ddpm": "ddim", "flow": "flow-euler"}
 # Training speed of `make demo` on the idle 2-core development machine (1,830 steps in its
 # 8 minutes, README *Try it first*): what a user's steps/s is compared with.
 IDLE_STEPS_PER_S = 3.8
+
+
+# --alignment: against the digits encoder of scripts/digits_encoder.py (4 x 4 tokens, trained
+# once without labels and cached with its training time). u-repa: U-REPA's middle stage (2 x 2,
+# upsampled to 4 x 4) with the manifold loss; repa: REPA's recipe, per-token cosine only, at an
+# early stage (the encoder half's 4 x 4 level).
+ENCODER = "results/digits_encoder.pt"
+ALIGNMENTS = {"u-repa": ["--repa", "--projector-width", "256"],
+              "repa": ["--repa", "--projector-width", "256", "--align-stage", "encoder_level_2",
+                       "--manifold-coeff", "0"]}
+
+
+def digits_encoder(train_x, times):
+    """(the cached encoder file, the seconds its training took), training it first if missing (then its
+    time is also wall time of this run, in `times`)."""
+    path = ROOT / ENCODER
+    if not path.is_file():
+        from digits_encoder import train_encoder
+        t0 = time.time()
+        print(f"[0/4] training the alignment encoder on {len(train_x)} digits without labels (masked patches)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        train_encoder(train_x, path.with_suffix(".tmp"))
+        path.with_suffix(".json").write_text(json.dumps({"train_s": round(time.time() - t0, 1)}) + "\n")
+        path.with_suffix(".tmp").rename(path)
+        times["encoder_s"] = time.time() - t0
+    return path, json.loads(path.with_suffix(".json").read_text())["train_s"]
 
 
 def sample_flags(objective, which="recommended"):
@@ -333,7 +360,9 @@ def build_parser():
                    help="generated samples to score (a Frechet distance needs 2 or more)")
     p.add_argument("--objective", choices=["ddpm", "flow"], default="ddpm",
                    help="ddpm: the paper's epsilon prediction; flow: velocity on the linear interpolant")
-    p.add_argument("--out", help="default: results/demo, results/demo_flow for --objective flow")
+    p.add_argument("--alignment", choices=list(ALIGNMENTS),
+                   help="train with representation alignment against a small digits encoder trained first")
+    p.add_argument("--out", help="default: results/demo, results/demo_flow for --objective flow (+ _ALIGNMENT)")
     p.add_argument("--save-every", type=positive_int, default=1_000_000, help="also keep a checkpoint every N steps")
     p.add_argument("--score", metavar="CKPT", help="skip training: sample and score this checkpoint")
     p.add_argument("--eval-every", type=non_negative_int, default=300,
@@ -347,7 +376,9 @@ def build_parser():
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    out = ROOT / (args.out or ("results/demo" if args.objective == "ddpm" else f"results/demo_{args.objective}"))
+    default_out = ("results/demo" + ("" if args.objective == "ddpm" else f"_{args.objective}")
+                   + (f"_{args.alignment}" if args.alignment else ""))
+    out = ROOT / (args.out or default_out)
     try:
         output_dir(str(out))  # --out is relative to the repository, not to the working directory
     except argparse.ArgumentTypeError as err:
@@ -379,14 +410,20 @@ def main(argv=None):
         load_before = os.getloadavg()[0]
         t0 = time.time()
         shutil.rmtree(out / "train", ignore_errors=True)
-        print(f"[1/4] training a pixel-space U-DiT with --objective {args.objective} on {len(train_x)} digits for "
+        with_alignment = f" and {args.alignment}" if args.alignment else ""
+        print(f"[1/4] training a pixel-space U-DiT with --objective {args.objective}{with_alignment} "
+              f"on {len(train_x)} digits for "
               f"{args.minutes} minutes (train.py, 2 processes), scored every {args.eval_every} steps")
         scorer = " ".join(shlex.quote(str(a)) for a in (sys.executable, Path(__file__).resolve(), "--out", out, "--fd"))
         evaluation = (["--eval-every", args.eval_every, "--eval-command", scorer, *eval_flags(args.objective)]
                       if args.eval_every else [])
+        alignment, encoder_s = [], None
+        if args.alignment:
+            encoder, encoder_s = digits_encoder(train_x, times)
+            alignment = [*ALIGNMENTS[args.alignment], "--encoder", encoder]
         run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
              "--data-path", data, "--results-dir", out / "train", "--max-minutes", args.minutes,
-             *TRAIN_FLAGS, "--objective", args.objective, *evaluation, "--ckpt-every", args.save_every,
+             *TRAIN_FLAGS, "--objective", args.objective, *alignment, *evaluation, "--ckpt-every", args.save_every,
              *(["--max-steps", args.steps] if args.steps else [])], log)
         last = sorted((out / "train").glob("*/checkpoints/*.pt"))[-1]
         ckpt = out / "checkpoint.pt"
@@ -399,6 +436,9 @@ def main(argv=None):
     if not args.score:
         plot_curves(last.parents[1], summary, out / "curves.png")
     summary["minutes_budget"] = None if args.score else args.minutes
+    summary["alignment"] = args.alignment
+    if args.alignment and not args.score:
+        summary["encoder_train_s"] = encoder_s  # spent once, before this run or in it
     summary["wall_seconds"] = {k: round(v, 1) for k, v in times.items()}
     summary["wall_seconds"]["total_s"] = round(sum(times.values()), 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

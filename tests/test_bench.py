@@ -32,6 +32,19 @@ def test_bench_reports_times_ratios_and_utilisation(tmp_path, capsys):
     assert "vs DiT-S/2:" in printed and "floor over the time of" in printed
 
 
+def test_bench_measures_each_model_with_and_without_alignment(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--models", "U-DiT-S", "DiT-S/2", "--alignment", "--image-size", "64", "--batch-size", "2",
+                "--rounds", "1", "--warmup", "0", "--gemm-size", "64", "--json", str(out)])
+    models = json.loads(out.read_text())["models"]
+    assert list(models) == ["U-DiT-S", "U-DiT-S + U-REPA", "DiT-S/2", "DiT-S/2 + REPA"]
+    assert all(r["train_step_s"] > 0 for r in models.values())
+    # The aligned step dispatches the encoder, projector and loss operators on top of the model's.
+    assert models["DiT-S/2 + REPA"]["train_ops_per_step"] > models["DiT-S/2"]["train_ops_per_step"]
+    rows = {line.split("  ")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "vs U-DiT-S: " in rows["U-DiT-S + U-REPA"] and "vs DiT-S/2: " in rows["DiT-S/2 + REPA"]
+
+
 def test_kernel_breakdown_sorts_operators_by_kind():
     a, image, kernel = torch.randn(64, 64), torch.randn(1, 8, 16, 16), torch.randn(8, 1, 3, 3)
     matmul = bench.kernel_time_breakdown(lambda: a @ a, torch.device("cpu"))

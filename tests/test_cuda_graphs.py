@@ -68,16 +68,22 @@ def training_args(data, results, *extra):
                               str(results), *extra])
 
 
-@pytest.mark.parametrize("clipping", [[], ["--max-grad-norm", "0.05"], ["--objective", "flow"]],
-                         ids=["", "clipped", "flow"])
+@pytest.mark.parametrize("clipping", [[], ["--max-grad-norm", "0.05"], ["--objective", "flow"],
+                                      ["--objective", "flow", "--repa", "--projector-width", "16"]],
+                         ids=["", "clipped", "flow", "flow-u-repa"])
 def test_graphed_training_steps_match_eager_ones(tiny_data, tmp_path, monkeypatch, clipping):
     monkeypatch.setattr(cuda_graphs, "capture", Deferred)
+    if "--repa" in clipping:  # the encoder's targets are a static input of the graph, like x
+        from test_alignment import make_tiny_encoder
+        clipping = [*clipping, "--encoder", str(make_tiny_encoder(tmp_path / "encoder.pt"))]
     states = []
     for cuda_graph in (False, True):
         exp_dir = run_training(training_args(tiny_data["small_images"], tmp_path / str(cuda_graph), *clipping),
                                DDPBackend("fp32", cuda_graph=cuda_graph))
         ckpt = torch.load(exp_dir / "checkpoints" / "0000003.pt", map_location="cpu", weights_only=True)
         states.append((ckpt["model"], ckpt["ema"], ckpt["opt"]["state"]))
+        if "--repa" in clipping:
+            states[-1][0].update({f"aligner.{k}": v for k, v in ckpt["aligner"].items()})
     (model_a, ema_a, opt_a), (model_b, ema_b, opt_b) = states
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)

@@ -9,6 +9,7 @@ import torch
 
 import train
 from conftest import TINY_UDIT_KWARGS, launch_two_nodes, run_script, script_env, torchrun
+from test_alignment import make_tiny_encoder
 
 COMMON = ["--model", "U-DiT-S", "--model-kwargs", TINY_UDIT_KWARGS, "--num-classes", "2",
           "--global-batch-size", "4", "--log-every", "2", "--num-workers", "0", "--sample-steps", "2"]
@@ -60,31 +61,47 @@ def write_public_features(root, layout, count=10, size=32):
 
 @pytest.mark.parametrize("layout", ["fast-DiT", "U-DiT", "compact"])
 def test_torchrun_two_processes_each_feature_layout(tiny_data, tmp_path, layout):
-    if layout == "compact":
+    repa = []
+    if layout == "compact":  # with images, trained with alignment: the superset of the plain compact path
         features = tmp_path / "features"
         torchrun("extract_features.py", "--data-path", tiny_data["images"], "--features-path", features,
-                 "--vae-path", tiny_data["vae"], "--batch-size", "3", "--num-workers", "0")
+                 "--vae-path", tiny_data["vae"], "--batch-size", "3", "--num-workers", "0", "--keep-images")
         meta = json.loads((features / "meta.json").read_text())
-        assert meta["complete"] and meta["count"] == 16 and meta["flips"] == 2
+        assert meta["complete"] and meta["count"] == 16 and meta["flips"] == 2 and meta["images"]
+        repa = ["--repa", "--encoder", make_tiny_encoder(tmp_path / "encoder.pt"), "--projector-width", "32"]
     else:
         features = write_public_features(tmp_path / "features", layout)
     results = tmp_path / "results"
-    out = torchrun("train.py", "--feature-path", features, "--max-steps", "2", "--results-dir", results, *COMMON)
+    out = torchrun("train.py", "--feature-path", features, "--max-steps", "2", "--results-dir", results, *COMMON,
+                   *repa)
     expected = {"fast-DiT": 10, "U-DiT": 10, "compact": 16}[layout]  # U-DiT: 10 distinct files, no padding
     assert f"{expected} samples" in out
-    assert load(checkpoints(results)[-1])["args"]["in_channels"] == 4
+    ckpt = load(checkpoints(results)[-1])
+    assert ckpt["args"]["in_channels"] == 4 and ("aligner" in ckpt) == bool(repa)
+    if repa:  # 2 processes with alignment, resumed halfway: bitwise the straight run
+        torchrun("train.py", "--resume", next(results.iterdir()), "--max-steps", "4")
+        torchrun("train.py", "--feature-path", features, "--max-steps", "4", "--results-dir", tmp_path / "straight",
+                 *COMMON, *repa)
+        resumed, straight = load(checkpoints(results)[-1]), load(checkpoints(tmp_path / "straight")[-1])
+        assert resumed["step"] == straight["step"] == 4
+        for key in ("model", "ema", "aligner"):
+            for name, value in straight[key].items():
+                assert torch.equal(value, resumed[key][name]), f"{key}.{name} differs after resume"
 
 
-def test_resume_is_bitwise_exact(tiny_data, tmp_path):
+@pytest.mark.parametrize("alignment", [False, True], ids=["plain", "u-repa"])
+def test_resume_is_bitwise_exact(tiny_data, tmp_path, alignment):
     args = ["--data-path", str(tiny_data["images"]), "--vae-path", str(tiny_data["vae"]), "--image-size", "64",
             "--ckpt-every", "100", *COMMON]
+    if alignment:  # the 2x2 latent stage, projected and upsampled to the encoder's 4x4 grid
+        args += ["--repa", "--encoder", str(make_tiny_encoder(tmp_path / "encoder.pt")), "--projector-width", "32"]
     assert train.main([*args, "--max-steps", "6", "--results-dir", str(tmp_path / "a")]) == 0
     assert train.main([*args, "--max-steps", "3", "--results-dir", str(tmp_path / "b")]) == 0
     interrupted = next((tmp_path / "b").iterdir())
     assert train.main(["--resume", str(interrupted), "--max-steps", "6"]) == 0
     full, resumed = load(checkpoints(tmp_path / "a")[-1]), load(checkpoints(tmp_path / "b")[-1])
     assert resumed["step"] == full["step"] == 6
-    for key in ("model", "ema"):
+    for key in ("model", "ema", *(["aligner"] if alignment else [])):
         for name, value in full[key].items():
             assert torch.equal(value, resumed[key][name]), f"{key}.{name} differs after resume"
 

@@ -65,8 +65,9 @@ class GraphedForward:
 class GraphedTrainingStep:
     """Forward and backward of a training step replayed from a CUDA graph; returns the loss terms.
 
-    loss_fn(x, t, y) -> dict of scalar tensors: "loss" is minimised, the others (e.g. the
-    objective's parts) are returned with it. The graph is recorded on the first call (after
+    loss_fn(x, t, y, **features) -> dict of scalar tensors: "loss" is minimised, the others
+    (e.g. the objective's parts) are returned with it; features: further batch tensors
+    (the alignment encoder's targets), static like x. The graph is recorded on the first call (after
     capture's warm-up runs, which compute gradients but change no weight); later calls
     copy the batch into static buffers and replay. Gradients land in one flat buffer
     (zeroed inside the graph) that the parameters' `.grad` are views of, so that several
@@ -86,11 +87,12 @@ class GraphedTrainingStep:
 
     def _step(self):
         self.grads.zero_()
-        self.terms = self.loss_fn(self.static["x"], self.static["t"], self.static["y"])
+        features = {k: v for k, v in self.static.items() if k not in ("x", "t", "y")}
+        self.terms = self.loss_fn(self.static["x"], self.static["t"], self.static["y"], **features)
         self.terms["loss"].backward()
 
-    def __call__(self, x, t, y):
-        batch = {"x": x, "t": t, "y": y}
+    def __call__(self, x, t, y, **features):
+        batch = {"x": x, "t": t, "y": y, **features}
         if self.graph is None:
             self.static = {k: v.clone() for k, v in batch.items()}
             self.graph = capture(self._step)

@@ -22,6 +22,8 @@ from udit.vae import SD_VAE_SCALE
 log = logging.getLogger(__name__)
 
 COMPACT_LAYOUT = "udit-compact-v1"
+KEEP_IMAGES_HINT = ("extract the features of the image folder with extract_features.py --keep-images (or train "
+                    "from --data-path)")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -232,9 +234,14 @@ class CompactFeatureDataset(SeededDataset):
     VAE's (scaling_factor, shift_factor), recorded in meta.json (0.18215, 0 before they were).
     A fresh flip and posterior sample mean + std * eps are drawn every epoch.
     All labels are checked against num_classes when the folder is opened.
+
+    images=True: items are (latent, label, ok, image) with the clean centre-cropped image
+    (3, S, S) in [-1, 1] of exactly that latent (mirrored with the mirrored latent), from
+    images.npy (N, S, S, 3) uint8 (extract_features.py --keep-images); the encoder of
+    representation alignment reads it. DataError if the folder holds no images.
     """
 
-    def __init__(self, root, seed=0, flip=True, num_classes=None):
+    def __init__(self, root, seed=0, flip=True, num_classes=None, images=False):
         super().__init__(seed)
         self.root = Path(root)
         self.flip = flip
@@ -242,7 +249,11 @@ class CompactFeatureDataset(SeededDataset):
         if not self.meta.get("complete"):
             raise DataError(f"--feature-path {root}: feature extraction did not finish; rerun "
                             f"extract_features.py with the same arguments to complete it")
-        self.features = None  # opened lazily so that each worker maps the file itself
+        if images and not self.meta.get("images"):
+            raise DataError(f"--feature-path {root} holds no images, which the alignment encoder needs: "
+                            f"{KEEP_IMAGES_HINT}")
+        self.with_images = images
+        self.features = self.images = None  # opened lazily so that each worker maps the files itself
         self.labels = np.load(self.root / "labels.npy", allow_pickle=False)
         self.latent_normalization = (float(self.meta.get("scaling_factor", SD_VAE_SCALE)),
                                      float(self.meta.get("shift_factor", 0.0)))
@@ -270,7 +281,13 @@ class CompactFeatureDataset(SeededDataset):
         flip = rng.integers(moments.shape[0]) if self.flip else 0
         mean, std = moments[flip].astype(np.float32)
         eps = rng.standard_normal(mean.shape, dtype=np.float32)
-        return torch.from_numpy(mean + std * eps), int(self.labels[index]), True
+        latent, label = torch.from_numpy(mean + std * eps), int(self.labels[index])
+        if not self.with_images:
+            return latent, label, True
+        if self.images is None:
+            self.images = np.load(self.root / "images.npy", mmap_mode="r", allow_pickle=False)
+        image = self.images[index]
+        return latent, label, True, image_to_tensor(np.array(image[:, ::-1] if flip else image))  # out of the map
 
 
 def read_compact_meta(root):
@@ -336,7 +353,7 @@ def udit_release_order(features, labels, where):
     return keys, processes, 0
 
 
-def open_feature_folder(root, seed=0, flip=True, num_classes=None):
+def open_feature_folder(root, seed=0, flip=True, num_classes=None, images=False):
     """Dataset for a feature folder in any known layout, detected from its contents.
 
     - ours (extract_features.py): meta.json, features.npy, labels.npy;
@@ -345,13 +362,14 @@ def open_feature_folder(root, seed=0, flip=True, num_classes=None):
       without the copies that padded the extraction (udit_release_order).
     Hidden names (.DS_Store, ._0.npy, .ipynb_checkpoints, __MACOSX) are ignored. Labels are
     checked against num_classes (None: only that they are class indices >= 0). The public
-    layouts fixed the flip at extraction; `flip` only affects ours.
+    layouts fixed the flip at extraction; `flip` only affects ours. images=True: items also
+    carry the clean image (CompactFeatureDataset); the public layouts hold none (DataError).
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"--feature-path {root}: no such directory")
     if (root / "meta.json").is_file():
-        return CompactFeatureDataset(root, seed, flip, num_classes)
+        return CompactFeatureDataset(root, seed, flip, num_classes, images)
     entries = sorted(d for d in root.iterdir() if not is_hidden(d.name))
     feature_dirs = [d for d in entries if d.is_dir() and d.name.endswith("_features")]
     label_dirs = [d for d in entries if d.is_dir() and d.name.endswith("_labels")]
@@ -371,6 +389,9 @@ def open_feature_folder(root, seed=0, flip=True, num_classes=None):
     if unpaired:
         raise DataError(f"{root}: {len(unpaired)} feature files have no label file or the reverse "
                         f"(e.g. {sorted(unpaired)[:3]}); the folder is incomplete")
+    if images:
+        raise DataError(f"--feature-path {root}: a {name} feature layout holds no images, which the "
+                        f"alignment encoder needs: {KEEP_IMAGES_HINT}")
     if name == "U-DiT":
         keys, processes, padding = udit_release_order(features, labels, features_dir)
         log.info("feature folder %s: U-DiT layout of %d processes, %d files, %d padding copies left out, "

@@ -11,7 +11,7 @@ import math
 import re
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from copy import deepcopy
 from pathlib import Path
 
@@ -19,7 +19,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from models import DiT_models, cache_rope_tables
+from models import DiT_models, cache_rope_tables, capture_block_outputs
+from udit.alignment import (AlignedObjective, add_alignment_args, average_gradients, build_aligner,
+                            check_alignment_args, encoder_targets, open_encoder)
 from udit.checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_state_dict,
                              recorded_objective, save_atomic)
 from udit.cli import (ActionableError, ArgumentParser, finite_float, given_flags, inside, json_object,
@@ -39,7 +41,8 @@ log = logging.getLogger("train")
 # value: it shapes the network, the data order or the meaning of the saved step.
 RESUMABLE = ("max_steps", "max_minutes", "epochs", "log_every", "ckpt_every", "num_workers", "data_path",
              "feature_path", "vae_path", "compile", "grad_checkpointing", "skip_nonfinite", "lr", "ema_decay",
-             "ema_warmup", "precision", "cuda_graph", "resume", "max_grad_norm", *MONITOR_SETTINGS)
+             "ema_warmup", "precision", "cuda_graph", "resume", "max_grad_norm", "encoder_weights",
+             *MONITOR_SETTINGS)
 # Flags whose change can change a tensor's shape, so that the old weights may not load.
 NETWORK_SHAPING = ("model", "model_kwargs", "num_classes", "class_dropout_prob", "vae", "image_size")
 
@@ -104,6 +107,7 @@ def training_parser(description, prog="train.py"):
     p.add_argument("--max-grad-norm", type=positive_float,
                    help="clip the gradients' total L2 norm to this (default: no clipping, as the paper)")
     add_monitor_args(p)
+    add_alignment_args(p)
     return p
 
 
@@ -144,6 +148,7 @@ def parse_training_args(parser, argv=None):
         parser.error("--cuda-graph does not combine with --compile or --grad-checkpointing (given now or kept by "
                      "the resumed experiment): train without --cuda-graph")
     check_monitor_args(parser, args)
+    check_alignment_args(parser, args)
     return args
 
 
@@ -328,7 +333,8 @@ def open_training_data(args, seed):
     recorded in the checkpoint, and a VAE named for sampling must have the same.
     """
     if args.feature_path:
-        dataset = open_feature_folder(args.feature_path, seed, flip=not args.no_flip, num_classes=args.num_classes)
+        dataset = open_feature_folder(args.feature_path, seed, flip=not args.no_flip, num_classes=args.num_classes,
+                                      images=getattr(args, "repa", False))
         sample = dataset[0][0]
         expected = args.image_size // 8
         if sample.shape[-1] != expected:
@@ -418,6 +424,7 @@ def train(args, backend):
     local_batch = args.global_batch_size // world
     torch.manual_seed(args.global_seed * world + rank)
 
+    encoder = open_encoder(args, device)  # before the data: missing weights must not wait for a data scan
     dataset, vae, normalization, in_channels, latent_size = open_training_data(args, args.global_seed)
     if vae is not None:
         vae = load_vae(args.vae, args.vae_path, device)
@@ -433,6 +440,9 @@ def train(args, backend):
     initial_weights_note = None
     if args.ckpt and not args.resume:
         initial_weights_note = load_initial_weights(model, args)
+    aligner = build_aligner(args, model, encoder).to(device) if encoder is not None else None
+    if aligner is not None:
+        broadcast_module(aligner)  # drawn from each rank's seed: start all from rank 0's, as DDP does the network
 
     # Every process reads the checkpoints on resume: the folder must be one folder for all nodes.
     if args.resume:
@@ -451,13 +461,17 @@ def train(args, backend):
     model.grad_checkpointing = args.grad_checkpointing
     ema = deepcopy(model).requires_grad_(False).eval()
     # The fused kernel exists for CPUs too, where it is 3x faster than the per-tensor loop.
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, fused=True)
+    # The projector is trained with the network but stays out of its state dict and EMA.
+    trained = [*model.parameters(), *(aligner.parameters() if aligner is not None else ())]
+    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0, fused=True)
 
     step, epoch, position = 0, 0, 0
     if args.resume:
         resume_ckpt = load_checkpoint(args.resume_checkpoint)
         load_weights(model, resume_ckpt["model"], args.resume_checkpoint)
         load_weights(ema, resume_ckpt["ema"], args.resume_checkpoint)
+        if aligner is not None:
+            aligner.load_state_dict(resume_ckpt["aligner"])
         opt.load_state_dict(resume_ckpt["opt"])
         for group in opt.param_groups:
             group["lr"] = args.lr  # the saved one unless --lr was given with --resume
@@ -477,25 +491,35 @@ def train(args, backend):
         update_ema(ema, model, 0.0)
 
     model.train()
+    hooks = ExitStack()
+    if aligner is not None:  # registered before wrapping and compiling, after the EMA copy
+        captured = hooks.enter_context(capture_block_outputs(model, [aligner.block_name]))
     train_model, opt = backend.prepare(model, opt)
     if args.compile:
         cache_rope_tables(model)  # before compiling: the compiled code reads them, not recomputes them
         train_model = torch.compile(train_model)
     objective = create_objective(config)
+    if aligner is not None:
+        objective = AlignedObjective(objective, aligner, captured, backend.autocast)
 
     def model_fn(x, t, **kwargs):
         with backend.autocast():
             return train_model(x, t, **kwargs).float()
 
-    def loss_fn(x, t, y):
-        """Batch means of the objective's terms: "loss" (minimised) and its parts (e.g. "mse", "vb")."""
-        return {name: value.mean() for name, value in objective.losses(model_fn, x, t, y).items()}
-    graphed_step = GraphedTrainingStep(loss_fn, model.parameters()) if graphed else None
+    def loss_fn(x, t, y, **features):
+        """Batch means of the objective's terms: "loss" (minimised) and its parts (e.g. "mse", "vb", "align")."""
+        return {name: value.mean() for name, value in objective.losses(model_fn, x, t, y, **features).items()}
+    graphed_step = GraphedTrainingStep(loss_fn, trained) if graphed else None
 
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("experiment %s: %s (%s params), %d samples, %d processes x batch %d, %d steps/epoch",
                 exp_dir, args.model, f"{n_params:,}", len(dataset), world, local_batch, steps_per_epoch)
     monitor = Monitor(args, exp_dir, config, rank, world, device, vae, local_batch, step, logger)
+    if aligner is not None:
+        logger.info("alignment: %s (%dx%d tokens) -> %s (%dx%d x %d), align %g, manifold %g, projector %s params",
+                    aligner.block_name, aligner.grid, aligner.grid, encoder.name, encoder.grid, encoder.grid,
+                    encoder.width, aligner.align_coeff, aligner.manifold_coeff,
+                    f"{sum(p.numel() for p in aligner.parameters()):,}")
 
     def save_checkpoint():
         states = all_gather_objects(rng_state(device))
@@ -508,7 +532,8 @@ def train(args, backend):
             try:
                 save_atomic({"model": unwrapped.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                              "step": step, "epoch": epoch, "position": position, "rng": states,
-                             "backend": backend.extra_state(), "args": {**vars(args), **config}}, path)
+                             "backend": backend.extra_state(), "args": {**vars(args), **config},
+                             **({"aligner": aligner.state_dict()} if aligner is not None else {})}, path)
             except OSError as err:
                 if err.errno != errno.ENOSPC:
                     raise
@@ -517,6 +542,7 @@ def train(args, backend):
             logger.info("saved checkpoint %s", path)
         barrier()
 
+    features = {}  # encoder targets of the batch, with --repa
     running, grad_norm = None, torch.tensor(math.nan)  # device sums of the loss terms since the last log
     log_steps, skipped_images, skipped_steps, clipped_steps = 0, 0, 0, 0
     start = run_start = time.time()
@@ -530,14 +556,17 @@ def train(args, backend):
         loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
                             pin_memory=device.type == "cuda", drop_last=True,
                             generator=torch.Generator().manual_seed(args.global_seed + epoch))
-        for x, y, ok in loader:
+        for x, y, ok, *images in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if encoder is not None:  # the clean image of this very latent: the store's, or x before the VAE
+                clean = images[0].to(device, non_blocking=True) if images else x
+                features = {"target": encoder_targets(encoder, clean, backend.autocast)}
             if vae is not None:
                 with backend.autocast():
                     x = encode(vae, x).float()
             t = objective.sample_time(x.shape[0], device)
             # Graphed: forward and backward (and the gradient all-reduce) happen here.
-            terms = loss_fn(x, t, y) if graphed_step is None else graphed_step(x, t, y)
+            terms = loss_fn(x, t, y, **features) if graphed_step is None else graphed_step(x, t, y, **features)
             names = ["loss", *sorted(terms.keys() - {"loss"})]
             # One all-reduce per step carries the loss terms, the unreadable images and every rank's out-of-time flag.
             out_of_time = args.max_minutes is not None and time.time() - run_start > 60 * args.max_minutes
@@ -559,9 +588,11 @@ def train(args, backend):
                 if graphed_step is None:
                     opt.zero_grad(set_to_none=True)
                     backend.backward(terms["loss"])
+                    if aligner is not None:
+                        average_gradients(aligner.parameters())
                 # The norm costs a pass over the gradients: every step when clipping, else at log steps only.
                 if args.max_grad_norm is not None or log_now:
-                    grad_norm = backend.clip_grad_norm(backend.unwrap(train_model).parameters(), args.max_grad_norm)
+                    grad_norm = backend.clip_grad_norm(trained, args.max_grad_norm)
                     if args.max_grad_norm is not None:
                         clipped_steps += grad_norm > args.max_grad_norm
                 opt.step()
@@ -604,6 +635,7 @@ def train(args, backend):
             done = args.epochs is not None and epoch >= args.epochs
             if done and step % args.ckpt_every:
                 save_checkpoint()
+    hooks.close()
     monitor.close(step, ema)
     logger.info("done: step %d, epoch %d", step, epoch)
     return exp_dir
