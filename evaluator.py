@@ -1,13 +1,16 @@
 """ImageNet sample metrics (IS, FID, sFID, precision, recall), compatible with OpenAI's evaluator.
 
     python evaluator.py VIRTUAL_imagenet256_labeled.npz samples.npz [--json metrics.json]
+        [--backend torch|tf] [--device cuda|cpu]
 
-Same network (the 2015 Inception graph, run through TensorFlow's v1 API), same features
-(pool_3 and the first 7 channels of mixed_6/conv), same statistics and the same
-float16-then-float32 distance computation as guided-diffusion's evaluations/evaluator.py,
-so the same inputs give the same numbers. In addition: image batches are streamed from
-the .npz instead of loaded whole, the reference batch's activations are cached, inputs
-are validated, and the graph is found or downloaded with clear messages.
+Same network (the 2015 Inception graph), same features (pool_3 and the first 7 channels
+of mixed_6/conv), same statistics and the same float16-then-float32 distance computation
+as guided-diffusion's evaluations/evaluator.py, so the same inputs give the same numbers.
+The graph runs either as torch operations (--backend torch, the default: udit/inception.py
+interprets the GraphDef, no TensorFlow needed, CPU or GPU) or through TensorFlow's v1 API
+(--backend tf, ADM's own path, kept for cross-checking). In addition: image batches are
+streamed from the .npz instead of loaded whole, the reference batch's activations are
+cached, inputs are validated, and the graph is found or downloaded with clear messages.
 """
 
 import argparse
@@ -24,17 +27,17 @@ import numpy as np
 from scipy import linalg
 from tqdm.auto import tqdm
 
+from udit import inception
+from udit.cli import ActionableError
 from udit.hub import download_url
+from udit.inception import POOL_NAME, SOFTMAX_MATMUL, SPATIAL_CHANNELS, SPATIAL_NAME
 
 INCEPTION_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
                  "classify_image_graph_def.pb")
 INCEPTION_ENV = "UDIT_INCEPTION_GRAPH"
 CACHE_ENV = "UDIT_CACHE_DIR"
-POOL_NAME = "pool_3:0"
-SPATIAL_NAME = "mixed_6/conv:0"
-SOFTMAX_MATMUL = "softmax/logits/MatMul"
-SPATIAL_CHANNELS = 7
 BATCH_SIZE = 64
+BACKENDS = ("torch", "tf")
 
 
 class EvaluatorInputError(ValueError):
@@ -236,6 +239,8 @@ def find_inception_graph(path=None, download=True):
 class InceptionFeatures:
     """pool_3 and spatial features, class probabilities and pairwise distances in one TF session."""
 
+    backend = "tf"
+
     def __init__(self, graph_path):
         import tensorflow as tf2
         import tensorflow.compat.v1 as tf
@@ -306,10 +311,10 @@ def batch_activations(net, path, batch_size=BATCH_SIZE, desc="activations"):
 
 
 def reference_activations(net, path, use_cache=True, batch_size=BATCH_SIZE):
-    """Activations of the reference batch, cached by the file's and the graph's content hashes."""
+    """Activations of the reference batch, cached by the file's and the graph's content hashes and the backend."""
     if not use_cache:
         return batch_activations(net, path, batch_size, "reference batch")
-    key = f"{file_digest(path)[:16]}-{file_digest(net.graph_path)[:16]}"
+    key = f"{net.backend}-{file_digest(path)[:16]}-{file_digest(net.graph_path)[:16]}"
     cached = cache_dir() / "evaluator" / f"ref-{key}.npz"
     if cached.is_file():
         with np.load(cached, allow_pickle=False) as data:
@@ -331,10 +336,18 @@ def batch_statistics(path, activations):
     return compute_statistics(activations[0]), compute_statistics(activations[1])
 
 
-def evaluate(ref_path, sample_path, graph_path=None, use_cache=True, batch_size=BATCH_SIZE):
+def inception_network(graph_path, backend="torch", device=None):
+    """ADM's Inception network on `backend`: torch (udit/inception.py, on `device`) or tf (TensorFlow)."""
+    if backend == "tf":
+        return InceptionFeatures(graph_path)
+    return inception.InceptionTorch(graph_path, device)
+
+
+def evaluate(ref_path, sample_path, graph_path=None, use_cache=True, batch_size=BATCH_SIZE, backend="torch",
+             device=None):
     """All five metrics as a dict: inception_score, fid, sfid, precision, recall."""
-    count_images(ref_path), count_images(sample_path)  # fail fast, before TensorFlow starts
-    net = InceptionFeatures(find_inception_graph(graph_path))
+    count_images(ref_path), count_images(sample_path)  # fail fast, before the network loads
+    net = inception_network(find_inception_graph(graph_path), backend, device)
     print("computing reference batch activations...")
     ref_acts = reference_activations(net, ref_path, use_cache, batch_size)
     ref_stats, ref_stats_spatial = batch_statistics(ref_path, ref_acts)
@@ -363,10 +376,17 @@ def main(argv=None):
     parser.add_argument("--no-cache", action="store_true", help="recompute the reference batch activations")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                         help="images per Inception batch (64, as the original)")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="torch: the graph's ops as torch operations, no TensorFlow (default); "
+                             "tf: ADM's TensorFlow path, for cross-checking")
+    parser.add_argument("--device", help="torch backend: cuda, cuda:1, cpu, ... (default: cuda when available)")
     args = parser.parse_args(argv)
+    if args.device and args.backend == "tf":
+        parser.error("--device applies to --backend torch; TensorFlow places the graph itself")
     try:
-        metrics = evaluate(args.ref_batch, args.sample_batch, args.inception_graph, not args.no_cache, args.batch_size)
-    except EvaluatorInputError as err:
+        metrics = evaluate(args.ref_batch, args.sample_batch, args.inception_graph, not args.no_cache, args.batch_size,
+                           args.backend, args.device)
+    except (EvaluatorInputError, ActionableError) as err:
         parser.exit(2, f"evaluator.py: error: {err}\n")
     print("Inception Score:", metrics["inception_score"])
     print("FID:", metrics["fid"])

@@ -136,27 +136,83 @@ def test_missing_graph_offline_error_names_url_and_place(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------- the TensorFlow path
 
-def build_stand_in_graph(path):
-    """A frozen graph with the Inception tensor names and input path, random constant weights."""
+STAND_IN_SIDE = 37  # the stand-in's ResizeBilinear target (the real graph: 299)
+STAND_IN_SPATIAL = 9 * 9 * 7  # mixed_6/conv is 9 x 9 here (the real graph: 17 x 17)
+REAL_GRAPH_OPS = {"Const", "ExpandDims", "ResizeBilinear", "Sub", "Mul", "Conv2D", "BatchNormWithGlobalNormalization",
+                  "CheckNumerics", "Identity", "Relu", "MaxPool", "AvgPool", "Concat"}
+
+
+def build_stand_in_graph(path, rng=None, extra=None):
+    """A frozen graph laid out like the 2015 Inception graph, with random weights, small maps.
+
+    The same op types, names and conventions as classify_image_graph_def.pb: a JPEG decoder
+    and Cast in front of ExpandDims (bypassed by feeding ExpandDims:0), legacy ResizeBilinear,
+    conv blocks Conv2D -> BatchNormWithGlobalNormalization -> CheckNumerics -> Identity with a
+    control input -> Relu, the old Concat, MaxPool / AvgPool, pool_3 -> pool_3/_reshape
+    ([1, 2048]) -> softmax/logits/MatMul -> Add -> Softmax, GraphDef producer 8. Odd map sizes,
+    strides 1 and 2, SAME padding both even and uneven (the extra row at the bottom), VALID.
+    `extra(tf, x) -> x`, when given, is applied after the first conv block (to plant an op).
+    """
     import tensorflow.compat.v1 as tf
-    rng = np.random.default_rng(0)
+    rng = rng or np.random.default_rng(0)
+
+    def const(value, name):
+        return tf.constant(np.asarray(value, np.float32), name=name)
+
+    def conv_block(x, name, kh, kw, out, stride=1, padding="SAME"):
+        fan_in = kh * kw * int(x.shape[-1])
+        w = const(rng.normal(size=(kh, kw, int(x.shape[-1]), out)) * np.sqrt(2 / fan_in), f"{name}/conv2d_params")
+        y = tf.nn.conv2d(x, w, strides=[1, stride, stride, 1], padding=padding, name=f"{name}/Conv2D")
+        for stat, value in (("moving_mean", rng.normal(scale=0.1, size=out)),
+                            ("moving_variance", rng.uniform(0.5, 2.0, size=out)),
+                            ("beta", rng.normal(scale=0.1, size=out)), ("gamma", rng.uniform(0.5, 1.5, size=out))):
+            const(value, f"{name}/batchnorm/{stat}")
+        bn = tf.identity(y, name=f"{name}/batchnorm")  # becomes BatchNormWithGlobalNormalization below
+        check = tf.debugging.check_numerics(bn, "conv", name=f"{name}/CheckNumerics")
+        with tf.control_dependencies([check]):
+            dep = tf.identity(bn, name=f"{name}/control_dependency")
+        return tf.nn.relu(dep, name=name)
+
     graph = tf.Graph()
     with graph.as_default():
-        decoded = tf.placeholder(tf.float32, [None, None, 3], name="DecodeJpeg")
+        contents = tf.placeholder(tf.string, [], name="DecodeJpeg/contents")
+        decoded = tf.cast(tf.io.decode_jpeg(contents, channels=3, name="DecodeJpeg"), tf.float32, name="Cast")
         image = tf.expand_dims(decoded, 0, name="ExpandDims")
-        resized = tf.image.resize_bilinear(image, [299, 299], align_corners=False, name="ResizeBilinear")
-        scaled = tf.multiply(tf.subtract(resized, 128.0), 1.0 / 128.0, name="Mul")
-        pooled = tf.nn.avg_pool2d(scaled, ksize=18, strides=17, padding="VALID")  # 17 x 17
-        with tf.name_scope("mixed_6"):
-            w6 = tf.constant(rng.normal(size=(1, 1, 3, 192)).astype(np.float32))
-            spatial = tf.nn.conv2d(pooled, w6, strides=1, padding="VALID", name="conv")
-        w7 = tf.constant(rng.normal(size=(1, 1, 192, 2048)).astype(np.float32) / 8)
-        features = tf.nn.relu(tf.nn.conv2d(tf.nn.relu(spatial), w7, strides=1, padding="VALID"))
-        pool3 = tf.nn.avg_pool2d(features, ksize=17, strides=1, padding="VALID", name="pool_3")
-        with tf.name_scope("softmax"), tf.name_scope("logits"):
-            w_logits = tf.constant(rng.normal(size=(2048, 1008)).astype(np.float32) / 20)
-            tf.matmul(tf.reshape(pool3, [-1, 2048]), w_logits, name="MatMul")
-    path.write_bytes(graph.as_graph_def().SerializeToString())
+        size = tf.constant([STAND_IN_SIDE, STAND_IN_SIDE], name="ResizeBilinear/size")
+        resized = tf.raw_ops.ResizeBilinear(images=image, size=size, align_corners=False, name="ResizeBilinear")
+        x = tf.multiply(tf.subtract(resized, 128.0, name="Sub"), 1.0 / 128.0, name="Mul")
+        x = conv_block(x, "conv", 3, 3, 8, stride=2, padding="VALID")  # 37 -> 18
+        if extra is not None:
+            x = extra(tf, x)
+        x = conv_block(x, "conv_1", 3, 3, 8)  # 18, SAME 1 + 1
+        x = conv_block(x, "conv_2", 3, 3, 8, stride=2)  # 18 -> 9, SAME 0 + 1 (uneven)
+        x = tf.nn.max_pool2d(x, ksize=2, strides=1, padding="SAME", name="pool")  # 9, SAME 0 + 1
+        x = tf.nn.avg_pool2d(x, ksize=2, strides=1, padding="SAME", name="pool_1")  # 9, uneven, padding not counted
+        towers = [conv_block(x, "mixed/conv", 1, 1, 4),
+                  conv_block(conv_block(x, "mixed/tower/conv", 1, 3, 4), "mixed/tower/conv_1", 3, 1, 4),
+                  conv_block(tf.nn.avg_pool2d(x, ksize=3, strides=1, padding="SAME", name="mixed/tower_1/pool"),
+                             "mixed/tower_1/conv", 1, 1, 4)]
+        x = tf.raw_ops.Concat(concat_dim=tf.constant(3, name="mixed/join/concat_dim"), values=towers, name="mixed/join")
+        x = conv_block(x, "mixed_6/conv", 3, 3, 16)  # 9 x 9 x 16: sFID reads its first 7 channels
+        x = tf.nn.max_pool2d(x, ksize=3, strides=2, padding="VALID", name="mixed_10/pool")  # 9 -> 4
+        x = conv_block(x, "mixed_10/conv", 1, 1, 2048)
+        pool3 = tf.nn.avg_pool2d(x, ksize=4, strides=1, padding="VALID", name="pool_3")  # (N, 1, 1, 2048)
+        flat = tf.reshape(pool3, tf.constant([1, 2048], name="pool_3/_reshape/shape"), name="pool_3/_reshape")
+        weights = const(rng.normal(size=(2048, 1008)) / 8, "softmax/weights")
+        logits = tf.raw_ops.Add(x=tf.matmul(flat, weights, name="softmax/logits/MatMul"),
+                                y=const(rng.normal(size=1008), "softmax/biases"), name="softmax/logits")
+        tf.nn.softmax(logits, name="softmax")
+    graph_def = graph.as_graph_def()
+    for node in graph_def.node:
+        if node.name.endswith("/batchnorm") and node.op == "Identity":
+            node.op = "BatchNormWithGlobalNormalization"
+            del node.attr["T"]
+            node.attr["T"].type = 1  # DT_FLOAT
+            node.input.extend(f"{node.name}/{k}" for k in ("moving_mean", "moving_variance", "beta", "gamma"))
+            node.attr["variance_epsilon"].f = 0.001
+            node.attr["scale_after_normalization"].b = True
+    graph_def.versions.producer = 8  # the op was removed from GraphDef version 9 on
+    path.write_bytes(graph_def.SerializeToString())
     return path
 
 
@@ -175,7 +231,7 @@ def test_features_have_inception_shapes_and_order(stand_in_graph):
     net = evaluator.InceptionFeatures(stand_in_graph)
     batch = images(0, 3)
     pool, spatial = net.activations([batch])
-    assert pool.shape == (3, 2048) and spatial.shape == (3, 17 * 17 * 7)
+    assert pool.shape == (3, 2048) and spatial.shape == (3, STAND_IN_SPATIAL)
     raw = net.session.run(net.graph.get_tensor_by_name("features/mixed_6/conv:0"),
                           {net.images: batch.astype(np.float32)})
     assert np.array_equal(spatial, raw[..., :7].reshape(3, -1))  # first 7 channels, H, W, C order
