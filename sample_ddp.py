@@ -28,7 +28,8 @@ from download import resolve_checkpoint
 from udit.cli import finite_float, positive_int, run_guarded
 from udit.distributed import barrier, broadcast_object, cleanup, configure_matmul_precision, init_distributed
 from udit.sampling import (accounting, add_sampling_args, batches_of_rank, check_sampling_args, describe_run,
-                           file_sha256, generate, guidance_from_args, labels_for, load_guide_model,
+                           LABEL_MODES, check_balanced_count, file_sha256, generate, guidance_from_args, labels_for,
+                           load_guide_model,
                            load_sampling_model, manifest_digest, open_sample_folder, sampler_from_args,
                            save_png_atomic,
                            write_npz_streaming)
@@ -42,16 +43,18 @@ def run_manifest(args, settings, info, checkpoint_sha256, guide_sha256):
     """Everything that decides image i besides i; the sample folder is named after it and keeps a copy.
 
     info: the accounting() of the run (solver, steps, spacing, guidance). Not in it:
-    --num-fid-samples (image i does not depend on the count) and --cuda-graph (a replay
-    computes the same values).
+    --num-fid-samples under random labels (image i does not depend on the count; under
+    balanced labels it does, and is recorded) and --cuda-graph (a replay computes the
+    same values).
     """
+    labels = {"labels": "balanced", "num_fid_samples": args.num_fid_samples} if args.labels == "balanced" else {}
     return {"checkpoint_sha256": checkpoint_sha256, "model": settings["model"],
             "model_kwargs": settings["model_kwargs"], "image_size": settings["image_size"],
             "num_classes": settings["num_classes"], "trained_labels": settings["trained_labels"],
             "vae": vae_source(settings["vae"], args.vae_path) if settings["vae"] != "none" else "none",
             **{k: v for k, v in info.items() if k not in NOT_IN_MANIFEST}, "guide_sha256": guide_sha256,
             "global_seed": args.global_seed, "per_proc_batch_size": args.per_proc_batch_size,
-            "precision": args.precision}
+            "precision": args.precision, **labels}
 
 
 def run_name(args, settings, info, manifest):
@@ -80,6 +83,9 @@ def main(argv=None):
     p.add_argument("--num-fid-samples", type=positive_int, default=50_000)
     p.add_argument("--per-proc-batch-size", type=positive_int, default=32)
     p.add_argument("--global-seed", type=int, default=0)
+    p.add_argument("--labels", choices=LABEL_MODES, default="random",
+                   help="random: each image's class drawn uniformly (the paper's protocol, default); balanced: "
+                        "exactly N / classes images per class in a seeded order (N must be a multiple of the classes)")
     p.add_argument("--sample-dir", default="samples")
     args = p.parse_args(argv)
     check_sampling_args(p, args)
@@ -95,6 +101,8 @@ def sample_all(args, ctx):
     """Sample this rank's missing batches, then (rank 0) write the .npz from the PNGs."""
     configure_matmul_precision(args.precision, ctx.device)
     model, vae, settings = load_sampling_model(args, ctx.device)
+    if args.labels == "balanced":
+        check_balanced_count(args.num_fid_samples, len(settings["trained_labels"]))  # before any folder exists
     sampler = sampler_from_args(args, settings["objective"])
     guide = load_guide_model(args.guide_ckpt, settings, ctx.device) if args.guide_ckpt else None
     guidance = guidance_from_args(args, sampler, guide)
@@ -108,6 +116,7 @@ def sample_all(args, ctx):
         open_sample_folder(folder, manifest)
     barrier()
     n = args.num_fid_samples
+    labels = labels_for(n, args.global_seed, settings["trained_labels"], args.labels)
     todo = [b for b in batches_of_rank(n, args.per_proc_batch_size, ctx.rank, ctx.world_size)
             if not all((folder / f"{i:06d}.png").is_file() for i in b)]
     already = sum(1 for i in range(n) if (folder / f"{i:06d}.png").is_file()) if ctx.is_main else 0
@@ -116,7 +125,7 @@ def sample_all(args, ctx):
               f"{describe_run(info)}")
     bar = tqdm(total=n, initial=already, unit="img", desc="sampling", disable=not ctx.is_main, smoothing=0.1)
     for batch in todo:
-        images, _ = generate(model, vae, settings, args.global_seed, batch, sampler, guidance,
+        images, _ = generate(model, vae, settings, args.global_seed, batch, sampler, guidance, labels=labels[batch],
                              precision=args.precision, cuda_graph=args.cuda_graph)
         for i, array in zip(batch, to_uint8(images).numpy()):
             save_png_atomic(array, folder / f"{i:06d}.png")
@@ -131,7 +140,7 @@ def sample_all(args, ctx):
         pngs = (np.asarray(Image.open(folder / f"{i:06d}.png").convert("RGB"))
                 for i in tqdm(range(n), desc="writing .npz", unit="img"))
         npz = folder.parent / f"{folder.name}.npz"
-        write_npz_streaming(npz, n, (size, size, 3), pngs, labels_for(n, args.global_seed, settings["trained_labels"]))
+        write_npz_streaming(npz, n, (size, size, 3), pngs, labels)
         write_json_atomic(npz.with_suffix(".json"), {"ckpt": args.ckpt, **manifest, **info, "num_samples": n,
                                                      "npz": npz.name})
         print(f"wrote {npz}: arr_0 uint8 ({n}, {size}, {size}, 3), arr_1 labels ({n},); settings and "

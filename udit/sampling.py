@@ -302,9 +302,36 @@ def batches_of_rank(count, batch_size, rank, world_size):
     return [list(range(s, min(s + batch_size, count))) for s in starts]
 
 
-def labels_for(count, seed, label_pool):
-    """The class label of every image index, as the sampler draws it (uniform over the trained classes)."""
-    return initial_draws(seed, range(count), (1,), label_pool)[0].numpy()
+LABEL_MODES = ("random", "balanced")
+BALANCED_STREAM = 2  # seeded_generator stream of the balanced order (0: an image's label and noise)
+
+
+def labels_for(count, seed, label_pool, mode="random"):
+    """The class label (count,) of every image index 0..count-1.
+
+    random: each image's label is drawn uniformly from `label_pool`, as the sampler draws
+    it (the paper's protocol). balanced: every class of the pool exactly count / classes
+    times (recent papers' 50 per class for 50K, SPEC §11), in an order shuffled by
+    (seed, count) alone, so any process count and any resumed run get the same labels.
+    Raises ValueError when a balanced count is not a multiple of the class count.
+    """
+    if mode == "random":
+        return initial_draws(seed, range(count), (1,), label_pool)[0].numpy()
+    if mode != "balanced":
+        raise ValueError(f"label mode {mode!r}: use one of {', '.join(LABEL_MODES)}")
+    pool = np.asarray(list(label_pool), dtype=np.int64)
+    check_balanced_count(count, len(pool))
+    order = torch.randperm(count, generator=seeded_generator(seed, count, BALANCED_STREAM)).numpy()
+    return np.repeat(pool, count // len(pool))[order]
+
+
+def check_balanced_count(count, classes):
+    """ValueError naming the counts that work when `count` images cannot be spread evenly over `classes`."""
+    if count % classes:
+        below, above = count // classes * classes, -(-count // classes) * classes
+        nearest = f"{below} or {above}" if below else f"{above}"
+        raise ValueError(f"--labels balanced: {count} images do not split evenly over {classes} classes; "
+                         f"use --num-fid-samples a multiple of {classes} (e.g. {nearest})")
 
 
 def initial_draws(seed, indices, shape, label_pool, labels=None):
