@@ -31,6 +31,7 @@ from udit import inception
 from udit.cli import ActionableError
 from udit.hub import download_url
 from udit.inception import POOL_NAME, SOFTMAX_MATMUL, SPATIAL_CHANNELS, SPATIAL_NAME
+from udit.sampling import read_protocol
 
 INCEPTION_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
                  "classify_image_graph_def.pb")
@@ -38,6 +39,11 @@ INCEPTION_ENV = "UDIT_INCEPTION_GRAPH"
 CACHE_ENV = "UDIT_CACHE_DIR"
 BATCH_SIZE = 64
 BACKENDS = ("torch", "tf")
+PROTOCOL_COUNT = 50_000  # images per published FID (ADM, DiT, U-DiT)
+# The protocol card's entries that decide a number, in the order they are printed (SPEC §6, §11).
+CARD_KEYS = ("ckpt", "checkpoint_sha256", "model", "weights", "vae", "sampler", "steps", "spacing", "time_shift",
+             "nfe_per_image", "cfg_scale", "cfg_interval", "cfg_channels", "autoguidance", "guide_ckpt", "labels",
+             "global_seed", "num_samples", "precision")
 
 
 class EvaluatorInputError(ValueError):
@@ -140,6 +146,45 @@ def read_precomputed_statistics(path):
         if m.ndim != 1 or s.shape != (m.shape[0], m.shape[0]):
             raise EvaluatorInputError(f"{path}: {label} have shapes {m.shape} and {s.shape}, expected (D,) and (D, D)")
     return stats
+
+
+def image_shape(path):
+    """(H, W) of the images in arr_0."""
+    with open_npy_member(path) as (_, shape, dtype):
+        check_images_header(path, shape, dtype)
+        return tuple(shape[1:3])
+
+
+def protocol_card(path):
+    """The sample batch's protocol card (written by sample_ddp.py into the .npz), or None."""
+    try:
+        return read_protocol(path)
+    except ValueError as err:
+        raise EvaluatorInputError(str(err)) from None
+
+
+def protocol_warnings(ref_path, sample_path):
+    """One-line warnings for a comparison published numbers cannot be set beside."""
+    warns = []
+    ref_hw, sample_hw = image_shape(ref_path), image_shape(sample_path)
+    if ref_hw != sample_hw:
+        warns.append(f"reference images are {ref_hw[0]}x{ref_hw[1]} but samples {sample_hw[0]}x{sample_hw[1]}; "
+                     f"the numbers are not comparable to those of a same-size reference batch")
+    n = count_images(sample_path)
+    if n < PROTOCOL_COUNT:
+        warns.append(f"{n} samples: published FIDs use {PROTOCOL_COUNT:,} (FID is biased upward with fewer); "
+                     f"sample with --num-fid-samples {PROTOCOL_COUNT}")
+    return warns
+
+
+def describe_card(card):
+    """The card's deciding entries, one `key: value` line each (checkpoint digests shortened)."""
+    lines = []
+    for key in CARD_KEYS:
+        if card.get(key) is not None:
+            value = card[key]
+            lines.append(f"  {key}: {value[:16] if key.endswith('sha256') else value}")
+    return "\n".join(lines)
 
 
 def file_digest(path, chunk=1 << 24):
@@ -384,17 +429,26 @@ def main(argv=None):
     if args.device and args.backend == "tf":
         parser.error("--device applies to --backend torch; TensorFlow places the graph itself")
     try:
+        card = protocol_card(args.sample_batch)
+        for line in protocol_warnings(args.ref_batch, args.sample_batch):
+            print(f"evaluator.py: warning: {line}", file=sys.stderr)
         metrics = evaluate(args.ref_batch, args.sample_batch, args.inception_graph, not args.no_cache, args.batch_size,
                            args.backend, args.device)
     except (EvaluatorInputError, ActionableError) as err:
         parser.exit(2, f"evaluator.py: error: {err}\n")
+    if card is None:
+        print(f"Protocol: {args.sample_batch} carries no protocol card (written by sample_ddp.py)")
+    else:
+        print(f"Protocol of {args.sample_batch}:\n{describe_card(card)}")
     print("Inception Score:", metrics["inception_score"])
     print("FID:", metrics["fid"])
     print("sFID:", metrics["sfid"])
     print("Precision:", metrics["precision"])
     print("Recall:", metrics["recall"])
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+        evaluation = {"reference": str(args.ref_batch), "sample": str(args.sample_batch), "backend": args.backend,
+                      "sample_count": count_images(args.sample_batch)}
+        Path(args.json).write_text(json.dumps({**metrics, "evaluation": evaluation, "protocol": card}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,17 @@ def run_manifest(args, settings, info, checkpoint_sha256, guide_sha256):
             "precision": args.precision, **labels}
 
 
+def protocol_card(args, settings, manifest, info, count):
+    """What a reader of the numbers needs: the manifest, network evaluations, weights, labels and count.
+
+    Stored inside the .npz (protocol.json) and beside it (.json); evaluator.py prints it.
+    weights: "ema" (the EMA of a training checkpoint), "model" (raw weights) or what else
+    the checkpoint held.
+    """
+    return {"ckpt": args.ckpt, **manifest, **info, "weights": settings["weights"], "labels": args.labels,
+            "num_samples": count}
+
+
 def run_name(args, settings, info, manifest):
     """Readable settings, then the manifest's hash: another checkpoint or setting gets another folder."""
     def stem(ckpt):
@@ -140,9 +151,9 @@ def sample_all(args, ctx):
         pngs = (np.asarray(Image.open(folder / f"{i:06d}.png").convert("RGB"))
                 for i in tqdm(range(n), desc="writing .npz", unit="img"))
         npz = folder.parent / f"{folder.name}.npz"
-        write_npz_streaming(npz, n, (size, size, 3), pngs, labels)
-        write_json_atomic(npz.with_suffix(".json"), {"ckpt": args.ckpt, **manifest, **info, "num_samples": n,
-                                                     "npz": npz.name})
+        card = protocol_card(args, settings, manifest, info, n)
+        write_npz_streaming(npz, n, (size, size, 3), pngs, labels, protocol=card)
+        write_json_atomic(npz.with_suffix(".json"), {**card, "npz": npz.name})
         print(f"wrote {npz}: arr_0 uint8 ({n}, {size}, {size}, 3), arr_1 labels ({n},); settings and "
               f"{info['nfe_per_image']} network evaluations per image in {npz.with_suffix('.json').name}")
     barrier()

@@ -253,11 +253,41 @@ def test_end_to_end_command(stand_in_graph, tmp_path, monkeypatch, capsys):
     labels = [line.split(":")[0] for line in lines if ":" in line and not line.startswith("using")]
     assert labels[-5:] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
     metrics = json.loads(out_json.read_text())
-    assert set(metrics) == {"inception_score", "fid", "sfid", "precision", "recall"}
+    assert set(metrics) == {"inception_score", "fid", "sfid", "precision", "recall", "evaluation", "protocol"}
+    assert metrics["protocol"] is None and metrics["evaluation"]["backend"] == "torch"
     assert metrics["inception_score"] >= 1.0 and metrics["fid"] > 0
     assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
     assert len(list((tmp_path / "cache" / "evaluator").glob("ref-*.npz"))) == 1
 
+
+
+def test_protocol_card_is_printed_written_and_warned_about(stand_in_graph, tmp_path, monkeypatch, capsys):
+    from udit.sampling import write_npz_streaming
+    monkeypatch.setenv("UDIT_CACHE_DIR", str(tmp_path / "cache"))
+    ref = write_npz(tmp_path / "ref.npz", arr_0=images(1, 12))
+    card = {"ckpt": "U-DiT-B-400K", "checkpoint_sha256": "ab" * 32, "sampler": "ddpm", "steps": 250,
+            "nfe_per_image": 500, "cfg_scale": 1.5, "cfg_interval": None, "weights": "ema", "labels": "balanced",
+            "global_seed": 0, "num_samples": 10, "vae": "stabilityai/sd-vae-ft-ema"}
+    sample = tmp_path / "sample.npz"
+    write_npz_streaming(sample, 10, (24, 24, 3), images(2, 10, size=24), np.zeros(10), protocol=card)
+    out_json = tmp_path / "metrics.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluator.main([str(ref), str(sample), "--inception-graph", str(stand_in_graph), "--json", str(out_json),
+                        "--device", "cpu"])
+    captured = capsys.readouterr()
+    warns = [line for line in captured.err.splitlines() if line.startswith("evaluator.py: warning:")]
+    assert len(warns) == 2
+    assert "reference images are 32x32 but samples 24x24" in warns[0]
+    assert "10 samples: published FIDs use 50,000" in warns[1]
+    out = captured.out.splitlines()
+    first = out.index(f"Protocol of {sample}:")
+    assert "  checkpoint_sha256: " + "ab" * 8 in out and "  labels: balanced" in out and "  weights: ema" in out
+    assert first < out.index(next(line for line in out if line.startswith("FID:")))
+    written = json.loads(out_json.read_text())
+    assert written["protocol"] == card and written["evaluation"]["sample_count"] == 10
+    with np.load(sample) as data:  # the card does not disturb the arrays ADM's evaluator reads
+        assert data["arr_0"].shape == (10, 24, 24, 3) and json.loads(data["protocol.json"]) == card
 
 
 def test_reference_activations_are_cached_by_content(stand_in_graph, tmp_path, monkeypatch, capsys):

@@ -19,7 +19,7 @@ import train
 import udit.hub
 from conftest import ROOT, TINY_UDIT_KWARGS, randomize, run_script, script_env, torchrun
 from udit.checkpoint import CheckpointError, build_model, load_checkpoint
-from udit.sampling import labels_for, write_npz_streaming
+from udit.sampling import labels_for, read_protocol, write_npz_streaming
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,13 @@ def test_npz_contract(trained, tmp_path):
         pngs = sorted(npz.with_name(npz.name[:-4]).glob("*.png"))
         assert len(pngs) == 5
         assert np.array_equal(np.asarray(Image.open(pngs[3])), data["arr_0"][3])
+        card = json.loads(data["protocol.json"])
+    assert card == read_protocol(npz)
+    sidecar = json.loads(npz.with_suffix(".json").read_text())
+    assert {**card, "npz": npz.name} == sidecar
+    assert (card["sampler"], card["steps"], card["nfe_per_image"], card["cfg_scale"]) == ("ddpm", 4, 8, 1.5)
+    assert (card["weights"], card["labels"], card["num_samples"], card["global_seed"]) == ("ema", "random", 5, 0)
+    assert len(card["checkpoint_sha256"]) == 64 and card["vae"]
 
 
 def test_killed_run_resumes_to_the_identical_npz(trained, tmp_path):

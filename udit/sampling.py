@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from models import DiT_models
-from udit.checkpoint import build_model, load_checkpoint, load_weights, model_state_dict
+from udit.checkpoint import build_model, load_checkpoint, load_weights, model_state_dict, weights_source
 from udit.cli import finite_float, json_object
 from udit.samplers import (DEFAULT_SAMPLERS, LAST_STEPS, SAMPLERS, SPACINGS, Guidance, GuidedModel, check_step_count,
                            make_sampler, samplers_for, schedule_for)
@@ -217,6 +217,7 @@ def load_sampling_model(args, device):
     saved = checkpoint.get("args", {}) if isinstance(checkpoint, dict) and "ema" in checkpoint else {}
     state_dict = model_state_dict(checkpoint)
     settings = resolve_settings(args, saved if isinstance(saved, dict) else {}, state_dict)
+    settings["weights"] = weights_source(checkpoint)
     if args.cfg_scale > 1 and not args.guide_ckpt and not has_null_label(settings):
         raise ValueError(f"{path}: this model was trained without label dropout (--class-dropout-prob 0), so it "
                          f"has no null label and classifier-free guidance cannot work; sample with --cfg-scale 1 "
@@ -447,18 +448,46 @@ def _write_npy_member(zf, name, shape, dtype, chunks):
             f.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
 
 
-def write_npz_streaming(path, count, image_shape, images, labels):
+PROTOCOL_MEMBER = "protocol.json"
+
+
+def write_npz_streaming(path, count, image_shape, images, labels, protocol=None):
     """An .npz with arr_0 uint8 (count, H, W, 3) from an iterable of images and arr_1 labels (count,).
 
     The images are streamed into the file, never held together in memory; the file is
     written under a temporary name and renamed, and its bytes depend only on its content.
+    protocol: a JSON-able dict stored as the member protocol.json (the run's protocol
+    card, which evaluator.py prints beside the numbers; np.load returns it as bytes, and
+    readers of arr_0 / arr_1 such as ADM's evaluator ignore it).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         _write_npy_member(zf, "arr_0.npy", (count, *image_shape), np.uint8, images)
         _write_npy_member(zf, "arr_1.npy", (count,), np.int64, [np.asarray(labels, dtype=np.int64)])
+        if protocol is not None:
+            zf.writestr(zipfile.ZipInfo(PROTOCOL_MEMBER, date_time=FIXED_ZIP_TIME),
+                        json.dumps(protocol, indent=1, sort_keys=True, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+def read_protocol(path):
+    """The protocol card (dict) stored in an .npz by write_npz_streaming, or None when it has none.
+
+    Raises ValueError naming the file when the member is there but is not a JSON object.
+    """
+    with zipfile.ZipFile(path) as zf:
+        if PROTOCOL_MEMBER not in zf.namelist():
+            return None
+        text = zf.read(PROTOCOL_MEMBER)
+    try:
+        card = json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"{path}: {PROTOCOL_MEMBER} is not valid JSON ({err}); rewrite the .npz with sample_ddp.py "
+                         f"or delete the member") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"{path}: {PROTOCOL_MEMBER} is not a JSON object")
+    return card
 
 
 def image_grid(images, nrow):
