@@ -39,6 +39,9 @@ INCEPTION_ENV = "UDIT_INCEPTION_GRAPH"
 CACHE_ENV = "UDIT_CACHE_DIR"
 BATCH_SIZE = 64
 BACKENDS = ("torch", "tf")
+METRICS = ("adm", "fd_dinov2")
+FD_ENCODER = "dinov2-vitl14"  # EDM2 / dgm-eval: DINOv2 ViT-L/14, class token, bicubic (antialiased) 224 px
+FD_RESOLUTION = 224
 PROTOCOL_COUNT = 50_000  # images per published FID (ADM, DiT, U-DiT)
 # The protocol card's entries that decide a number, in the order they are printed (SPEC §6, §11).
 CARD_KEYS = ("ckpt", "checkpoint_sha256", "model", "weights", "vae", "sampler", "steps", "spacing", "time_shift",
@@ -410,6 +413,65 @@ def evaluate(ref_path, sample_path, graph_path=None, use_cache=True, batch_size=
     }
 
 
+#################################################################################
+#                      FD-DINOv2 (EDM2, dgm-eval)                               #
+#################################################################################
+
+def load_fd_encoder(name=FD_ENCODER, weights=None, device=None):
+    """(encoder, weights file) for FD-DINOv2: images (N, 3, H, W) in [-1, 1] -> class tokens (N, D).
+
+    name: a DINOv2 name of udit.encoders (weights from `weights`, else the Hugging Face
+    cache or hub; offline without them is one line naming the file to fetch) or a file
+    of udit.encoders.save_encoder (tests, other encoders). DINOv2 runs at 224 px whatever
+    the image size, as EDM2's statistics are computed.
+    """
+    from udit import encoders
+    if name in encoders.DINOV2:
+        weights = weights or encoders.cached_weights(name)
+        encoder = encoders.load_encoder(name, FD_RESOLUTION, weights, resolution=FD_RESOLUTION, tokens="class",
+                                        antialias=True)
+    else:
+        encoder, weights = encoders.load_encoder(name, FD_RESOLUTION, weights, tokens="class", antialias=True), name
+    return encoder.to(inception.resolve_device(device)), Path(weights)
+
+
+def encoder_features(encoder, path, batch_size=BATCH_SIZE, desc="FD-DINOv2 features"):
+    """(N, D) float64 features of the images in arr_0 (uint8 NHWC), batch by batch."""
+    import torch
+    device = next(encoder.buffers()).device
+    n = count_images(path)
+    out = []
+    for batch in tqdm(iter_image_batches(path, batch_size), total=-(-n // batch_size), desc=desc, unit="batch"):
+        x = torch.tensor(batch, device=device).permute(0, 3, 1, 2).float() / 127.5 - 1  # a copy: batch is read-only
+        out.append(encoder(x).double().cpu().numpy())
+    return np.concatenate(out)
+
+
+def fd_dinov2(ref_path, sample_path, encoder_name=FD_ENCODER, weights=None, device=None, use_cache=True,
+              batch_size=BATCH_SIZE):
+    """Frechet distance between the class-token Gaussians of reference and samples (EDM2's FD_DINOv2).
+
+    The reference statistics are cached by the contents of the reference file and of the
+    encoder's weights.
+    """
+    count_images(ref_path), count_images(sample_path)
+    encoder, weights_file = load_fd_encoder(encoder_name, weights, device)
+    cached = cache_dir() / "evaluator" / f"fd-{file_digest(ref_path)[:16]}-{file_digest(weights_file)[:16]}.npz"
+    if use_cache and cached.is_file():
+        with np.load(cached, allow_pickle=False) as data:
+            print(f"using cached reference FD-DINOv2 statistics {cached}")
+            ref_stats = data["mu"], data["sigma"]
+    else:
+        ref_stats = compute_statistics(encoder_features(encoder, ref_path, batch_size, "reference FD-DINOv2"))
+        if use_cache:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(cached.stem + ".tmp.npz")
+            np.savez(tmp, mu=ref_stats[0], sigma=ref_stats[1])
+            os.replace(tmp, cached)
+    sample_stats = compute_statistics(encoder_features(encoder, sample_path, batch_size, "sample FD-DINOv2"))
+    return frechet_distance(*sample_stats, *ref_stats)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("ref_batch", help="reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz)")
@@ -424,30 +486,44 @@ def main(argv=None):
     parser.add_argument("--backend", choices=BACKENDS, default="torch",
                         help="torch: the graph's ops as torch operations, no TensorFlow (default); "
                              "tf: ADM's TensorFlow path, for cross-checking")
-    parser.add_argument("--device", help="torch backend: cuda, cuda:1, cpu, ... (default: cuda when available)")
+    parser.add_argument("--device", help="torch backend and FD-DINOv2: cuda, cuda:1, cpu, ... (default: cuda when "
+                                         "available)")
+    parser.add_argument("--metrics", nargs="+", choices=METRICS, default=["adm"],
+                        help="adm: ADM's IS, FID, sFID, precision, recall (default); fd_dinov2: FD in DINOv2 "
+                             "ViT-L/14 class-token features (EDM2)")
+    parser.add_argument("--encoder", default=FD_ENCODER,
+                        help="FD-DINOv2's encoder: a udit.encoders DINOv2 name or a save_encoder file")
+    parser.add_argument("--encoder-weights", metavar="PATH",
+                        help="FD-DINOv2: a local DINOv2 weight file (timm .safetensors or the original .pth)")
     args = parser.parse_args(argv)
-    if args.device and args.backend == "tf":
-        parser.error("--device applies to --backend torch; TensorFlow places the graph itself")
+    if args.device and args.backend == "tf" and "fd_dinov2" not in args.metrics:
+        parser.error("--device applies to --backend torch and FD-DINOv2; TensorFlow places the graph itself")
     try:
         card = protocol_card(args.sample_batch)
         for line in protocol_warnings(args.ref_batch, args.sample_batch):
             print(f"evaluator.py: warning: {line}", file=sys.stderr)
-        metrics = evaluate(args.ref_batch, args.sample_batch, args.inception_graph, not args.no_cache, args.batch_size,
-                           args.backend, args.device)
+        metrics = {}
+        if "fd_dinov2" in args.metrics:  # first: a missing encoder fails before Inception's long run
+            metrics["fd_dinov2"] = fd_dinov2(args.ref_batch, args.sample_batch, args.encoder, args.encoder_weights,
+                                             args.device, not args.no_cache, args.batch_size)
+        if "adm" in args.metrics:
+            metrics.update(evaluate(args.ref_batch, args.sample_batch, args.inception_graph, not args.no_cache,
+                                    args.batch_size, args.backend, args.device))
     except (EvaluatorInputError, ActionableError) as err:
         parser.exit(2, f"evaluator.py: error: {err}\n")
     if card is None:
         print(f"Protocol: {args.sample_batch} carries no protocol card (written by sample_ddp.py)")
     else:
         print(f"Protocol of {args.sample_batch}:\n{describe_card(card)}")
-    print("Inception Score:", metrics["inception_score"])
-    print("FID:", metrics["fid"])
-    print("sFID:", metrics["sfid"])
-    print("Precision:", metrics["precision"])
-    print("Recall:", metrics["recall"])
+    for key, label in (("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"),
+                       ("precision", "Precision"), ("recall", "Recall"), ("fd_dinov2", "FD_DINOv2")):
+        if key in metrics:
+            print(f"{label}:", metrics[key])
     if args.json:
         evaluation = {"reference": str(args.ref_batch), "sample": str(args.sample_batch), "backend": args.backend,
-                      "sample_count": count_images(args.sample_batch)}
+                      "sample_count": count_images(args.sample_batch), "metrics": args.metrics}
+        if "fd_dinov2" in args.metrics:
+            evaluation["fd_encoder"] = args.encoder
         Path(args.json).write_text(json.dumps({**metrics, "evaluation": evaluation, "protocol": card}, indent=2) + "\n")
 
 

@@ -115,21 +115,70 @@ def test_five_numbers_match_tensorflow(stand_in_graph, tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "evaluator").glob("ref-tf-*.npz"))) == 1
 
 
-def test_command_runs_without_tensorflow(stand_in_graph, tmp_path):
-    """`python evaluator.py ref.npz sample.npz` with TensorFlow not importable gives the five numbers."""
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    """A small local ViT with a class token, saved by udit.encoders (the interface DINOv2 loads through)."""
+    from udit.encoders import build_local_vit, save_encoder
+    config = dict(img_size=28, patch_size=14, embed_dim=32, depth=1, num_heads=2)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("encoder") / "tiny_vit.pt"
+    save_encoder(build_local_vit(**config), config, path)
+    return path
+
+
+def test_fd_dinov2_on_class_tokens_with_cached_reference(tiny_encoder, tmp_path, monkeypatch, capsys):
+    import torch.nn.functional as F
+    from udit.encoders import load_encoder
+    monkeypatch.setenv("UDIT_CACHE_DIR", str(tmp_path / "cache"))
+    ref = write_npz(tmp_path / "ref.npz", arr_0=images(1, 20))
+    sample = write_npz(tmp_path / "sample.npz", arr_0=images(2, 16, size=40))
+    value = evaluator.fd_dinov2(ref, sample, str(tiny_encoder), device="cpu", batch_size=8)
+    assert "using cached" not in capsys.readouterr().out
+    # By hand: [0, 1], ImageNet mean / std, antialiased bicubic resize, the class token (EDM2's preprocessing).
+    vit = load_encoder(str(tiny_encoder), 28).vit
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def features(batch):
+        x = (torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255 - mean) / std
+        x = F.interpolate(x, size=(28, 28), mode="bicubic", align_corners=False, antialias=True)
+        return vit.forward_features(x)[:, 0].double().detach().numpy()
+    expected = evaluator.frechet_distance(*evaluator.compute_statistics(features(images(2, 16, size=40))),
+                                          *evaluator.compute_statistics(features(images(1, 20))))
+    assert value == pytest.approx(expected, rel=1e-4) and value > 0
+    assert evaluator.fd_dinov2(ref, sample, str(tiny_encoder), device="cpu") == pytest.approx(value, rel=1e-6)
+    assert "using cached reference FD-DINOv2 statistics" in capsys.readouterr().out
+    assert evaluator.fd_dinov2(ref, ref, str(tiny_encoder), device="cpu") == pytest.approx(0, abs=1e-6)
+
+
+def test_fd_dinov2_offline_without_weights_is_one_line(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub"))
+    ref = write_npz(tmp_path / "ref.npz", arr_0=images(1, 4))
+    with pytest.raises(SystemExit) as info:
+        evaluator.main([str(ref), str(ref), "--metrics", "fd_dinov2", "--device", "cpu"])
+    assert info.value.code == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if ": warning: " not in line]
+    assert len(err) == 1 and "--encoder dinov2-vitl14" in err[0] and "--encoder-weights" in err[0]
+    assert "vit_large_patch14_dinov2" in err[0]  # names the file to fetch
+
+
+def test_command_runs_without_tensorflow(stand_in_graph, tiny_encoder, tmp_path):
+    """`python evaluator.py ref.npz sample.npz` with TensorFlow not importable: the five numbers and FD-DINOv2."""
     ref = write_npz(tmp_path / "ref.npz", arr_0=images(1, 12))
     sample = write_npz(tmp_path / "sample.npz", arr_0=images(2, 10))
     blocker = ("import sys, runpy; sys.modules['tensorflow'] = None; "  # `import tensorflow` raises ImportError
                f"sys.argv = ['evaluator.py', {str(ref)!r}, {str(sample)!r}, '--inception-graph', "
-               f"{str(stand_in_graph)!r}, '--device', 'cpu', '--no-cache']; "
+               f"{str(stand_in_graph)!r}, '--device', 'cpu', '--no-cache', '--metrics', 'adm', 'fd_dinov2', "
+               f"'--encoder', {str(tiny_encoder)!r}]; "
                "runpy.run_path('evaluator.py', run_name='__main__'); "
                "assert not any(m.startswith('tensorflow') for m in sys.modules if sys.modules[m] is not None)")
     proc = subprocess.run([sys.executable, "-c", blocker], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     labels = [line.split(":")[0] for line in proc.stdout.splitlines() if ":" in line]
-    assert labels[-5:] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
-    assert all(np.isfinite(float(line.split(":")[1])) for line in proc.stdout.splitlines()[-5:])
+    assert labels[-6:] == ["Inception Score", "FID", "sFID", "Precision", "Recall", "FD_DINOv2"]
+    assert all(np.isfinite(float(line.split(":")[1])) for line in proc.stdout.splitlines()[-6:])
 
 
 def planted(op_name):
@@ -146,7 +195,7 @@ def test_unknown_op_is_one_line_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         evaluator.main([str(ref), str(ref), "--inception-graph", str(graph), "--device", "cpu"])
     assert info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if ": warning: " not in line]
     assert len(err) == 1 and err[0].startswith("evaluator.py: error: ") and "Tanh" in err[0]
 
 
@@ -171,5 +220,5 @@ def test_bad_device_is_one_line(stand_in_graph, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         evaluator.main([str(ref), str(ref), "--inception-graph", str(stand_in_graph), "--device", "tpu7"])
     assert info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if ": warning: " not in line]
     assert len(err) == 1 and "--device tpu7" in err[0]

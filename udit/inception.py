@@ -432,7 +432,7 @@ class InceptionTorch:
 
     def features(self, images):
         """uint8 or float images (N, H, W, 3) 0..255 -> pool (N, 2048), spatial (N, 17 * 17 * 7) float32 tensors."""
-        x = torch.as_tensor(images).to(self.device, torch.float32)
+        x = torch.tensor(images, dtype=torch.float32, device=self.device)  # a copy: batches are read-only buffers
         pool, spatial = self.graph.run([POOL_NAME, SPATIAL_NAME], {INPUT_NAME: x})
         spatial = spatial[..., :SPATIAL_CHANNELS]  # NHWC: flattened in H, W, C order, as ADM's TF reshape
         return pool.reshape(len(x), -1), spatial.reshape(len(x), -1)
