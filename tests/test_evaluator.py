@@ -142,6 +142,72 @@ REAL_GRAPH_OPS = {"Const", "ExpandDims", "ResizeBilinear", "Sub", "Mul", "Conv2D
                   "CheckNumerics", "Identity", "Relu", "MaxPool", "AvgPool", "Concat"}
 
 
+def stand_in_layers(rng):
+    """(const, conv_block) builders of 2015-Inception-style layers with random weights (TF v1 graph mode).
+
+    conv_block(x, name, kh, kw, out, stride, padding) makes the real graph's conv layer:
+    Conv2D -> `name`/batchnorm (an Identity, turned into BatchNormWithGlobalNormalization
+    by freeze_stand_in) -> CheckNumerics -> Identity with a control input -> Relu `name`.
+    """
+    import tensorflow.compat.v1 as tf
+
+    def const(value, name):
+        return tf.constant(np.asarray(value, np.float32), name=name)
+
+    def conv_block(x, name, kh, kw, out, stride=1, padding="SAME"):
+        fan_in = kh * kw * int(x.shape[-1])
+        w = const(rng.normal(size=(kh, kw, int(x.shape[-1]), out)) * np.sqrt(2 / fan_in), f"{name}/conv2d_params")
+        y = tf.nn.conv2d(x, w, strides=[1, stride, stride, 1], padding=padding, name=f"{name}/Conv2D")
+        for stat, value in (("moving_mean", rng.normal(scale=0.1, size=out)),
+                            ("moving_variance", rng.uniform(0.5, 2.0, size=out)),
+                            ("beta", rng.normal(scale=0.1, size=out)), ("gamma", rng.uniform(0.5, 1.5, size=out))):
+            const(value, f"{name}/batchnorm/{stat}")
+        bn = tf.identity(y, name=f"{name}/batchnorm")
+        check = tf.debugging.check_numerics(bn, "conv", name=f"{name}/CheckNumerics")
+        with tf.control_dependencies([check]):
+            dep = tf.identity(bn, name=f"{name}/control_dependency")
+        return tf.nn.relu(dep, name=name)
+    return const, conv_block
+
+
+def stand_in_input(size):
+    """DecodeJpeg -> Cast -> ExpandDims -> legacy ResizeBilinear to (size, size) -> Sub 128 -> Mul 1/128."""
+    import tensorflow.compat.v1 as tf
+    contents = tf.placeholder(tf.string, [], name="DecodeJpeg/contents")
+    decoded = tf.cast(tf.io.decode_jpeg(contents, channels=3, name="DecodeJpeg"), tf.float32, name="Cast")
+    image = tf.expand_dims(decoded, 0, name="ExpandDims")
+    size = tf.constant([size, size], name="ResizeBilinear/size")
+    resized = tf.raw_ops.ResizeBilinear(images=image, size=size, align_corners=False, name="ResizeBilinear")
+    return tf.multiply(tf.subtract(resized, 128.0, name="Sub"), 1.0 / 128.0, name="Mul")
+
+
+def stand_in_head(x, const, rng):
+    """pool_3 (AvgPool over the whole map) -> pool_3/_reshape [1, 2048] -> softmax/logits/MatMul -> Add -> Softmax."""
+    import tensorflow.compat.v1 as tf
+    pool3 = tf.nn.avg_pool2d(x, ksize=int(x.shape[1]), strides=1, padding="VALID", name="pool_3")
+    flat = tf.reshape(pool3, tf.constant([1, 2048], name="pool_3/_reshape/shape"), name="pool_3/_reshape")
+    weights = const(rng.normal(size=(2048, 1008)) / 8, "softmax/weights")
+    logits = tf.raw_ops.Add(x=tf.matmul(flat, weights, name="softmax/logits/MatMul"),
+                            y=const(rng.normal(size=1008), "softmax/biases"), name="softmax/logits")
+    tf.nn.softmax(logits, name="softmax")
+
+
+def freeze_stand_in(graph, path):
+    """Write the graph as the 2015 graph's GraphDef: batchnorm Identities -> BatchNormWithGlobalNormalization."""
+    graph_def = graph.as_graph_def()
+    for node in graph_def.node:
+        if node.name.endswith("/batchnorm") and node.op == "Identity":
+            node.op = "BatchNormWithGlobalNormalization"
+            del node.attr["T"]
+            node.attr["T"].type = 1  # DT_FLOAT
+            node.input.extend(f"{node.name}/{k}" for k in ("moving_mean", "moving_variance", "beta", "gamma"))
+            node.attr["variance_epsilon"].f = 0.001
+            node.attr["scale_after_normalization"].b = True
+    graph_def.versions.producer = 8  # the op was removed from GraphDef version 9 on
+    path.write_bytes(graph_def.SerializeToString())
+    return path
+
+
 def build_stand_in_graph(path, rng=None, extra=None):
     """A frozen graph laid out like the 2015 Inception graph, with random weights, small maps.
 
@@ -155,32 +221,10 @@ def build_stand_in_graph(path, rng=None, extra=None):
     """
     import tensorflow.compat.v1 as tf
     rng = rng or np.random.default_rng(0)
-
-    def const(value, name):
-        return tf.constant(np.asarray(value, np.float32), name=name)
-
-    def conv_block(x, name, kh, kw, out, stride=1, padding="SAME"):
-        fan_in = kh * kw * int(x.shape[-1])
-        w = const(rng.normal(size=(kh, kw, int(x.shape[-1]), out)) * np.sqrt(2 / fan_in), f"{name}/conv2d_params")
-        y = tf.nn.conv2d(x, w, strides=[1, stride, stride, 1], padding=padding, name=f"{name}/Conv2D")
-        for stat, value in (("moving_mean", rng.normal(scale=0.1, size=out)),
-                            ("moving_variance", rng.uniform(0.5, 2.0, size=out)),
-                            ("beta", rng.normal(scale=0.1, size=out)), ("gamma", rng.uniform(0.5, 1.5, size=out))):
-            const(value, f"{name}/batchnorm/{stat}")
-        bn = tf.identity(y, name=f"{name}/batchnorm")  # becomes BatchNormWithGlobalNormalization below
-        check = tf.debugging.check_numerics(bn, "conv", name=f"{name}/CheckNumerics")
-        with tf.control_dependencies([check]):
-            dep = tf.identity(bn, name=f"{name}/control_dependency")
-        return tf.nn.relu(dep, name=name)
-
     graph = tf.Graph()
     with graph.as_default():
-        contents = tf.placeholder(tf.string, [], name="DecodeJpeg/contents")
-        decoded = tf.cast(tf.io.decode_jpeg(contents, channels=3, name="DecodeJpeg"), tf.float32, name="Cast")
-        image = tf.expand_dims(decoded, 0, name="ExpandDims")
-        size = tf.constant([STAND_IN_SIDE, STAND_IN_SIDE], name="ResizeBilinear/size")
-        resized = tf.raw_ops.ResizeBilinear(images=image, size=size, align_corners=False, name="ResizeBilinear")
-        x = tf.multiply(tf.subtract(resized, 128.0, name="Sub"), 1.0 / 128.0, name="Mul")
+        const, conv_block = stand_in_layers(rng)
+        x = stand_in_input(STAND_IN_SIDE)
         x = conv_block(x, "conv", 3, 3, 8, stride=2, padding="VALID")  # 37 -> 18
         if extra is not None:
             x = extra(tf, x)
@@ -196,24 +240,8 @@ def build_stand_in_graph(path, rng=None, extra=None):
         x = conv_block(x, "mixed_6/conv", 3, 3, 16)  # 9 x 9 x 16: sFID reads its first 7 channels
         x = tf.nn.max_pool2d(x, ksize=3, strides=2, padding="VALID", name="mixed_10/pool")  # 9 -> 4
         x = conv_block(x, "mixed_10/conv", 1, 1, 2048)
-        pool3 = tf.nn.avg_pool2d(x, ksize=4, strides=1, padding="VALID", name="pool_3")  # (N, 1, 1, 2048)
-        flat = tf.reshape(pool3, tf.constant([1, 2048], name="pool_3/_reshape/shape"), name="pool_3/_reshape")
-        weights = const(rng.normal(size=(2048, 1008)) / 8, "softmax/weights")
-        logits = tf.raw_ops.Add(x=tf.matmul(flat, weights, name="softmax/logits/MatMul"),
-                                y=const(rng.normal(size=1008), "softmax/biases"), name="softmax/logits")
-        tf.nn.softmax(logits, name="softmax")
-    graph_def = graph.as_graph_def()
-    for node in graph_def.node:
-        if node.name.endswith("/batchnorm") and node.op == "Identity":
-            node.op = "BatchNormWithGlobalNormalization"
-            del node.attr["T"]
-            node.attr["T"].type = 1  # DT_FLOAT
-            node.input.extend(f"{node.name}/{k}" for k in ("moving_mean", "moving_variance", "beta", "gamma"))
-            node.attr["variance_epsilon"].f = 0.001
-            node.attr["scale_after_normalization"].b = True
-    graph_def.versions.producer = 8  # the op was removed from GraphDef version 9 on
-    path.write_bytes(graph_def.SerializeToString())
-    return path
+        stand_in_head(x, const, rng)  # pool_3: (N, 1, 1, 2048)
+    return freeze_stand_in(graph, path)
 
 
 @pytest.fixture(scope="module")
