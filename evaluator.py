@@ -387,6 +387,11 @@ def batch_statistics(path, activations):
 def inception_network(graph_path, backend="torch", device=None):
     """ADM's Inception network on `backend`: torch (udit/inception.py, on `device`) or tf (TensorFlow)."""
     if backend == "tf":
+        try:
+            import tensorflow  # noqa: F401
+        except ImportError:
+            raise EvaluatorInputError("--backend tf needs TensorFlow (pip install tensorflow-cpu, see "
+                                      "requirements.txt); --backend torch needs none") from None
         return InceptionFeatures(graph_path)
     return inception.InceptionTorch(graph_path, device)
 

@@ -215,6 +215,16 @@ def test_graph_without_the_needed_tensors_is_refused(tmp_path, capsys):
         InceptionTorch(junk, "cpu")
 
 
+def test_tf_backend_without_tensorflow_is_one_line(stand_in_graph, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorflow", None)
+    ref = write_npz(tmp_path / "ref.npz", arr_0=images(1, 4))
+    with pytest.raises(SystemExit) as info:
+        evaluator.main([str(ref), str(ref), "--inception-graph", str(stand_in_graph), "--backend", "tf"])
+    assert info.value.code == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if ": warning: " not in line]
+    assert len(err) == 1 and "--backend tf needs TensorFlow" in err[0]
+
+
 def test_bad_device_is_one_line(stand_in_graph, tmp_path, capsys):
     ref = write_npz(tmp_path / "ref.npz", arr_0=images(1, 4))
     with pytest.raises(SystemExit) as info:
