@@ -136,11 +136,36 @@ def conv2d_op(graph, node, inputs):
     if any(d != 1 for d in attr(node, "dilations", [1, 1, 1, 1])):
         raise GraphError(f"node '{node.name}' (Conv2D): dilations are not supported")
     (sh, sw), (top, bottom, left, right) = window(node, x, w.shape[:2])
-    weight = graph.cached(node.name, lambda: w.permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last))
+    weight, bias = graph.cached(node.name, lambda: conv_weights(graph, node, w))
     x = nchw(x)
     if top == bottom and left == right:
-        return nhwc(F.conv2d(x, weight, stride=(sh, sw), padding=(top, left)))
-    return nhwc(F.conv2d(F.pad(x, (left, right, top, bottom)), weight, stride=(sh, sw)))
+        return nhwc(F.conv2d(x, weight, bias, stride=(sh, sw), padding=(top, left)))
+    return nhwc(F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride=(sh, sw)))
+
+
+def conv_weights(graph, node, w):
+    """(weight (out, in, kh, kw) channels-last, bias or None) of a Conv2D, with its batch norm folded in.
+
+    The batch norm that alone reads a convolution is linear: (conv(x, w) - mean) * s + beta
+    = conv(x, w * s) + (beta - mean * s), s = gamma / sqrt(var + eps). Folding it saves
+    three passes over every activation map; it changes float32 rounding only (~1e-7).
+    """
+    weight = w.permute(3, 2, 0, 1)
+    bias = None
+    bn = graph.folded.get(node.name)
+    if bn is not None:
+        scale, shift = batch_norm_affine(bn, [graph.constant(tensor_name(i)[0]) for i in bn.input[1:5]])
+        weight, bias = weight * scale.view(-1, 1, 1, 1), shift
+    return weight.contiguous(memory_format=torch.channels_last), bias
+
+
+def batch_norm_affine(node, stats):
+    """(scale, shift) of BatchNormWithGlobalNormalization: out = x * scale + shift."""
+    mean, var, beta, gamma = stats
+    scale = torch.rsqrt(var + attr(node, "variance_epsilon"))
+    if attr(node, "scale_after_normalization"):
+        scale = scale * gamma
+    return scale, beta - mean * scale
 
 
 @op("MaxPool")
@@ -174,6 +199,8 @@ def avg_pool_op(graph, node, inputs):
 @op("BatchNormWithGlobalNormalization")
 def batch_norm_op(graph, node, inputs):
     x, mean, var, beta, gamma = inputs
+    if node.name in graph.folded_into:
+        return x  # already applied by the convolution it reads (conv_weights)
     scale = torch.rsqrt(var + attr(node, "variance_epsilon"))
     if attr(node, "scale_after_normalization"):
         scale = scale * gamma
@@ -298,6 +325,25 @@ class TFGraph:
         self.device = torch.device(device)
         self.source = source
         self._constants, self._cache, self._plans = {}, {}, {}
+        self.folded, self.folded_into = self.batch_norms_to_fold()
+
+    def batch_norms_to_fold(self):
+        """({conv name: batch norm node}, {batch norm names}) for each Conv2D read only by a constant batch norm."""
+        readers = {}
+        for node in self.nodes.values():
+            for i in node.input:
+                if not i.startswith("^"):
+                    readers.setdefault(tensor_name(i)[0], []).append(node)
+        folded = {}
+        for node in self.nodes.values():
+            if node.op != "BatchNormWithGlobalNormalization" or len(node.input) != 5:
+                continue
+            source = self.nodes.get(tensor_name(node.input[0])[0])
+            stats = [self.nodes.get(tensor_name(i)[0]) for i in node.input[1:5]]
+            if (source is not None and source.op == "Conv2D" and readers.get(source.name) == [node]
+                    and all(s is not None and s.op == "Const" for s in stats)):
+                folded[source.name] = node
+        return folded, {bn.name for bn in folded.values()}
 
     @classmethod
     def from_file(cls, path, device="cpu"):
