@@ -1,15 +1,18 @@
 """ImageNet sample metrics (IS, FID, sFID, precision, recall), compatible with OpenAI's evaluator.
 
     python evaluator.py VIRTUAL_imagenet256_labeled.npz samples.npz [--json metrics.json]
+        [--backend torch|tf] [--device cuda|cpu]
 
-Same network (the 2015 Inception graph, run through TensorFlow's v1 API), same features
-(pool_3 and the first 7 channels of mixed_6/conv), same statistics and the same
-float16-then-float32 distance computation as guided-diffusion's evaluations/evaluator.py,
-so the same inputs give the same numbers; FID and sFID take the trace of the matrix square
+Same network (the 2015 Inception graph), same features (pool_3 and the first 7 channels
+of mixed_6/conv), same statistics and the same float16-then-float32 distance computation
+as guided-diffusion's evaluations/evaluator.py, so the same inputs give the same numbers; FID and sFID take the trace of the matrix square
 root from singular values (frechet_distance), which agrees with ADM's sqrtm on ordinary
-statistics and stays >= 0 where sqrtm goes negative. In addition: image batches are streamed from
-the .npz instead of loaded whole, the reference batch's activations are cached, inputs
-are validated, and the graph is found or downloaded with clear messages.
+statistics and stays >= 0 where sqrtm goes negative.
+The graph runs either as torch operations (--backend torch, the default: udit/inception.py
+interprets the GraphDef, no TensorFlow needed, CPU or GPU) or through TensorFlow's v1 API
+(--backend tf, ADM's own path, kept for cross-checking). In addition: image batches are
+streamed from the .npz instead of loaded whole, the reference batch's activations are
+cached, inputs are validated, and the graph is found or downloaded with clear messages.
 """
 
 import hashlib
@@ -23,21 +26,29 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from udit.cli import ArgumentParser, output_file, positive_int
+from udit import inception
+from udit.cli import ActionableError, ArgumentParser, output_file, positive_int
 from udit.hub import download_url
+from udit.inception import POOL_NAME, SOFTMAX_MATMUL, SPATIAL_CHANNELS, SPATIAL_NAME
+from udit.sampling import read_protocol
 
 INCEPTION_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
                  "classify_image_graph_def.pb")
 INCEPTION_ENV = "UDIT_INCEPTION_GRAPH"
 CACHE_ENV = "UDIT_CACHE_DIR"
-POOL_NAME = "pool_3:0"
-SPATIAL_NAME = "mixed_6/conv:0"
-SOFTMAX_MATMUL = "softmax/logits/MatMul"
-SPATIAL_CHANNELS = 7
 BATCH_SIZE = 64
 PR_NEIGHBOURS = 3  # k of precision and recall (Kynkaanniemi et al. 2019), as ADM's evaluator
 # Each image's k-th nearest neighbour among the others: a batch needs more than k images.
 MIN_IMAGES = PR_NEIGHBOURS + 1
+BACKENDS = ("torch", "tf")
+METRICS = ("adm", "fd_dinov2")
+FD_ENCODER = "dinov2-vitl14"  # EDM2 / dgm-eval: DINOv2 ViT-L/14, class token, bicubic (antialiased) 224 px
+FD_RESOLUTION = 224
+PROTOCOL_COUNT = 50_000  # images per published FID (ADM, DiT, U-DiT)
+# The protocol card's entries that decide a number, in the order they are printed (SPEC §6, §11).
+CARD_KEYS = ("ckpt", "checkpoint_sha256", "model", "weights", "vae", "sampler", "steps", "spacing", "time_shift",
+             "nfe_per_image", "cfg_scale", "cfg_interval", "cfg_channels", "autoguidance", "guide_ckpt", "labels",
+             "global_seed", "num_samples", "precision")
 
 
 class EvaluatorInputError(ValueError):
@@ -141,6 +152,45 @@ def read_precomputed_statistics(path):
         if m.ndim != 1 or s.shape != (m.shape[0], m.shape[0]):
             raise EvaluatorInputError(f"{path}: {label} have shapes {m.shape} and {s.shape}, expected (D,) and (D, D)")
     return stats
+
+
+def image_shape(path):
+    """(H, W) of the images in arr_0."""
+    with open_npy_member(path) as (_, shape, dtype):
+        check_images_header(path, shape, dtype)
+        return tuple(shape[1:3])
+
+
+def protocol_card(path):
+    """The sample batch's protocol card (written by sample_ddp.py into the .npz), or None."""
+    try:
+        return read_protocol(path)
+    except ValueError as err:
+        raise EvaluatorInputError(str(err)) from None
+
+
+def protocol_warnings(ref_path, sample_path):
+    """One-line warnings for a comparison published numbers cannot be set beside."""
+    warns = []
+    ref_hw, sample_hw = image_shape(ref_path), image_shape(sample_path)
+    if ref_hw != sample_hw:
+        warns.append(f"reference images are {ref_hw[0]}x{ref_hw[1]} but samples {sample_hw[0]}x{sample_hw[1]}; "
+                     f"the numbers are not comparable to those of a same-size reference batch")
+    n = count_images(sample_path)
+    if n < PROTOCOL_COUNT:
+        warns.append(f"{n} samples: published FIDs use {PROTOCOL_COUNT:,} (FID is biased upward with fewer); "
+                     f"sample with --num-fid-samples {PROTOCOL_COUNT}")
+    return warns
+
+
+def describe_card(card):
+    """The card's deciding entries, one `key: value` line each (checkpoint digests shortened)."""
+    lines = []
+    for key in CARD_KEYS:
+        if card.get(key) is not None:
+            value = card[key]
+            lines.append(f"  {key}: {value[:16] if key.endswith('sha256') else value}")
+    return "\n".join(lines)
 
 
 def file_digest(path, chunk=1 << 24):
@@ -263,6 +313,8 @@ def find_inception_graph(path=None, download=True):
 class InceptionFeatures:
     """pool_3 and spatial features, class probabilities and pairwise distances in one TF session."""
 
+    backend = "tf"
+
     def __init__(self, graph_path):
         import tensorflow as tf2
         import tensorflow.compat.v1 as tf
@@ -333,10 +385,10 @@ def batch_activations(net, path, batch_size=BATCH_SIZE, desc="activations"):
 
 
 def reference_activations(net, path, use_cache=True, batch_size=BATCH_SIZE):
-    """Activations of the reference batch, cached by the file's and the graph's content hashes."""
+    """Activations of the reference batch, cached by the file's and the graph's content hashes and the backend."""
     if not use_cache:
         return batch_activations(net, path, batch_size, "reference batch")
-    key = f"{file_digest(path)[:16]}-{file_digest(net.graph_path)[:16]}"
+    key = f"{net.backend}-{file_digest(path)[:16]}-{file_digest(net.graph_path)[:16]}"
     cached = cache_dir() / "evaluator" / f"ref-{key}.npz"
     if cached.is_file():
         with np.load(cached, allow_pickle=False) as data:
@@ -358,10 +410,23 @@ def batch_statistics(path, activations):
     return compute_statistics(activations[0]), compute_statistics(activations[1])
 
 
-def evaluate(ref_path, sample_path, graph_path=None, use_cache=True, batch_size=BATCH_SIZE):
+def inception_network(graph_path, backend="torch", device=None):
+    """ADM's Inception network on `backend`: torch (udit/inception.py, on `device`) or tf (TensorFlow)."""
+    if backend == "tf":
+        try:
+            import tensorflow  # noqa: F401
+        except ImportError:
+            raise EvaluatorInputError("--backend tf needs TensorFlow (pip install tensorflow-cpu, see "
+                                      "requirements.txt); --backend torch needs none") from None
+        return InceptionFeatures(graph_path)
+    return inception.InceptionTorch(graph_path, device)
+
+
+def evaluate(ref_path, sample_path, graph_path=None, use_cache=True, batch_size=BATCH_SIZE, backend="torch",
+             device=None):
     """All five metrics as a dict: inception_score, fid, sfid, precision, recall."""
-    count_images(ref_path), count_images(sample_path)  # fail fast, before TensorFlow starts
-    net = InceptionFeatures(find_inception_graph(graph_path))
+    count_images(ref_path), count_images(sample_path)  # fail fast, before the network loads
+    net = inception_network(find_inception_graph(graph_path), backend, device)
     print("computing reference batch activations...")
     ref_acts = reference_activations(net, ref_path, use_cache, batch_size)
     ref_stats, ref_stats_spatial = batch_statistics(ref_path, ref_acts)
@@ -379,6 +444,65 @@ def evaluate(ref_path, sample_path, graph_path=None, use_cache=True, batch_size=
     }
 
 
+#################################################################################
+#                      FD-DINOv2 (EDM2, dgm-eval)                               #
+#################################################################################
+
+def load_fd_encoder(name=FD_ENCODER, weights=None, device=None):
+    """(encoder, weights file) for FD-DINOv2: images (N, 3, H, W) in [-1, 1] -> class tokens (N, D).
+
+    name: a DINOv2 name of udit.encoders (weights from `weights`, else the Hugging Face
+    cache or hub; offline without them is one line naming the file to fetch) or a file
+    of udit.encoders.save_encoder (tests, other encoders). DINOv2 runs at 224 px whatever
+    the image size, as EDM2's statistics are computed.
+    """
+    from udit import encoders
+    if name in encoders.DINOV2:
+        weights = weights or encoders.cached_weights(name)
+        encoder = encoders.load_encoder(name, FD_RESOLUTION, weights, resolution=FD_RESOLUTION, tokens="class",
+                                        antialias=True)
+    else:
+        encoder, weights = encoders.load_encoder(name, FD_RESOLUTION, weights, tokens="class", antialias=True), name
+    return encoder.to(inception.resolve_device(device)), Path(weights)
+
+
+def encoder_features(encoder, path, batch_size=BATCH_SIZE, desc="FD-DINOv2 features"):
+    """(N, D) float64 features of the images in arr_0 (uint8 NHWC), batch by batch."""
+    import torch
+    device = next(encoder.buffers()).device
+    n = count_images(path)
+    out = []
+    for batch in tqdm(iter_image_batches(path, batch_size), total=-(-n // batch_size), desc=desc, unit="batch"):
+        x = torch.tensor(batch, device=device).permute(0, 3, 1, 2).float() / 127.5 - 1  # a copy: batch is read-only
+        out.append(encoder(x).double().cpu().numpy())
+    return np.concatenate(out)
+
+
+def fd_dinov2(ref_path, sample_path, encoder_name=FD_ENCODER, weights=None, device=None, use_cache=True,
+              batch_size=BATCH_SIZE):
+    """Frechet distance between the class-token Gaussians of reference and samples (EDM2's FD_DINOv2).
+
+    The reference statistics are cached by the contents of the reference file and of the
+    encoder's weights.
+    """
+    count_images(ref_path), count_images(sample_path)
+    encoder, weights_file = load_fd_encoder(encoder_name, weights, device)
+    cached = cache_dir() / "evaluator" / f"fd-{file_digest(ref_path)[:16]}-{file_digest(weights_file)[:16]}.npz"
+    if use_cache and cached.is_file():
+        with np.load(cached, allow_pickle=False) as data:
+            print(f"using cached reference FD-DINOv2 statistics {cached}")
+            ref_stats = data["mu"], data["sigma"]
+    else:
+        ref_stats = compute_statistics(encoder_features(encoder, ref_path, batch_size, "reference FD-DINOv2"))
+        if use_cache:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(cached.stem + ".tmp.npz")
+            np.savez(tmp, mu=ref_stats[0], sigma=ref_stats[1])
+            os.replace(tmp, cached)
+    sample_stats = compute_statistics(encoder_features(encoder, sample_path, batch_size, "sample FD-DINOv2"))
+    return frechet_distance(*sample_stats, *ref_stats)
+
+
 def build_parser():
     parser = ArgumentParser(prog="evaluator.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("ref_batch", help="reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz)")
@@ -390,24 +514,54 @@ def build_parser():
     parser.add_argument("--no-cache", action="store_true", help="recompute the reference batch activations")
     parser.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
                         help="images per Inception batch (64, as the original)")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="torch: the graph's ops as torch operations, no TensorFlow (default); "
+                             "tf: ADM's TensorFlow path, for cross-checking")
+    parser.add_argument("--device", help="torch backend and FD-DINOv2: cuda, cuda:1, cpu, ... (default: cuda when "
+                                         "available)")
+    parser.add_argument("--metrics", nargs="+", choices=METRICS, default=["adm"],
+                        help="adm: ADM's IS, FID, sFID, precision, recall (default); fd_dinov2: FD in DINOv2 "
+                             "ViT-L/14 class-token features (EDM2)")
+    parser.add_argument("--encoder", default=FD_ENCODER,
+                        help="FD-DINOv2's encoder: a udit.encoders DINOv2 name or a save_encoder file")
+    parser.add_argument("--encoder-weights", metavar="PATH",
+                        help="FD-DINOv2: a local DINOv2 weight file (timm .safetensors or the original .pth)")
     return parser
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.device and args.backend == "tf" and "fd_dinov2" not in args.metrics:
+        parser.error("--device applies to --backend torch and FD-DINOv2; TensorFlow places the graph itself")
     try:
-        metrics = evaluate(args.ref_batch, args.sample_batch, args.inception_graph, not args.no_cache, args.batch_size)
-    except EvaluatorInputError as err:
+        card = protocol_card(args.sample_batch)
+        for line in protocol_warnings(args.ref_batch, args.sample_batch):
+            print(f"evaluator.py: warning: {line}", file=sys.stderr)
+        metrics = {}
+        if "fd_dinov2" in args.metrics:  # first: a missing encoder fails before Inception's long run
+            metrics["fd_dinov2"] = fd_dinov2(args.ref_batch, args.sample_batch, args.encoder, args.encoder_weights,
+                                             args.device, not args.no_cache, args.batch_size)
+        if "adm" in args.metrics:
+            metrics.update(evaluate(args.ref_batch, args.sample_batch, args.inception_graph, not args.no_cache,
+                                    args.batch_size, args.backend, args.device))
+    except (EvaluatorInputError, ActionableError) as err:
         parser.exit(2, f"evaluator.py: error: {err}\n")
-    print("Inception Score:", metrics["inception_score"])
-    print("FID:", metrics["fid"])
-    print("sFID:", metrics["sfid"])
-    print("Precision:", metrics["precision"])
-    print("Recall:", metrics["recall"])
+    if card is None:
+        print(f"Protocol: {args.sample_batch} carries no protocol card (written by sample_ddp.py)")
+    else:
+        print(f"Protocol of {args.sample_batch}:\n{describe_card(card)}")
+    for key, label in (("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"),
+                       ("precision", "Precision"), ("recall", "Recall"), ("fd_dinov2", "FD_DINOv2")):
+        if key in metrics:
+            print(f"{label}:", metrics[key])
     if args.json:
+        evaluation = {"reference": str(args.ref_batch), "sample": str(args.sample_batch), "backend": args.backend,
+                      "sample_count": count_images(args.sample_batch), "metrics": args.metrics}
+        if "fd_dinov2" in args.metrics:
+            evaluation["fd_encoder"] = args.encoder
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({**metrics, "evaluation": evaluation, "protocol": card}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

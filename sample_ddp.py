@@ -28,7 +28,8 @@ from udit.distributed import (barrier, broadcast_object, cleanup, configure_matm
                               open_shared_folder, parse_on_every_process)
 from udit.releases import resolve_checkpoint
 from udit.sampling import (accounting, add_sampling_args, batches_of_rank, check_sampling_args, describe_run,
-                           file_sha256, generate, guidance_from_args, labels_for, load_guide_model,
+                           LABEL_MODES, check_balanced_count, file_sha256, generate, guidance_from_args, labels_for,
+                           load_guide_model,
                            load_sampling_model, manifest_digest, open_sample_folder, sampler_from_args,
                            save_png_atomic,
                            write_npz_streaming)
@@ -42,16 +43,29 @@ def run_manifest(args, settings, info, checkpoint_sha256, guide_sha256):
     """Everything that decides image i besides i; the sample folder is named after it and keeps a copy.
 
     info: the accounting() of the run (solver, steps, spacing, guidance). Not in it:
-    --num-fid-samples (image i does not depend on the count) and --cuda-graph (a replay
-    computes the same values).
+    --num-fid-samples under random labels (image i does not depend on the count; under
+    balanced labels it does, and is recorded) and --cuda-graph (a replay computes the
+    same values).
     """
+    labels = {"labels": "balanced", "num_fid_samples": args.num_fid_samples} if args.labels == "balanced" else {}
     return {"checkpoint_sha256": checkpoint_sha256, "model": settings["model"],
             "model_kwargs": settings["model_kwargs"], "image_size": settings["image_size"],
             "num_classes": settings["num_classes"], "trained_labels": settings["trained_labels"],
             "vae": vae_source(settings["vae"], args.vae_path) if settings["vae"] != "none" else "none",
             **{k: v for k, v in info.items() if k not in NOT_IN_MANIFEST}, "guide_sha256": guide_sha256,
             "global_seed": args.global_seed, "per_proc_batch_size": args.per_proc_batch_size,
-            "precision": args.precision}
+            "precision": args.precision, **labels}
+
+
+def protocol_card(args, settings, manifest, info, count):
+    """What a reader of the numbers needs: the manifest, network evaluations, weights, labels and count.
+
+    Stored inside the .npz (protocol.json) and beside it (.json); evaluator.py prints it.
+    weights: "ema" (the EMA of a training checkpoint), "model" (raw weights) or what else
+    the checkpoint held.
+    """
+    return {"ckpt": args.ckpt, **manifest, **info, "weights": settings["weights"], "labels": args.labels,
+            "num_samples": count}
 
 
 def run_name(args, settings, info, manifest):
@@ -81,6 +95,9 @@ def build_parser():
     p.add_argument("--num-fid-samples", type=positive_int, default=50_000)
     p.add_argument("--per-proc-batch-size", type=positive_int, default=32)
     p.add_argument("--global-seed", type=seed, default=0)
+    p.add_argument("--labels", choices=LABEL_MODES, default="random",
+                   help="random: each image's class drawn uniformly (the paper's protocol, default); balanced: "
+                        "exactly N / classes images per class in a seeded order (N must be a multiple of the classes)")
     p.add_argument("--sample-dir", type=output_dir, default="samples")
     return p
 
@@ -105,6 +122,8 @@ def sample_all(args, ctx):
     """Sample this rank's missing batches, then (rank 0) write the .npz from the PNGs."""
     configure_matmul_precision(args.precision, ctx.device)
     model, vae, settings = load_sampling_model(args, ctx.device)
+    if args.labels == "balanced":
+        check_balanced_count(args.num_fid_samples, len(settings["trained_labels"]))  # before any folder exists
     sampler = sampler_from_args(args, settings["objective"])
     guide = load_guide_model(args.guide_ckpt, settings, ctx.device) if args.guide_ckpt else None
     guidance = guidance_from_args(args, sampler, guide)
@@ -116,6 +135,7 @@ def sample_all(args, ctx):
     folder = Path(args.sample_dir) / run_name(args, settings, info, manifest)
     open_shared_folder(folder, "--sample-dir", lambda: open_sample_folder(folder, manifest))
     n = args.num_fid_samples
+    labels = labels_for(n, args.global_seed, settings["trained_labels"], args.labels)
     todo = [b for b in batches_of_rank(n, args.per_proc_batch_size, ctx.rank, ctx.world_size)
             if not all((folder / f"{i:06d}.png").is_file() for i in b)]
     already = sum(1 for i in range(n) if (folder / f"{i:06d}.png").is_file()) if ctx.is_main else 0
@@ -125,7 +145,7 @@ def sample_all(args, ctx):
     # Closed on a failure too, so that the error line comes after the bar, not inside it.
     with tqdm(total=n, initial=already, unit="img", desc="sampling", disable=not ctx.is_main, smoothing=0.1) as bar:
         for batch in todo:
-            images, _ = generate(model, vae, settings, args.global_seed, batch, sampler, guidance,
+            images, _ = generate(model, vae, settings, args.global_seed, batch, sampler, guidance, labels=labels[batch],
                                  precision=args.precision, cuda_graph=args.cuda_graph)
             for i, array in zip(batch, to_uint8(images).numpy()):
                 save_png_atomic(array, folder / f"{i:06d}.png")
@@ -139,9 +159,9 @@ def sample_all(args, ctx):
         pngs = (np.asarray(load_rgb(folder / f"{i:06d}.png"))
                 for i in tqdm(range(n), desc="writing .npz", unit="img"))
         npz = folder.parent / f"{folder.name}.npz"
-        write_npz_streaming(npz, n, (size, size, 3), pngs, labels_for(n, args.global_seed, settings["trained_labels"]))
-        write_json_atomic(npz.with_suffix(".json"), {"ckpt": args.ckpt, **manifest, **info, "num_samples": n,
-                                                     "npz": npz.name})
+        card = protocol_card(args, settings, manifest, info, n)
+        write_npz_streaming(npz, n, (size, size, 3), pngs, labels, protocol=card)
+        write_json_atomic(npz.with_suffix(".json"), {**card, "npz": npz.name})
         print(f"wrote {npz}: arr_0 uint8 ({n}, {size}, {size}, 3), arr_1 labels ({n},); settings and "
               f"{info['nfe_per_image']} network evaluations per image in {npz.with_suffix('.json').name}")
     barrier()

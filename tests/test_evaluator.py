@@ -166,28 +166,112 @@ def test_missing_graph_offline_error_names_url_and_place(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------- the TensorFlow path
 
-def build_stand_in_graph(path):
-    """A frozen graph with the Inception tensor names and input path, random constant weights."""
+STAND_IN_SIDE = 37  # the stand-in's ResizeBilinear target (the real graph: 299)
+STAND_IN_SPATIAL = 9 * 9 * 7  # mixed_6/conv is 9 x 9 here (the real graph: 17 x 17)
+REAL_GRAPH_OPS = {"Const", "ExpandDims", "ResizeBilinear", "Sub", "Mul", "Conv2D", "BatchNormWithGlobalNormalization",
+                  "CheckNumerics", "Identity", "Relu", "MaxPool", "AvgPool", "Concat"}
+
+
+def stand_in_layers(rng):
+    """(const, conv_block) builders of 2015-Inception-style layers with random weights (TF v1 graph mode).
+
+    conv_block(x, name, kh, kw, out, stride, padding) makes the real graph's conv layer:
+    Conv2D -> `name`/batchnorm (an Identity, turned into BatchNormWithGlobalNormalization
+    by freeze_stand_in) -> CheckNumerics -> Identity with a control input -> Relu `name`.
+    """
     import tensorflow.compat.v1 as tf
-    rng = np.random.default_rng(0)
+
+    def const(value, name):
+        return tf.constant(np.asarray(value, np.float32), name=name)
+
+    def conv_block(x, name, kh, kw, out, stride=1, padding="SAME"):
+        fan_in = kh * kw * int(x.shape[-1])
+        w = const(rng.normal(size=(kh, kw, int(x.shape[-1]), out)) * np.sqrt(2 / fan_in), f"{name}/conv2d_params")
+        y = tf.nn.conv2d(x, w, strides=[1, stride, stride, 1], padding=padding, name=f"{name}/Conv2D")
+        for stat, value in (("moving_mean", rng.normal(scale=0.1, size=out)),
+                            ("moving_variance", rng.uniform(0.5, 2.0, size=out)),
+                            ("beta", rng.normal(scale=0.1, size=out)), ("gamma", rng.uniform(0.5, 1.5, size=out))):
+            const(value, f"{name}/batchnorm/{stat}")
+        bn = tf.identity(y, name=f"{name}/batchnorm")
+        check = tf.debugging.check_numerics(bn, "conv", name=f"{name}/CheckNumerics")
+        with tf.control_dependencies([check]):
+            dep = tf.identity(bn, name=f"{name}/control_dependency")
+        return tf.nn.relu(dep, name=name)
+    return const, conv_block
+
+
+def stand_in_input(size):
+    """DecodeJpeg -> Cast -> ExpandDims -> legacy ResizeBilinear to (size, size) -> Sub 128 -> Mul 1/128."""
+    import tensorflow.compat.v1 as tf
+    contents = tf.placeholder(tf.string, [], name="DecodeJpeg/contents")
+    decoded = tf.cast(tf.io.decode_jpeg(contents, channels=3, name="DecodeJpeg"), tf.float32, name="Cast")
+    image = tf.expand_dims(decoded, 0, name="ExpandDims")
+    size = tf.constant([size, size], name="ResizeBilinear/size")
+    resized = tf.raw_ops.ResizeBilinear(images=image, size=size, align_corners=False, name="ResizeBilinear")
+    return tf.multiply(tf.subtract(resized, 128.0, name="Sub"), 1.0 / 128.0, name="Mul")
+
+
+def stand_in_head(x, const, rng):
+    """pool_3 (AvgPool over the whole map) -> pool_3/_reshape [1, 2048] -> softmax/logits/MatMul -> Add -> Softmax."""
+    import tensorflow.compat.v1 as tf
+    pool3 = tf.nn.avg_pool2d(x, ksize=int(x.shape[1]), strides=1, padding="VALID", name="pool_3")
+    flat = tf.reshape(pool3, tf.constant([1, 2048], name="pool_3/_reshape/shape"), name="pool_3/_reshape")
+    weights = const(rng.normal(size=(2048, 1008)) / 8, "softmax/weights")
+    logits = tf.raw_ops.Add(x=tf.matmul(flat, weights, name="softmax/logits/MatMul"),
+                            y=const(rng.normal(size=1008), "softmax/biases"), name="softmax/logits")
+    tf.nn.softmax(logits, name="softmax")
+
+
+def freeze_stand_in(graph, path):
+    """Write the graph as the 2015 graph's GraphDef: batchnorm Identities -> BatchNormWithGlobalNormalization."""
+    graph_def = graph.as_graph_def()
+    for node in graph_def.node:
+        if node.name.endswith("/batchnorm") and node.op == "Identity":
+            node.op = "BatchNormWithGlobalNormalization"
+            del node.attr["T"]
+            node.attr["T"].type = 1  # DT_FLOAT
+            node.input.extend(f"{node.name}/{k}" for k in ("moving_mean", "moving_variance", "beta", "gamma"))
+            node.attr["variance_epsilon"].f = 0.001
+            node.attr["scale_after_normalization"].b = True
+    graph_def.versions.producer = 8  # the op was removed from GraphDef version 9 on
+    path.write_bytes(graph_def.SerializeToString())
+    return path
+
+
+def build_stand_in_graph(path, rng=None, extra=None):
+    """A frozen graph laid out like the 2015 Inception graph, with random weights, small maps.
+
+    The same op types, names and conventions as classify_image_graph_def.pb: a JPEG decoder
+    and Cast in front of ExpandDims (bypassed by feeding ExpandDims:0), legacy ResizeBilinear,
+    conv blocks Conv2D -> BatchNormWithGlobalNormalization -> CheckNumerics -> Identity with a
+    control input -> Relu, the old Concat, MaxPool / AvgPool, pool_3 -> pool_3/_reshape
+    ([1, 2048]) -> softmax/logits/MatMul -> Add -> Softmax, GraphDef producer 8. Odd map sizes,
+    strides 1 and 2, SAME padding both even and uneven (the extra row at the bottom), VALID.
+    `extra(tf, x) -> x`, when given, is applied after the first conv block (to plant an op).
+    """
+    import tensorflow.compat.v1 as tf
+    rng = rng or np.random.default_rng(0)
     graph = tf.Graph()
     with graph.as_default():
-        decoded = tf.placeholder(tf.float32, [None, None, 3], name="DecodeJpeg")
-        image = tf.expand_dims(decoded, 0, name="ExpandDims")
-        resized = tf.image.resize_bilinear(image, [299, 299], align_corners=False, name="ResizeBilinear")
-        scaled = tf.multiply(tf.subtract(resized, 128.0), 1.0 / 128.0, name="Mul")
-        pooled = tf.nn.avg_pool2d(scaled, ksize=18, strides=17, padding="VALID")  # 17 x 17
-        with tf.name_scope("mixed_6"):
-            w6 = tf.constant(rng.normal(size=(1, 1, 3, 192)).astype(np.float32))
-            spatial = tf.nn.conv2d(pooled, w6, strides=1, padding="VALID", name="conv")
-        w7 = tf.constant(rng.normal(size=(1, 1, 192, 2048)).astype(np.float32) / 8)
-        features = tf.nn.relu(tf.nn.conv2d(tf.nn.relu(spatial), w7, strides=1, padding="VALID"))
-        pool3 = tf.nn.avg_pool2d(features, ksize=17, strides=1, padding="VALID", name="pool_3")
-        with tf.name_scope("softmax"), tf.name_scope("logits"):
-            w_logits = tf.constant(rng.normal(size=(2048, 1008)).astype(np.float32) / 20)
-            tf.matmul(tf.reshape(pool3, [-1, 2048]), w_logits, name="MatMul")
-    path.write_bytes(graph.as_graph_def().SerializeToString())
-    return path
+        const, conv_block = stand_in_layers(rng)
+        x = stand_in_input(STAND_IN_SIDE)
+        x = conv_block(x, "conv", 3, 3, 8, stride=2, padding="VALID")  # 37 -> 18
+        if extra is not None:
+            x = extra(tf, x)
+        x = conv_block(x, "conv_1", 3, 3, 8)  # 18, SAME 1 + 1
+        x = conv_block(x, "conv_2", 3, 3, 8, stride=2)  # 18 -> 9, SAME 0 + 1 (uneven)
+        x = tf.nn.max_pool2d(x, ksize=2, strides=1, padding="SAME", name="pool")  # 9, SAME 0 + 1
+        x = tf.nn.avg_pool2d(x, ksize=2, strides=1, padding="SAME", name="pool_1")  # 9, uneven, padding not counted
+        towers = [conv_block(x, "mixed/conv", 1, 1, 4),
+                  conv_block(conv_block(x, "mixed/tower/conv", 1, 3, 4), "mixed/tower/conv_1", 3, 1, 4),
+                  conv_block(tf.nn.avg_pool2d(x, ksize=3, strides=1, padding="SAME", name="mixed/tower_1/pool"),
+                             "mixed/tower_1/conv", 1, 1, 4)]
+        x = tf.raw_ops.Concat(concat_dim=tf.constant(3, name="mixed/join/concat_dim"), values=towers, name="mixed/join")
+        x = conv_block(x, "mixed_6/conv", 3, 3, 16)  # 9 x 9 x 16: sFID reads its first 7 channels
+        x = tf.nn.max_pool2d(x, ksize=3, strides=2, padding="VALID", name="mixed_10/pool")  # 9 -> 4
+        x = conv_block(x, "mixed_10/conv", 1, 1, 2048)
+        stand_in_head(x, const, rng)  # pool_3: (N, 1, 1, 2048)
+    return freeze_stand_in(graph, path)
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +289,7 @@ def test_features_have_inception_shapes_and_order(stand_in_graph):
     net = evaluator.InceptionFeatures(stand_in_graph)
     batch = images(0, 3)
     pool, spatial = net.activations([batch])
-    assert pool.shape == (3, 2048) and spatial.shape == (3, 17 * 17 * 7)
+    assert pool.shape == (3, 2048) and spatial.shape == (3, STAND_IN_SPATIAL)
     raw = net.session.run(net.graph.get_tensor_by_name("features/mixed_6/conv:0"),
                           {net.images: batch.astype(np.float32)})
     assert np.array_equal(spatial, raw[..., :7].reshape(3, -1))  # first 7 channels, H, W, C order
@@ -227,11 +311,41 @@ def test_end_to_end_command(stand_in_graph, tmp_path, monkeypatch, capsys):
     labels = [line.split(":")[0] for line in lines if ":" in line and not line.startswith("using")]
     assert labels[-5:] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
     metrics = json.loads(out_json.read_text())
-    assert set(metrics) == {"inception_score", "fid", "sfid", "precision", "recall"}
+    assert set(metrics) == {"inception_score", "fid", "sfid", "precision", "recall", "evaluation", "protocol"}
+    assert metrics["protocol"] is None and metrics["evaluation"]["backend"] == "torch"
     assert metrics["inception_score"] >= 1.0 and metrics["fid"] > 0
     assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
     assert len(list((tmp_path / "cache" / "evaluator").glob("ref-*.npz"))) == 1
 
+
+
+def test_protocol_card_is_printed_written_and_warned_about(stand_in_graph, tmp_path, monkeypatch, capsys):
+    from udit.sampling import write_npz_streaming
+    monkeypatch.setenv("UDIT_CACHE_DIR", str(tmp_path / "cache"))
+    ref = write_npz(tmp_path / "ref.npz", arr_0=images(1, 12))
+    card = {"ckpt": "U-DiT-B-400K", "checkpoint_sha256": "ab" * 32, "sampler": "ddpm", "steps": 250,
+            "nfe_per_image": 500, "cfg_scale": 1.5, "cfg_interval": None, "weights": "ema", "labels": "balanced",
+            "global_seed": 0, "num_samples": 10, "vae": "stabilityai/sd-vae-ft-ema"}
+    sample = tmp_path / "sample.npz"
+    write_npz_streaming(sample, 10, (24, 24, 3), images(2, 10, size=24), np.zeros(10), protocol=card)
+    out_json = tmp_path / "metrics.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluator.main([str(ref), str(sample), "--inception-graph", str(stand_in_graph), "--json", str(out_json),
+                        "--device", "cpu"])
+    captured = capsys.readouterr()
+    warns = [line for line in captured.err.splitlines() if line.startswith("evaluator.py: warning:")]
+    assert len(warns) == 2
+    assert "reference images are 32x32 but samples 24x24" in warns[0]
+    assert "10 samples: published FIDs use 50,000" in warns[1]
+    out = captured.out.splitlines()
+    first = out.index(f"Protocol of {sample}:")
+    assert "  checkpoint_sha256: " + "ab" * 8 in out and "  labels: balanced" in out and "  weights: ema" in out
+    assert first < out.index(next(line for line in out if line.startswith("FID:")))
+    written = json.loads(out_json.read_text())
+    assert written["protocol"] == card and written["evaluation"]["sample_count"] == 10
+    with np.load(sample) as data:  # the card does not disturb the arrays ADM's evaluator reads
+        assert data["arr_0"].shape == (10, 24, 24, 3) and json.loads(data["protocol.json"]) == card
 
 
 def test_reference_activations_are_cached_by_content(stand_in_graph, tmp_path, monkeypatch, capsys):

@@ -106,7 +106,9 @@ def test_evaluation_during_training_gives_the_evaluators_metrics(tiny_data, tmp_
     write_npz_streaming(again, 6, (16, 16, 3), to_uint8(images).numpy(), np.zeros(6))
     net = evaluator.InceptionFeatures(graph)
     ref_pool, sample_pool = evaluator.batch_activations(net, ref)[0], evaluator.batch_activations(net, again)[0]
-    assert set(metrics) == {"inception_score", "fid", "sfid", "precision", "recall"}
+    assert {k for k, v in metrics.items() if isinstance(v, float)} == {"inception_score", "fid", "sfid", "precision",
+                                                                        "recall"}
+    assert (metrics["protocol"]["step"], metrics["protocol"]["steps"], metrics["protocol"]["weights"]) == (2, 3, "ema")
     assert metrics["fid"] == pytest.approx(frechet_distance_of_few(sample_pool, ref_pool), rel=1e-4)
 
     log = (exp / "log.txt").read_text()

@@ -21,7 +21,7 @@ import udit.hub
 import udit.releases as releases
 from conftest import ROOT, TINY_UDIT_KWARGS, launch_two_nodes, randomize, run_script, script_env, torchrun
 from udit.checkpoint import CheckpointError, build_model, load_checkpoint
-from udit.sampling import write_npz_streaming
+from udit.sampling import labels_for, read_protocol, write_npz_streaming
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,13 @@ def test_npz_contract(trained, tmp_path):
         pngs = sorted(npz.with_name(npz.name[:-4]).glob("*.png"))
         assert len(pngs) == 5
         assert np.array_equal(np.asarray(Image.open(pngs[3])), data["arr_0"][3])
+        card = json.loads(data["protocol.json"])
+    assert card == read_protocol(npz)
+    sidecar = json.loads(npz.with_suffix(".json").read_text())
+    assert {**card, "npz": npz.name} == sidecar
+    assert (card["sampler"], card["steps"], card["nfe_per_image"], card["cfg_scale"]) == ("ddpm", 4, 8, 1.5)
+    assert (card["weights"], card["labels"], card["num_samples"], card["global_seed"]) == ("ema", "random", 5, 0)
+    assert len(card["checkpoint_sha256"]) == 64 and card["vae"]
 
 
 def test_killed_run_resumes_to_the_identical_npz(trained, tmp_path):
@@ -331,6 +338,7 @@ def random_ckpt(trained, tmp_path_factory):
     [],  # DDPM, the paper's protocol
     ["--sampler", "unipc", "--cfg-interval", "0.5", "10"],  # an ODE solver with the guidance interval
     ["--sampler", "dpm++2m-sde", "--guide-ckpt", "GUIDE"],  # an SDE solver, autoguided
+    ["--labels", "balanced", "--num-fid-samples", "6"],  # 3 images of each of the 2 classes
 ])
 def test_one_and_two_processes_and_a_resumed_run_give_one_npz(trained, random_ckpt, tmp_path, flags):
     args = [*ddp_args(trained, tmp_path / "one", n=5, batch=2, steps=4),
@@ -341,10 +349,16 @@ def test_one_and_two_processes_and_a_resumed_run_give_one_npz(trained, random_ck
     npz = only_npz(tmp_path / "one")
     assert npz.read_bytes() == only_npz(tmp_path / "two").read_bytes()
     info = json.loads(npz.with_suffix(".json").read_text())
-    assert (info["sampler"], info["steps"], info["cfg_scale"]) == ((flags or ["", "ddpm"])[1], 4, 1.5)
+    sampler = flags[1] if flags[:1] == ["--sampler"] else "ddpm"
+    assert (info["sampler"], info["steps"], info["cfg_scale"]) == (sampler, 4, 1.5)
     assert f"{info['nfe_per_image']} network evaluations per image" in out
     if "--guide-ckpt" in flags:  # 4 main and 4 guide evaluations
         assert (info["nfe_per_image"], info["nfe_main_per_image"], info["nfe_guide_per_image"]) == (8, 4, 4)
+    elif "--labels" in flags:
+        with np.load(npz) as data:
+            assert np.bincount(data["arr_1"]).tolist() == [3, 3]
+            assert np.array_equal(data["arr_1"], labels_for(6, 0, [0, 1], "balanced"))
+        assert (info["labels"], info["num_fid_samples"]) == ("balanced", 6)
     elif "--cfg-interval" in flags:  # some steps outside the interval: no unconditional pass
         assert 4 < info["nfe_per_image"] < 8 and info["cfg_interval"] == [0.5, 10.0]
     else:
@@ -356,6 +370,26 @@ def test_one_and_two_processes_and_a_resumed_run_give_one_npz(trained, random_ck
     only_npz(tmp_path / "two").unlink()
     assert "(3 already there)" in run_script([sys.executable, "sample_ddp.py", *two])
     assert only_npz(tmp_path / "two").read_bytes() == npz.read_bytes()
+
+
+def test_balanced_labels_are_exact_seeded_and_shuffled():
+    pool = [3, 5, 9, 11]
+    labels = labels_for(400, 7, pool, "balanced")
+    assert sorted(set(labels.tolist())) == pool and all((labels == c).sum() == 100 for c in pool)
+    assert np.array_equal(labels, labels_for(400, 7, pool, "balanced"))  # (seed, count) alone decide them
+    assert not np.array_equal(labels, labels_for(400, 8, pool, "balanced"))
+    assert len(set(labels[:8].tolist())) > 1  # shuffled, not class after class
+    assert np.array_equal(labels_for(6, 0, pool[:2]), labels_for(6, 0, pool[:2], "random"))  # the default
+
+
+def test_balanced_labels_refuse_an_uneven_count_before_sampling(trained, tmp_path, capsys):
+    with pytest.raises(ValueError, match="1000 classes; use --num-fid-samples a multiple of 1000 .e.g. 49000 or 50000"):
+        labels_for(49_999, 0, range(1000), "balanced")
+    args = [str(a) for a in ddp_args(trained, tmp_path / "samples", n=5)]
+    assert sample_ddp.main([*args, "--labels", "balanced"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "5 images do not split evenly over 2 classes" in err[0] and "e.g. 4 or 6" in err[0]
+    assert not (tmp_path / "samples").exists()
 
 
 def test_other_sampler_settings_sample_into_another_folder(trained, tmp_path):

@@ -103,11 +103,9 @@ def model_state_dict(checkpoint):
     Keys saved through a wrapper (`module.` from DDP, `_orig_mod.` from torch.compile) lose
     the prefix.
     """
-    if isinstance(checkpoint, dict):
-        for key in ("ema", "model", "state_dict"):
-            if isinstance(checkpoint.get(key), dict):
-                checkpoint = checkpoint[key]
-                break
+    source = weights_source(checkpoint)
+    if source != "bare":
+        checkpoint = checkpoint[source]
     for prefix in WRAPPER_PREFIXES:
         if checkpoint and all(k.startswith(prefix) for k in checkpoint):
             checkpoint = {k[len(prefix):]: v for k, v in checkpoint.items()}
@@ -164,6 +162,15 @@ def learned_variance(state_dict):
     else:
         return None
     return {unit: False, 2 * unit: True}.get(out)
+
+
+def weights_source(checkpoint):
+    """Which weights model_state_dict takes: "ema", "model" (raw), "state_dict", or "bare" (the file is the state dict)."""
+    if isinstance(checkpoint, dict):
+        for key in ("ema", "model", "state_dict"):
+            if isinstance(checkpoint.get(key), dict):
+                return key
+    return "bare"
 
 
 def load_weights(model, state_dict, source, skip_mis_shaped=False):

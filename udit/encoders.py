@@ -39,21 +39,26 @@ class EncoderError(ActionableError):
 
 
 class PatchEncoder(nn.Module):
-    """A frozen timm ViT: images (N, 3, S, S) in [-1, 1] -> final-normed patch tokens (N, T, D), float32.
+    """A frozen timm ViT: images (N, 3, S, S) in [-1, 1] -> final-normed tokens, float32.
 
     The images are mapped to [0, 1], normalised with the ImageNet mean/std and resized
-    (bicubic) to `resolution`, a multiple of the patch size; T = (resolution / patch)^2
-    (`grid` per side), D = `width`. Prefix tokens (class, registers) are dropped. The
-    ViT stays in eval mode and never takes gradients.
+    (bicubic) to `resolution`, a multiple of the patch size. tokens="patch" (REPA): the
+    patch tokens (N, T, D), T = (resolution / patch)^2 (`grid` per side), prefix tokens
+    (class, registers) dropped. tokens="class" (FD-DINOv2 as EDM2 / dgm-eval compute it):
+    the class token (N, D). D = `width`. antialias: low-pass the bicubic downsampling, as
+    EDM2's FD-DINOv2 does (REPA does not). The ViT stays in eval mode, never takes gradients.
     """
 
-    def __init__(self, vit, resolution, name):
+    def __init__(self, vit, resolution, name, tokens="patch", antialias=False):
         super().__init__()
         patch = vit.patch_embed.patch_size[0]
         if resolution % patch:
             raise EncoderError(f"encoder {name}: resolution {resolution} is not a multiple of its patch size {patch}")
+        if tokens not in ("patch", "class"):
+            raise EncoderError(f"encoder {name}: tokens={tokens!r}, expected 'patch' or 'class'")
         self.vit = vit.eval().requires_grad_(False)
         self.name, self.resolution, self.grid, self.width = name, resolution, resolution // patch, vit.embed_dim
+        self.tokens, self.antialias = tokens, antialias
         self.register_buffer("mean", torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -64,8 +69,11 @@ class PatchEncoder(nn.Module):
     def forward(self, images):
         x = ((images.float() + 1) / 2 - self.mean) / self.std
         if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False)
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False,
+                              antialias=self.antialias)
         tokens = self.vit.forward_features(x)
+        if self.tokens == "class":
+            return tokens[:, 0].float()
         return tokens[:, self.vit.num_prefix_tokens:].float()
 
 
@@ -104,14 +112,15 @@ def cached_weights(name):
                            f"{fetch_by_hand}") from None
 
 
-def load_dinov2(name, image_size, weights=None):
+def load_dinov2(name, image_size, weights=None, resolution=None, **options):
     """DINOv2 `name` (see DINOV2) at REPA's resolution for `image_size`, weights from a file or the cache.
 
     weights: a timm (.safetensors) or original DINOv2 (.pth) state dict; the position
-    embedding is resampled to the grid by timm's checkpoint filter.
+    embedding is resampled to the grid by timm's checkpoint filter. resolution: another
+    input size (FD-DINOv2: 224 at every image size); options: PatchEncoder's tokens, antialias.
     """
     path = weights or cached_weights(name)
-    resolution = dinov2_resolution(image_size)
+    resolution = resolution or dinov2_resolution(image_size)
     vit = timm.create_model(DINOV2[name], pretrained=False, img_size=resolution, num_classes=0)
     try:
         state = timm.models.load_state_dict(str(path), use_ema=False)
@@ -122,7 +131,7 @@ def load_dinov2(name, image_size, weights=None):
     if missing:
         raise EncoderError(f"--encoder-weights {path}: not {name} weights ({len(missing)} tensors missing, e.g. "
                            f"{missing[0]}); download {weights_url(name)}")
-    return PatchEncoder(vit, resolution, name)
+    return PatchEncoder(vit, resolution, name, **options)
 
 
 def build_local_vit(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio=4.0):
@@ -136,8 +145,8 @@ def save_encoder(vit, config, path):
     torch.save({"format": LOCAL_FORMAT, "config": dict(config), "state_dict": vit.state_dict()}, path)
 
 
-def load_local(path):
-    """A PatchEncoder from a save_encoder file, at the resolution it was built for."""
+def load_local(path, **options):
+    """A PatchEncoder from a save_encoder file, at the resolution it was built for (options: tokens, antialias)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -147,21 +156,24 @@ def load_local(path):
                            f"format {LOCAL_FORMAT!r})")
     vit = build_local_vit(**saved["config"])
     vit.load_state_dict(saved["state_dict"])
-    return PatchEncoder(vit, saved["config"]["img_size"], str(path))
+    return PatchEncoder(vit, saved["config"]["img_size"], str(path), **options)
 
 
-def load_encoder(name, image_size, weights=None):
+def load_encoder(name, image_size, weights=None, resolution=None, **options):
     """The frozen encoder `name`: a DINOv2 name (DINOV2) or the path of a save_encoder file.
+
+    resolution (DINOv2 only; a local file keeps its own) and options (PatchEncoder's
+    tokens, antialias) default to REPA's use.
 
     Raises EncoderError (exit 2, one line) for an unknown name, unusable weights, or DINOv2
     weights that are neither given nor in the cache while offline.
     """
     if name in DINOV2:
-        return load_dinov2(name, image_size, weights)
+        return load_dinov2(name, image_size, weights, resolution, **options)
     if weights:
         raise EncoderError(f"--encoder-weights applies to the DINOv2 encoders ({', '.join(DINOV2)}); "
                            f"{name} is a local encoder file")
     if Path(name).is_file():
-        return load_local(name)
+        return load_local(name, **options)
     raise EncoderError(f"--encoder {name}: unknown encoder; use one of {', '.join(DINOV2)} or the path of a "
                        f"file written by udit.encoders.save_encoder")

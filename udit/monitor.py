@@ -180,6 +180,11 @@ def grid_labels(args, config):
     return labels
 
 
+def is_number(value):
+    """A metric value: an int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class Monitor:
     """TensorBoard scalars, sample grids and evaluations of one training process.
 
@@ -382,8 +387,12 @@ class Evaluation:
                 where += [(i, rank, row) for row, i in enumerate(rows)]
         images = (parts[rank][row] for _, rank, row in sorted(where))
         size = m.settings["image_size"]
+        card = {"source": "train.py --eval-every", "step": step, "weights": "ema", "sampler": self.args.eval_sampler,
+                "steps": self.args.eval_sampling_steps, "cfg_scale": self.args.eval_cfg_scale, "labels": "random",
+                "global_seed": self.args.global_seed, "num_samples": n, "model": m.settings["model"],
+                "vae": m.settings["vae"]}
         write_npz_streaming(npz, n, (size, size, 3), images,
-                            labels_for(n, self.args.global_seed, m.settings["trained_labels"]))
+                            labels_for(n, self.args.global_seed, m.settings["trained_labels"]), protocol=card)
 
     def scorer_env(self):
         """The scorer sees rank 0's GPU only (TensorFlow would otherwise take memory on every GPU)."""
@@ -409,8 +418,10 @@ class Evaluation:
         (self.folder / f"{step:07d}.npz").unlink(missing_ok=True)
         metrics_path = self.folder / f"{step:07d}.json"
         try:
-            metrics = json.loads(metrics_path.read_text()) if proc.returncode == 0 else None
-            if not (isinstance(metrics, dict) and all(isinstance(v, (int, float)) for v in metrics.values())):
+            scored = json.loads(metrics_path.read_text()) if proc.returncode == 0 else None
+            # The numbers; evaluator.py's JSON also holds its settings and the protocol card (objects).
+            metrics = {k: v for k, v in scored.items() if is_number(v)} if isinstance(scored, dict) else {}
+            if not metrics:
                 raise ValueError
         except (OSError, ValueError):
             lines = (self.folder / f"{step:07d}.log").read_text(errors="replace").strip().splitlines()

@@ -19,7 +19,7 @@ from PIL import Image
 
 from models import DiT_models
 from udit.checkpoint import (build_model, dit_name, learned_variance, load_checkpoint, load_weights, model_state_dict,
-                             recorded_objective)
+                             recorded_objective, weights_source)
 from udit.cli import json_object, number, positive_float, positive_int
 from udit.objectives import SiTVelocity
 from udit.releases import RELEASED, resolve_checkpoint
@@ -241,6 +241,7 @@ def load_sampling_model(args, device):
     saved = checkpoint.get("args", {}) if isinstance(checkpoint, dict) and "ema" in checkpoint else {}
     state_dict = model_state_dict(checkpoint)
     settings = resolve_settings(args, saved if isinstance(saved, dict) else {}, state_dict)
+    settings["weights"] = weights_source(checkpoint)
     check_guidance_fits(settings, args.cfg_scale, args.guide_ckpt is not None, f"the model of {path}")
     if settings["vae"] == "none" and args.vae_path:
         raise ValueError(f"--vae-path {args.vae_path} does not apply: this model works in pixel space (--vae none)")
@@ -334,9 +335,36 @@ def batches_of_rank(count, batch_size, rank, world_size):
     return [list(range(s, min(s + batch_size, count))) for s in starts]
 
 
-def labels_for(count, seed, label_pool):
-    """The class label of every image index, as the sampler draws it (uniform over the trained classes)."""
-    return initial_draws(seed, range(count), (1,), label_pool)[0].numpy()
+LABEL_MODES = ("random", "balanced")
+BALANCED_STREAM = 2  # seeded_generator stream of the balanced order (0: an image's label and noise)
+
+
+def labels_for(count, seed, label_pool, mode="random"):
+    """The class label (count,) of every image index 0..count-1.
+
+    random: each image's label is drawn uniformly from `label_pool`, as the sampler draws
+    it (the paper's protocol). balanced: every class of the pool exactly count / classes
+    times (recent papers' 50 per class for 50K, SPEC §11), in an order shuffled by
+    (seed, count) alone, so any process count and any resumed run get the same labels.
+    Raises ValueError when a balanced count is not a multiple of the class count.
+    """
+    if mode == "random":
+        return initial_draws(seed, range(count), (1,), label_pool)[0].numpy()
+    if mode != "balanced":
+        raise ValueError(f"label mode {mode!r}: use one of {', '.join(LABEL_MODES)}")
+    pool = np.asarray(list(label_pool), dtype=np.int64)
+    check_balanced_count(count, len(pool))
+    order = torch.randperm(count, generator=seeded_generator(seed, count, BALANCED_STREAM)).numpy()
+    return np.repeat(pool, count // len(pool))[order]
+
+
+def check_balanced_count(count, classes):
+    """ValueError naming the counts that work when `count` images cannot be spread evenly over `classes`."""
+    if count % classes:
+        below, above = count // classes * classes, -(-count // classes) * classes
+        nearest = f"{below} or {above}" if below else f"{above}"
+        raise ValueError(f"--labels balanced: {count} images do not split evenly over {classes} classes; "
+                         f"use --num-fid-samples a multiple of {classes} (e.g. {nearest})")
 
 
 def initial_draws(seed, indices, shape, label_pool, labels=None):
@@ -473,18 +501,46 @@ def _write_npy_member(zf, name, shape, dtype, chunks):
             f.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
 
 
-def write_npz_streaming(path, count, image_shape, images, labels):
+PROTOCOL_MEMBER = "protocol.json"
+
+
+def write_npz_streaming(path, count, image_shape, images, labels, protocol=None):
     """An .npz with arr_0 uint8 (count, H, W, 3) from an iterable of images and arr_1 labels (count,).
 
     The images are streamed into the file, never held together in memory; the file is
     written under a temporary name and renamed, and its bytes depend only on its content.
+    protocol: a JSON-able dict stored as the member protocol.json (the run's protocol
+    card, which evaluator.py prints beside the numbers; np.load returns it as bytes, and
+    readers of arr_0 / arr_1 such as ADM's evaluator ignore it).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         _write_npy_member(zf, "arr_0.npy", (count, *image_shape), np.uint8, images)
         _write_npy_member(zf, "arr_1.npy", (count,), np.int64, [np.asarray(labels, dtype=np.int64)])
+        if protocol is not None:
+            zf.writestr(zipfile.ZipInfo(PROTOCOL_MEMBER, date_time=FIXED_ZIP_TIME),
+                        json.dumps(protocol, indent=1, sort_keys=True, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+def read_protocol(path):
+    """The protocol card (dict) stored in an .npz by write_npz_streaming, or None when it has none.
+
+    Raises ValueError naming the file when the member is there but is not a JSON object.
+    """
+    with zipfile.ZipFile(path) as zf:
+        if PROTOCOL_MEMBER not in zf.namelist():
+            return None
+        text = zf.read(PROTOCOL_MEMBER)
+    try:
+        card = json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"{path}: {PROTOCOL_MEMBER} is not valid JSON ({err}); rewrite the .npz with sample_ddp.py "
+                         f"or delete the member") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"{path}: {PROTOCOL_MEMBER} is not a JSON object")
+    return card
 
 
 def image_grid(images, nrow):
