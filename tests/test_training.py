@@ -46,6 +46,28 @@ def test_torchrun_pixel_space(tiny_data, tmp_path):
     assert "Train Loss" in out
 
 
+def test_posthoc_snapshots_with_one_and_two_processes(tiny_data, tmp_path):
+    """Rank 0 alone writes them: the same files, each the EMA state its run's checkpoint holds (fp16)."""
+    runs = {}
+    for nproc in (1, 2):
+        torchrun("train.py", "--data-path", tiny_data["small_images"], "--vae", "none", "--image-size", "16",
+                 "--max-steps", "4", "--posthoc-ema", "0.05", "0.1", "--posthoc-every", "2",
+                 "--results-dir", tmp_path / str(nproc), *COMMON, nproc=nproc)
+        (run,) = (tmp_path / str(nproc)).iterdir()
+        runs[nproc] = run
+        assert len(load(checkpoints(tmp_path / str(nproc))[-1])["rng"]) == nproc
+    names = [sorted(p.name for p in (run / "posthoc").iterdir()) for run in runs.values()]
+    assert names[0] == names[1] == ["0000002_sigma0.05.pt", "0000002_sigma0.1.pt", "0000004_sigma0.05.pt",
+                                    "0000004_sigma0.1.pt"]  # no temporary files, no second writer
+    for run in runs.values():
+        tracked = load(run / "checkpoints" / "0000004.pt")["posthoc_ema"]
+        for state in tracked:
+            snapshot = load(run / "posthoc" / f"0000004_sigma{state['sigma_rel']:g}.pt")
+            assert (snapshot["step"], snapshot["sigma_rel"]) == (4, state["sigma_rel"])
+            for key, value in state["ema"].items():
+                assert torch.equal(snapshot["ema"][key], value.half()), key
+
+
 def write_public_features(root, layout, count=10, size=32):
     rng = np.random.default_rng(0)
     feats, labels = root / "imagenet256_features", root / "imagenet256_labels"
