@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import train
+from udit import phema
 from udit.ema import (PowerFunctionEMA, gamma_to_sigma_rel, profile_inner_products, sigma_rel_to_gamma,
                       solve_coefficients)
 
@@ -155,7 +156,85 @@ def test_resume_gives_the_same_snapshots_and_posthoc_ema_leaves_training_unchang
         assert all(torch.equal(v, off[key][k]) for k, v in full[key].items()), f"{key}: post-hoc EMA changed training"
 
 
+# ----------------------------------------------------------------- reconstruction
+
+def test_reconstruction_of_a_tracked_width_equals_that_ema(posthoc_run, tmp_path):
+    out = tmp_path / "out"
+    assert phema.main([str(posthoc_run), "--sigma-rel", "0.1", "0.05", "0.07", "--out-dir", str(out),
+                       "--batch", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["0000006_sigma0.05.pt", "0000006_sigma0.07.pt",
+                                                     "0000006_sigma0.1.pt"]
+    tracked = load(posthoc_run / "checkpoints" / "0000006.pt")["posthoc_ema"]
+    for sigma, state in zip(("0.05", "0.1"), tracked):
+        made = load(out / f"0000006_sigma{sigma}.pt")
+        assert made["posthoc"]["sigma_rel"] == float(sigma) and len(made["posthoc"]["snapshots"]) == 6
+        # Tolerance: fp32 snapshots, coefficients exact to ~1e-12: float32 rounding of the sum.
+        for key, value in state["ema"].items():
+            assert (made["ema"][key] - value).abs().max() <= 1e-6 * max(value.abs().max().item(), 1e-3), key
+    between = load(out / "0000006_sigma0.07.pt")
+    assert 0 < between["posthoc"]["profile_error"] < phema.MAX_PROFILE_ERROR
+    assert sum(between["posthoc"]["coefficients"]) == pytest.approx(1.0)
+
+
+def test_reconstruction_at_an_earlier_step_uses_only_the_snapshots_up_to_it(posthoc_run, tmp_path):
+    assert phema.main([str(posthoc_run / "posthoc"), "--sigma-rel", "0.05", "--step", "4",
+                       "--out-dir", str(tmp_path)]) == 0
+    made = load(tmp_path / "0000004_sigma0.05.pt")
+    assert made["step"] == 4 and made["posthoc"]["snapshots"] == [
+        "0000002_sigma0.05.pt", "0000002_sigma0.1.pt", "0000004_sigma0.05.pt", "0000004_sigma0.1.pt"]
+    snapshot = load(posthoc_run / "posthoc" / "0000004_sigma0.05.pt")["ema"]
+    assert all(torch.allclose(made["ema"][k], v, rtol=0, atol=1e-6) for k, v in snapshot.items())
+
+
+def test_a_reconstruction_samples_and_fine_tunes_as_a_checkpoint(posthoc_run, tiny_data, tmp_path):
+    import sample
+    assert phema.main([str(posthoc_run), "--sigma-rel", "0.08", "--out-dir", str(tmp_path / "ema")]) == 0
+    ckpt = tmp_path / "ema" / "0000006_sigma0.08.pt"
+    assert sample.main(["--ckpt", str(ckpt), "--num-sampling-steps", "2", "--sampler", "ddim", "--class-labels",
+                        "0", "1", "--output", str(tmp_path / "grid.png")]) == 0
+    assert train.main(["--data-path", str(tiny_data["small_images"]), "--max-steps", "1", "--ckpt", str(ckpt),
+                       "--results-dir", str(tmp_path / "tune"), *COMMON]) == 0
+
+
 # ----------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sigma-rel", "0.3"], "must be in (0, 0.2887)"),
+    (["--sigma-rel", "0.005"], "--sigma-rel 0.005 is out of reach at step 6: its 6 snapshots reproduce"),
+    (["--sigma-rel", "0.05", "--step", "5"], "--step 5: no snapshots at that step; they are at steps 2, 4, 6"),
+])
+def test_reconstruction_refuses_what_the_snapshots_cannot_give(posthoc_run, tmp_path, capsys, argv, message):
+    assert exit_status(lambda: phema.main([str(posthoc_run), *argv, "--out-dir", str(tmp_path / "out")])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and not (tmp_path / "out").exists()
+    if "out of reach" in message:
+        assert "they reach widths from 0.0" in err[-1]
+
+
+def exit_status(main):
+    """A script's exit status, whether argparse exits or main returns it."""
+    try:
+        return main()
+    except SystemExit as exit:
+        return exit.code
+
+
+def test_reconstruction_refuses_a_folder_without_snapshots_and_snapshots_of_another_model(posthoc_run, tmp_path,
+                                                                                          capsys):
+    (tmp_path / "empty").mkdir()
+    assert phema.main([str(tmp_path / "empty"), "--sigma-rel", "0.1"]) == 2
+    assert "no post-hoc EMA snapshots" in capsys.readouterr().err
+    import shutil
+    mixed = tmp_path / "mixed"
+    shutil.copytree(posthoc_run / "posthoc", mixed)
+    other = load(mixed / "0000006_sigma0.1.pt")
+    other["args"] = {**other["args"], "model_kwargs": {**other["args"]["model_kwargs"], "hidden_size": 32}}
+    torch.save(other, mixed / "0000008_sigma0.1.pt")
+    assert phema.main([str(mixed), "--sigma-rel", "0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "0000008_sigma0.1.pt is a snapshot of another model" in err
+    assert "differ in model_kwargs" in err and not (mixed.parent / "phema").exists()
+
 
 @pytest.mark.parametrize("flags, message", [
     (["--posthoc-every", "5"], "--posthoc-every apply to post-hoc EMA only: add --posthoc-ema"),
