@@ -22,12 +22,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from udit.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from udit.cli import ActionableError, positive_int, run_guarded
-from udit.ema import SIGMA_REL_MAX, SNAPSHOT_FOLDER, sigma_rel_flag, sigma_rel_to_gamma, snapshot_name, solve_coefficients
+from udit.ema import (SIGMA_REL_MAX, SNAPSHOT_FOLDER, sigma_rel_flag, sigma_rel_to_gamma, snapshot_name,
+                      solve_coefficients)
 
 OUTPUT_FOLDER = "phema"
 # A target whose profile the snapshots reproduce worse than this (relative L2 error) is
