@@ -138,10 +138,13 @@ def test_accelerate_launch_two_cpu_processes(tiny_data, tmp_path):
     out = run_script([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                       "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
                       "train_accelerate.py", "--data-path", tiny_data["images"], "--vae-path", tiny_data["vae"],
-                      "--image-size", "64", "--max-steps", "2", "--results-dir", tmp_path, *COMMON])
+                      "--image-size", "64", "--max-steps", "2", "--posthoc-ema", "0.1", "--posthoc-every", "2",
+                      "--results-dir", tmp_path, *COMMON])
     assert "2 processes x batch 2" in out
     ckpt = load(checkpoints(tmp_path)[-1])
     assert ckpt["step"] == 2 and ckpt["args"]["precision"] == "bf16"
+    (snapshot,) = tmp_path.glob("*/posthoc/*.pt")  # train_accelerate.py keeps the post-hoc EMAs too
+    assert snapshot.name == "0000002_sigma0.1.pt" and ckpt["posthoc_ema"][0]["step"] == 2
 
 
 # ----------------------------------------------------------------- bad inputs
