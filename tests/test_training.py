@@ -47,6 +47,28 @@ def test_torchrun_pixel_space(tiny_data, tmp_path):
     assert "Train Loss" in out
 
 
+def test_posthoc_snapshots_with_one_and_two_processes(tiny_data, tmp_path):
+    """Rank 0 alone writes them: the same files, each the EMA state its run's checkpoint holds (fp16)."""
+    runs = {}
+    for nproc in (1, 2):
+        torchrun("train.py", "--data-path", tiny_data["small_images"], "--vae", "none", "--image-size", "16",
+                 "--max-steps", "4", "--posthoc-ema", "0.05", "0.1", "--posthoc-every", "2",
+                 "--results-dir", tmp_path / str(nproc), *COMMON, nproc=nproc)
+        (run,) = (tmp_path / str(nproc)).iterdir()
+        runs[nproc] = run
+        assert len(load(checkpoints(tmp_path / str(nproc))[-1])["rng"]) == nproc
+    names = [sorted(p.name for p in (run / "posthoc").iterdir()) for run in runs.values()]
+    assert names[0] == names[1] == ["0000002_sigma0.05.pt", "0000002_sigma0.1.pt", "0000004_sigma0.05.pt",
+                                    "0000004_sigma0.1.pt"]  # no temporary files, no second writer
+    for run in runs.values():
+        tracked = load(run / "checkpoints" / "0000004.pt")["posthoc_ema"]
+        for state in tracked:
+            snapshot = load(run / "posthoc" / f"0000004_sigma{state['sigma_rel']:g}.pt")
+            assert (snapshot["step"], snapshot["sigma_rel"]) == (4, state["sigma_rel"])
+            for key, value in state["ema"].items():
+                assert torch.equal(snapshot["ema"][key], value.half()), key
+
+
 def write_public_features(root, layout, count=10, size=32):
     rng = np.random.default_rng(0)
     feats, labels = root / "imagenet256_features", root / "imagenet256_labels"
@@ -153,10 +175,13 @@ def test_accelerate_launch_two_cpu_processes(tiny_data, tmp_path):
     out = run_script([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                       "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
                       "train_accelerate.py", "--data-path", tiny_data["images"], "--vae-path", tiny_data["vae"],
-                      "--image-size", "64", "--max-steps", "2", "--results-dir", tmp_path, *COMMON])
+                      "--image-size", "64", "--max-steps", "2", "--posthoc-ema", "0.1", "--posthoc-every", "2",
+                      "--results-dir", tmp_path, *COMMON])
     assert "2 processes x batch 2" in out
     ckpt = load(checkpoints(tmp_path)[-1])
     assert ckpt["step"] == 2 and ckpt["args"]["precision"] == "bf16"
+    (snapshot,) = tmp_path.glob("*/posthoc/*.pt")  # train_accelerate.py keeps the post-hoc EMAs too
+    assert snapshot.name == "0000002_sigma0.1.pt" and ckpt["posthoc_ema"][0]["step"] == 2
 
 
 # ----------------------------------------------------------------- bad inputs

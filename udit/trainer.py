@@ -12,7 +12,6 @@ import re
 import sys
 import time
 from contextlib import ExitStack, nullcontext
-from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from udit.data import DataError, ImageDataset, ResumableDistributedSampler, open
 from udit.cuda_graphs import GraphedTrainingStep
 from udit.distributed import (all_gather_objects, all_reduce_mean, barrier, broadcast_module, broadcast_object,
                                configure_matmul_precision, init_distributed, open_shared_folder)
+from udit.ema import TrainingEMAs, check_posthoc_args, sigma_rel_flag
 from udit.monitor import MONITOR_SETTINGS, Monitor, add_monitor_args, check_monitor_args, grid_labels
 from udit.objectives import OBJECTIVES, TIME_SAMPLINGS, create_objective
 from udit.vae import (check_latent_normalization, encode, latent_channels, latent_factor, latent_normalization,
@@ -42,6 +42,7 @@ log = logging.getLogger("train")
 RESUMABLE = ("max_steps", "max_minutes", "epochs", "log_every", "ckpt_every", "num_workers", "data_path",
              "feature_path", "vae_path", "compile", "grad_checkpointing", "skip_nonfinite", "lr", "ema_decay",
              "ema_warmup", "precision", "cuda_graph", "resume", "max_grad_norm", "encoder_weights",
+             "posthoc_every", "posthoc_dtype",
              *MONITOR_SETTINGS)
 # Flags whose change can change a tensor's shape, so that the old weights may not load.
 NETWORK_SHAPING = ("model", "model_kwargs", "num_classes", "class_dropout_prob", "vae", "image_size")
@@ -86,6 +87,13 @@ def training_parser(description, prog="train.py"):
     p.add_argument("--ema-decay", type=number(float, min=0, max=1, max_inclusive=False), default=0.9999)
     p.add_argument("--ema-warmup", action="store_true",
                    help="EMA decay min(decay, (1 + step) / (10 + step)): useful for short runs")
+    p.add_argument("--posthoc-ema", type=sigma_rel_flag, nargs="+", metavar="SIGMA_REL",
+                   help="also keep EDM2's power-function EMAs of these relative widths (EDM2: 0.05 0.10) and save "
+                        "snapshots, from which `python -m udit.phema` makes the EMA of any width after training")
+    p.add_argument("--posthoc-every", type=positive_int, default=10_000,
+                   help="post-hoc EMA: a snapshot of each power-function EMA every N steps (posthoc/)")
+    p.add_argument("--posthoc-dtype", choices=["fp16", "fp32"], default="fp16",
+                   help="post-hoc EMA: precision of the snapshots (EDM2: fp16, half the disk)")
     p.add_argument("--label-dropout", choices=["shared", "per-level"], default="shared",
                    help="U-DiT: one drop decision per sample for all levels (default) or the reference's per-level draws")
     p.add_argument("--class-dropout-prob", type=number(float, min=0, max=1, max_inclusive=False), default=0.1)
@@ -149,6 +157,7 @@ def parse_training_args(parser, argv=None):
                      "the resumed experiment): train without --cuda-graph")
     check_monitor_args(parser, args)
     check_alignment_args(parser, args)
+    check_posthoc_args(parser, args)
     return args
 
 
@@ -240,14 +249,6 @@ class DDPBackend:
 #################################################################################
 #                                 Helpers                                       #
 #################################################################################
-
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, over all parameters."""
-    ema_params = list(ema.parameters())
-    model_params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
-
 
 def create_logger(exp_dir, is_main):
     log.handlers.clear()
@@ -459,7 +460,7 @@ def train(args, backend):
             logger.info(note)
     graphed = getattr(backend, "cuda_graph", False)  # train_accelerate's backend has no graphs
     model.grad_checkpointing = args.grad_checkpointing
-    ema = deepcopy(model).requires_grad_(False).eval()
+    emas = TrainingEMAs(model, args, config, exp_dir, rank)
     # The fused kernel exists for CPUs too, where it is 3x faster than the per-tensor loop.
     # The projector is trained with the network but stays out of its state dict and EMA.
     trained = [*model.parameters(), *(aligner.parameters() if aligner is not None else ())]
@@ -469,7 +470,7 @@ def train(args, backend):
     if args.resume:
         resume_ckpt = load_checkpoint(args.resume_checkpoint)
         load_weights(model, resume_ckpt["model"], args.resume_checkpoint)
-        load_weights(ema, resume_ckpt["ema"], args.resume_checkpoint)
+        emas.load_state_dict(resume_ckpt, args.resume_checkpoint)
         if aligner is not None:
             aligner.load_state_dict(resume_ckpt["aligner"])
         opt.load_state_dict(resume_ckpt["opt"])
@@ -487,8 +488,6 @@ def train(args, backend):
                     position, "".join(f"; {k} {resume_ckpt['args'].get(k)!r} -> {getattr(args, k)!r}"
                                       for k in changed))
         del resume_ckpt
-    else:
-        update_ema(ema, model, 0.0)
 
     model.train()
     hooks = ExitStack()
@@ -525,12 +524,12 @@ def train(args, backend):
         states = all_gather_objects(rng_state(device))
         if rank == 0:
             unwrapped = backend.unwrap(train_model)
-            if not (all_finite(unwrapped) and all_finite(ema)):
+            if not (all_finite(unwrapped) and all_finite(emas.fixed)):
                 raise NonFiniteLoss(f"non-finite weights at step {step}: checkpoint not written; "
                                     f"{recovery_advice(exp_dir, 'with a lower --lr')}")
             path = exp_dir / "checkpoints" / f"{step:07d}.pt"
             try:
-                save_atomic({"model": unwrapped.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                save_atomic({"model": unwrapped.state_dict(), **emas.state_dict(), "opt": opt.state_dict(),
                              "step": step, "epoch": epoch, "position": position, "rng": states,
                              "backend": backend.extra_state(), "args": {**vars(args), **config},
                              **({"aligner": aligner.state_dict()} if aligner is not None else {})}, path)
@@ -596,8 +595,7 @@ def train(args, backend):
                     if args.max_grad_norm is not None:
                         clipped_steps += grad_norm > args.max_grad_norm
                 opt.step()
-                decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
-                update_ema(ema, backend.unwrap(train_model), decay)
+                emas.update(backend.unwrap(train_model), step)
                 running = reduced[:len(names)] if running is None else running + reduced[:len(names)]
                 log_steps += 1
 
@@ -623,9 +621,10 @@ def train(args, backend):
                 monitor.log(step, values)
                 running, log_steps, clipped_steps = None, 0, 0
                 start = time.time()
+            emas.save_snapshots(step)
             if step % args.ckpt_every == 0 or stop_now:
                 save_checkpoint()
-            start += monitor.after_step(step, ema)  # grids and evaluations are not training time
+            start += monitor.after_step(step, emas.fixed)  # grids and evaluations are not training time
             if stop_now:
                 done = True
                 break
@@ -636,7 +635,7 @@ def train(args, backend):
             if done and step % args.ckpt_every:
                 save_checkpoint()
     hooks.close()
-    monitor.close(step, ema)
+    monitor.close(step, emas.fixed)
     logger.info("done: step %d, epoch %d", step, epoch)
     return exp_dir
 
