@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import DiT, U_DiT, create_model
-from udit.cli import finite_float, positive_int
+from udit.cli import number, positive_int
 from udit.encoders import DINOV2, EncoderError, load_encoder
 
 U_DIT_STAGES = ("encoder_level_1", "encoder_level_2", "latent", "decoder_level_2", "decoder_level_1")
@@ -234,9 +234,9 @@ def add_alignment_args(parser):
                    help="DiT: the aligned block, counting from 1 (default REPA's: 4 for 12 blocks, 8 for 24 or 28)")
     g.add_argument("--align-stage", choices=U_DIT_STAGES,
                    help=f"U-DiT: the stage whose output is aligned (default U-REPA's middle stage, {U_REPA_STAGE})")
-    g.add_argument("--align-coeff", type=finite_float, default=ALIGN_COEFF,
+    g.add_argument("--align-coeff", type=number(float, min=0), default=ALIGN_COEFF,
                    help="weight of the alignment loss (REPA: 0.5)")
-    g.add_argument("--manifold-coeff", type=finite_float,
+    g.add_argument("--manifold-coeff", type=number(float, min=0),
                    help="weight of U-REPA's manifold loss (default 3.0 for U-DiT, 0 for DiT)")
     g.add_argument("--projector-width", type=positive_int, default=2048, help="hidden width of the projector MLP")
 
