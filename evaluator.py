@@ -296,9 +296,13 @@ def precision_recall(ref_features, sample_features, distances, k=PR_NEIGHBOURS, 
 
 def find_inception_graph(path=None, download=True):
     """Path of classify_image_graph_def.pb: the argument, $UDIT_INCEPTION_GRAPH, or the cache."""
+    where = "--inception-graph" if path else f"${INCEPTION_ENV}" if os.environ.get(INCEPTION_ENV) else None
     path = Path(path or os.environ.get(INCEPTION_ENV) or cache_dir() / "classify_image_graph_def.pb")
     if path.is_file():
         return path
+    if where:  # a path the user chose is never filled by a download
+        raise EvaluatorInputError(f"{where} {path}: no such file; download {INCEPTION_URL} there, or leave "
+                                  f"{where} unset to have it downloaded into {cache_dir()}")
     if not download:
         raise EvaluatorInputError(f"Inception graph not found at {path}; download {INCEPTION_URL} there "
                                   f"or pass --inception-graph PATH")
@@ -532,6 +536,9 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    for path in (args.ref_batch, args.sample_batch):
+        if not Path(path).is_file():
+            parser.error(f"{path}: no such file")
     if args.device and args.backend == "tf" and "fd_dinov2" not in args.metrics:
         parser.error("--device applies to --backend torch and FD-DINOv2; TensorFlow places the graph itself")
     try:

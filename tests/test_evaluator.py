@@ -382,3 +382,11 @@ def test_command_line_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.npz" in err[0] and "expected uint8" in err[0]
+
+
+def test_a_graph_path_that_was_given_but_is_missing_is_named_not_downloaded_into(monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded into a path the user gave")
+    monkeypatch.setattr(evaluator, "download_url", no_download)
+    with pytest.raises(evaluator.EvaluatorInputError, match=r"--inception-graph /nonexistent\.pb: no such file"):
+        evaluator.find_inception_graph("/nonexistent.pb")

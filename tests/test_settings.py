@@ -23,7 +23,7 @@ from udit.checkpoint import load_checkpoint
 from udit.cli import ActionableError
 from udit.objectives import SiTVelocity
 from udit.samplers import make_sampler
-from udit.sampling import add_sampling_args, load_sampling_model
+from udit.sampling import add_sampling_args, load_guide_model, load_sampling_model
 from udit.trainer import load_initial_weights, parse_training_args, training_parser
 
 PIXEL = ["--model", "U-DiT-S", "--model-kwargs", TINY_UDIT_KWARGS, "--vae", "none", "--image-size", "16",
@@ -115,6 +115,26 @@ def test_a_sit_checkpoint_is_a_flow_model_with_its_time_direction_converted(tmp_
     with pytest.raises(SystemExit) as info:
         sample.main([*flags, "--sampler", "ddpm", "--output", str(tmp_path / "eps.png")])
     assert info.value.code == 2 and not (tmp_path / "eps.png").exists()
+
+
+@pytest.mark.parametrize("main_vae", ["ema", None])  # SiT's default; a foreign checkpoint that records no VAE
+def test_a_pixel_space_guide_for_a_sit_checkpoint_sampled_in_pixel_space(tmp_path, main_vae):
+    net = sit_checkpoint(tmp_path / "sit.pt")
+    if main_vae is None:
+        args = {k: v for k, v in SIT_ARGS.items() if k != "vae"}
+        torch.save({"model": net.state_dict(), "ema": net.state_dict(), "args": argparse.Namespace(**args)},
+                   tmp_path / "sit.pt")
+    ours = {"model": "DiT-S/8", "model_kwargs": SIT_KWARGS, "image_size": 16, "latent_size": 16, "num_classes": 2,
+            "vae": "none", "objective": "flow", "latent_scale": 1.0, "latent_shift": 0.0, "learn_sigma": True}
+    torch.save({"model": net.state_dict(), "ema": net.state_dict(), "args": ours}, tmp_path / "guide.pt")
+    args = sampling_args("--ckpt", str(tmp_path / "sit.pt"), "--model-kwargs", json.dumps(SIT_KWARGS), "--vae",
+                         "none", "--guide-ckpt", str(tmp_path / "guide.pt"))
+    _, _, settings = load_sampling_model(args, torch.device("cpu"))
+    # Pixel space has no latent normalisation to differ in (it was a KeyError, or a refusal for SiT's vae "ema").
+    guide = load_guide_model(str(tmp_path / "guide.pt"), settings, torch.device("cpu"))
+    x, s, y = torch.randn(2, 3, 16, 16), torch.tensor([0.2, 0.7]), torch.tensor([0, 1])
+    with torch.no_grad():
+        assert guide(x, 1000 * s, y).shape[1] == 6
 
 
 class SiTGaussianVelocity(torch.nn.Module):

@@ -303,9 +303,10 @@ def load_guide_model(ckpt, settings, device):
               if guide[key] != settings[key]]
     if LATENT_SPACES[guide["vae"]] != LATENT_SPACES[settings["vae"]]:
         differ.insert(0, f"latent space (vae; guide {guide['vae']}, main {settings['vae']})")
-    elif guide.get("latent_normalization", settings.get("latent_normalization")) != settings.get("latent_normalization"):
-        differ.insert(0, f"latent normalisation (guide {guide['latent_normalization']}, main "
-                         f"{settings['latent_normalization']})")
+    elif LATENT_SPACES[settings["vae"]] != "pixels":  # pixel space has no latent normalisation to share
+        norms = guide.get("latent_normalization"), settings.get("latent_normalization")
+        if None not in norms and norms[0] != norms[1]:  # unrecorded: taken to be the main model's
+            differ.insert(0, f"latent normalisation (guide {norms[0]}, main {norms[1]})")
     if differ:
         raise ValueError(f"--guide-ckpt {ckpt}: the guide must share the main model's latent space and classes; "
                          f"it differs in {', '.join(differ)}")
