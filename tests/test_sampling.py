@@ -246,6 +246,20 @@ def test_a_dangling_cache_link_is_fetched_again(fake_network, tmp_path):
     assert fake_network == ["U-DiT-S-400k.pt"] and entry.resolve().is_file()
 
 
+def test_offline_a_dangling_cache_link_is_removed_so_the_advice_works(fake_network, tmp_path, monkeypatch):
+    def offline(name, target):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(releases, "_fetch_udit", offline)
+    entry = releases.cached_path("U-DiT-S-400K")
+    entry.parent.mkdir(parents=True)
+    entry.symlink_to(tmp_path / "cleaned" / "U-DiT-S-400k.pt")
+    with pytest.raises(releases.DownloadError, match=f"put it at {entry}"):
+        releases.download("U-DiT-S-400K")
+    assert not entry.is_symlink()  # "put it at" that path: cp refuses to write through a dangling link
+    torch.save({"w": torch.arange(3.0)}, entry)  # following the advice
+    assert torch.equal(releases.find_model("U-DiT-S-400K")["w"], torch.arange(3.0))
+
+
 @pytest.mark.parametrize("name", ["U-DiT-S-400K", "DiT-XL-2-256x256.pt"])
 def test_a_truncated_cache_entry_is_fetched_again(fake_network, tmp_path, name):
     whole = tmp_path / "whole.pt"

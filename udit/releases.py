@@ -138,6 +138,8 @@ def download(name):
     stale = " (replacing an incomplete cache entry)" if target.is_symlink() or target.exists() else ""
     print(f"downloading {name} into {target}{stale} ...", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
+    if stale:  # gone before anything can fail: "put it at TARGET" must work (cp refuses a dangling link)
+        target.unlink()
     try:
         if name.startswith("DiT"):
             download_url(DIT_URL.format(name=name), target)
