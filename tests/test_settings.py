@@ -388,3 +388,18 @@ def test_a_network_flag_changed_on_resume_does_not_promise_the_weights_load(tiny
     line = last_error_line(capsys)
     assert "--num-classes cannot change on resume" in line
     assert "starts it from these weights if the network keeps every tensor's shape" in line
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"learn_sigma": "false"}, "'learn_sigma' of U-DiT-S must be true or false (JSON), got \"false\""),
+    ({"learn_sigma": 0}, "must be true or false"),
+    ({"hidden_size": "16"}, "'hidden_size' of U-DiT-S must be a number or a list of numbers"),
+    ({"attn_type": 2}, "'attn_type' of U-DiT-S must be a string"),
+])
+def test_model_keywords_of_the_wrong_json_type_are_refused_in_one_line(tiny_data, capsys, kwargs, message):
+    # "learn_sigma": "false" is a truthy string: learned variance stayed on and training exited 0.
+    with pytest.raises(SystemExit) as info:
+        parse_training_args(training_parser("train"), ["--data-path", str(tiny_data["small_images"]), "--model",
+                                                       "U-DiT-S", "--model-kwargs", json.dumps(kwargs)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and "--model-kwargs: model keyword" in err[-1] and message in err[-1]

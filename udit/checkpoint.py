@@ -2,6 +2,7 @@
 
 import argparse
 import errno
+import json
 import os
 import pathlib
 import pickle
@@ -199,9 +200,41 @@ def load_weights(model, state_dict, source, skip_mis_shaped=False):
     return []
 
 
+def check_model_kwargs(model, kwargs):
+    """ValueError (one line) for a --model-kwargs value of the wrong JSON type for the network's keyword.
+
+    The type comes from the keyword's default in U_DiT / DiT: a flag (learn_sigma) takes
+    true or false, a name (attn_type) a string, a number (hidden_size) a number or, for
+    the per-level U-DiT keywords (depth, down_factor), a list of them. Without this check
+    "learn_sigma": "false" is a non-empty string, truthy: learned variance stays on
+    silently. Keywords the network does not take are left to its constructor.
+    """
+    import inspect
+    from models import DiT, U_DiT
+    family = U_DiT if model.startswith("U-DiT") else DiT
+    defaults = {k: p.default for k, p in inspect.signature(family.__init__).parameters.items()}
+
+    def is_number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    for key, value in kwargs.items():
+        default = defaults.get(key, inspect.Parameter.empty)
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, str):
+            ok, want = isinstance(value, str), "a string"
+        elif isinstance(default, (int, float, tuple)):
+            ok = is_number(value) or (isinstance(value, list) and value and all(is_number(v) for v in value))
+            want = "a number or a list of numbers"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"model keyword {key!r} of {model} must be {want} (JSON), got {json.dumps(value)}")
+
+
 def build_model(config):
     """The network described by a checkpoint's `args` (or the trainer's config dict)."""
     from models import U_DiT, create_model
+    check_model_kwargs(config["model"], config.get("model_kwargs", {}))
     kwargs = dict(input_size=config["latent_size"], num_classes=config["num_classes"],
                   in_channels=config["in_channels"], **config.get("model_kwargs", {}))
     for key in ("class_dropout_prob", "learn_sigma"):

@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 from models import DiT_models, cache_rope_tables, capture_block_outputs
 from udit.alignment import (AlignedObjective, add_alignment_args, average_gradients, build_aligner,
                             check_alignment_args, encoder_targets, open_encoder)
-from udit.checkpoint import (CheckpointError, build_model, load_checkpoint, load_weights, model_state_dict,
-                             recorded_objective, save_atomic)
+from udit.checkpoint import (CheckpointError, build_model, check_model_kwargs, load_checkpoint, load_weights,
+                             model_state_dict, recorded_objective, save_atomic)
 from udit.cli import (ActionableError, ArgumentParser, finite_float, given_flags, inside, json_object,
                       non_negative_int, number, output_dir, positive_float, positive_int, seed)
 from udit.data import DataError, ImageDataset, ResumableDistributedSampler, open_feature_folder
@@ -142,6 +142,10 @@ def parse_training_args(parser, argv=None):
         parser.error("--time-sampling and --logit-normal-* apply to --objective flow only")
     if args.time_sampling != "logit-normal" and {"logit_normal_loc", "logit_normal_scale"} & set(args.given):
         parser.error("--logit-normal-loc/--logit-normal-scale apply to --time-sampling logit-normal only")
+    try:
+        check_model_kwargs(args.model, args.model_kwargs)
+    except ValueError as err:
+        parser.error(f"--model-kwargs: {err}")
     if args.objective == "flow" and args.model_kwargs.get("learn_sigma"):
         parser.error("--objective flow predicts a velocity without a learned variance: drop learn_sigma from "
                      "--model-kwargs")
