@@ -246,44 +246,72 @@ def test_checkpoint_of_another_architecture_names_keys(tiny_data, tmp_path, caps
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, capsys):
+    from udit.data import ResumableDistributedSampler, open_feature_folder
     features = write_public_features(tmp_path / "features", "fast-DiT", count=8)
     common = ["--feature-path", str(features), "--results-dir", str(tmp_path / "r"), "--ckpt-every", "1", *COMMON]
     assert train.main([*common, "--max-steps", "1"]) == 0
-    for f in (features / "imagenet256_features").iterdir():
-        np.save(f, np.full((1, 4, 32, 32), np.nan, dtype=np.float32))
+    # One bad image, drawn first in step 2 (epoch 0's second batch of 4; --global-seed 0).
+    first_of_step_2 = list(ResumableDistributedSampler(8, 0, 1, seed=0))[4]
+    np.save(open_feature_folder(features).feature_files[first_of_step_2], np.full((1, 4, 32, 32), np.nan, np.float32))
     run = next((tmp_path / "r").iterdir())
     assert train.main(["--resume", str(run), "--max-steps", "3"]) == 1
     err = capsys.readouterr().err
     assert "loss is nan at step 2" in err
-    assert f"the last checkpoint {run / 'checkpoints' / '0000001.pt'} is intact: resume with a lower --lr or " \
-           f"with --skip-nonfinite (--resume {run})" in err
+    # Checkpoint 1 holds the weights step 2 was computed from: resuming replays it, so a lower --lr cannot help.
+    assert f"the last checkpoint {run / 'checkpoints' / '0000001.pt'} holds the weights that gave this loss, so " \
+           f"resuming replays it whatever the --lr: resume with --skip-nonfinite if only some batches are bad " \
+           f"(--resume {run})" in err
     assert [p.name for p in checkpoints(tmp_path / "r")] == ["0000001.pt"]
     assert all(torch.isfinite(v).all() for v in load(checkpoints(tmp_path / "r")[0])["model"].values())
-    assert train.main(["--resume", str(run), "--max-steps", "3", "--skip-nonfinite"]) == 0  # the advice works
+    assert train.main(["--resume", str(run), "--max-steps", "4", "--skip-nonfinite"]) == 0  # the advice works
+
+
+def nan_features(folder, bad):
+    """Public fast-DiT features of 8 images, the first `bad` of them NaN (2 batches of 4 per epoch)."""
+    features = write_public_features(folder, "fast-DiT", count=8)
+    for f in sorted((features / "imagenet256_features").iterdir())[:bad]:
+        np.save(f, np.full((1, 4, 32, 32), np.nan, dtype=np.float32))
+    return features
 
 
 def test_divergence_before_the_first_checkpoint_does_not_advise_resuming(tmp_path, capsys):
-    features = write_public_features(tmp_path / "features", "fast-DiT", count=8)
-    for f in (features / "imagenet256_features").iterdir():
-        np.save(f, np.full((1, 4, 32, 32), np.nan, dtype=np.float32))
-    common = ["--feature-path", str(features), "--results-dir", str(tmp_path / "r"), "--precision", "bf16",
-              "--max-steps", "2", *COMMON]
-    assert train.main(common) == 1
+    common = ["--feature-path", str(nan_features(tmp_path / "features", bad=1)), "--results-dir",
+              str(tmp_path / "r"), "--precision", "bf16", *COMMON]
+    assert train.main([*common, "--max-steps", "2"]) == 1
     err = capsys.readouterr().err
-    assert "loss is nan at step 1" in err and "intact" not in err and "--resume" not in err
+    assert "loss is nan at step" in err and "intact" not in err and "--resume" not in err
     assert "no checkpoint was written yet, so there is nothing to resume: start the run again with a lower --lr " \
            "or with --skip-nonfinite" in err
-    assert train.main([*common, "--skip-nonfinite"]) == 0  # the advice works
+    assert train.main([*common, "--max-steps", "4", "--skip-nonfinite"]) == 0  # the advice works
 
 
 def test_skip_nonfinite_counts_and_continues(tmp_path):
-    features = write_public_features(tmp_path / "features", "fast-DiT", count=8)
-    for f in (features / "imagenet256_features").iterdir():
-        np.save(f, np.full((1, 4, 32, 32), np.nan, dtype=np.float32))
-    assert train.main(["--feature-path", str(features), "--results-dir", str(tmp_path / "r"), "--max-steps", "2",
-                       "--skip-nonfinite", *COMMON]) == 0
+    assert train.main(["--feature-path", str(nan_features(tmp_path / "features", bad=1)), "--results-dir",
+                       str(tmp_path / "r"), "--max-steps", "4", "--skip-nonfinite", *COMMON]) == 0
     log = next((tmp_path / "r").glob("*/log.txt")).read_text()
-    assert "non-finite loss, step skipped (2 so far)" in log
+    assert "non-finite loss, step skipped (2 so far)" in log  # one bad batch per epoch
+
+
+def test_skip_nonfinite_stops_when_nothing_trains(tmp_path, capsys):
+    common = ["--feature-path", str(nan_features(tmp_path / "features", bad=8)), "--results-dir",
+              str(tmp_path / "r"), "--skip-nonfinite", *COMMON]
+    # It used to skip every step and exit 0 ("done").
+    assert train.main([*common, "--max-steps", "2"]) == 1
+    assert "every one of the 2 steps of this run had a non-finite loss: nothing was trained" in capsys.readouterr().err
+    assert train.main([*common, "--max-steps", "12"]) == 1
+    assert "10 non-finite losses in a row (steps 1-10): the weights have diverged" in capsys.readouterr().err
+
+
+def test_divergence_advice_never_offers_a_checkpoint_that_gave_the_non_finite_loss(tmp_path):
+    from udit.trainer import recovery_advice
+    (tmp_path / "checkpoints").mkdir()
+    for step in (1, 2):
+        (tmp_path / "checkpoints" / f"{step:07d}.pt").write_bytes(b"")
+    assert "0000002.pt is intact" in recovery_advice(tmp_path, "with a lower --lr", bad_from=3)
+    # The loss of step 3 was computed from the weights of checkpoint 2: resuming there replays it.
+    replay = recovery_advice(tmp_path, "with a lower --lr or with --skip-nonfinite", bad_from=2)
+    assert "0000002.pt holds the weights that gave this loss" in replay and "resume with --skip-nonfinite" in replay
+    assert "--resume" not in recovery_advice(tmp_path, "with a lower --lr", bad_from=2, skipping=True)
 
 
 def test_time_budget_stops_with_a_checkpoint(tiny_data, tmp_path):

@@ -281,17 +281,34 @@ def latest_checkpoint(exp_dir):
     return ckpts[-1]
 
 
-def recovery_advice(exp_dir, change):
+def recovery_advice(exp_dir, change, bad_from=None, skipping=False):
     """What to do after a run stopped, true in the state it stopped in.
 
     With a checkpoint: resume from it. Before the first one there is nothing to resume
     (--resume would exit 2), so: start again. `change` says how, e.g. "with a lower --lr".
+    bad_from: the first checkpoint step whose weights gave the non-finite loss (the loss
+    of step s is computed from the weights after s - 1 updates). Resuming from such a
+    checkpoint replays that very forward pass, so a lower --lr cannot help there: only
+    --skip-nonfinite can (a bad batch), and once the run was `skipping` already, nothing.
     """
     ckpts = checkpoint_files(exp_dir)
-    if ckpts:
+    if ckpts and (bad_from is None or int(ckpts[-1].stem) < bad_from):
         return f"the last checkpoint {ckpts[-1]} is intact: resume {change} (--resume {exp_dir})"
+    if ckpts and not skipping:
+        return (f"the last checkpoint {ckpts[-1]} holds the weights that gave this loss, so resuming replays it "
+                f"whatever the --lr: resume with --skip-nonfinite if only some batches are bad (--resume "
+                f"{exp_dir}); if the loss stays non-finite, the weights have diverged: start the run again with a "
+                f"lower --lr")
+    if ckpts:
+        return (f"the last checkpoint {ckpts[-1]} holds weights that give a non-finite loss, so resuming fails "
+                f"again: start the run again {change} (and check the data for non-finite values)")
     return (f"no checkpoint was written yet, so there is nothing to resume: start the run again {change} "
             f"({exp_dir} holds no checkpoint and can be deleted)")
+
+
+# --skip-nonfinite passes over a rare bad batch; this many non-finite losses in a row (the
+# weights unchanged all along) mean the weights themselves have diverged.
+MAX_SKIPPED_IN_A_ROW = 10
 
 
 def remove_stale_temporaries(exp_dir):
@@ -547,7 +564,8 @@ def train(args, backend):
 
     features = {}  # encoder targets of the batch, with --repa
     running, grad_norm = None, torch.tensor(math.nan)  # device sums of the loss terms since the last log
-    log_steps, skipped_images, skipped_steps, clipped_steps = 0, 0, 0, 0
+    log_steps, skipped_images, skipped_steps, clipped_steps, skipped_in_a_row = 0, 0, 0, 0, 0
+    first_step = step
     start = run_start = time.time()
     done = step >= args.max_steps or (args.epochs is not None and epoch >= args.epochs)
     while not done:
@@ -583,11 +601,18 @@ def train(args, backend):
             log_now = step % args.log_every == 0 or stop_now
             if not torch.isfinite(mean_loss):
                 if not args.skip_nonfinite:
-                    raise NonFiniteLoss(f"loss is {mean_loss.item()} at step {step}: stopping; "
-                                        f"{recovery_advice(exp_dir, 'with a lower --lr or with --skip-nonfinite')}")
+                    advice = recovery_advice(exp_dir, "with a lower --lr or with --skip-nonfinite", step - 1)
+                    raise NonFiniteLoss(f"loss is {mean_loss.item()} at step {step}: stopping; {advice}")
                 skipped_steps += 1
+                skipped_in_a_row += 1
                 logger.info("step %d: non-finite loss, step skipped (%d so far)", step, skipped_steps)
+                if skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:
+                    first = step - skipped_in_a_row + 1
+                    advice = recovery_advice(exp_dir, "with a lower --lr", first - 1, skipping=True)
+                    raise NonFiniteLoss(f"{skipped_in_a_row} non-finite losses in a row (steps {first}-{step}): the "
+                                        f"weights have diverged, stopping; {advice}")
             else:
+                skipped_in_a_row = 0
                 if graphed_step is None:
                     opt.zero_grad(set_to_none=True)
                     backend.backward(terms["loss"])
@@ -639,6 +664,9 @@ def train(args, backend):
             if done and step % args.ckpt_every:
                 save_checkpoint()
     hooks.close()
+    if step > first_step and skipped_steps == step - first_step:
+        raise NonFiniteLoss(f"every one of the {skipped_steps} steps of this run had a non-finite loss: nothing was "
+                            f"trained; {recovery_advice(exp_dir, 'with a lower --lr', first_step, skipping=True)}")
     monitor.close(step, emas.fixed)
     logger.info("done: step %d, epoch %d", step, epoch)
     return exp_dir
