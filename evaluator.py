@@ -335,13 +335,17 @@ class InceptionFeatures:
         self.graph = tf.Graph()
         with self.graph.as_default():
             self.images = tf.placeholder(tf.float32, shape=[None, None, None, 3])
-            pool, spatial = tf.import_graph_def(graph_def, input_map={"ExpandDims:0": self.images},
-                                                return_elements=[POOL_NAME, SPATIAL_NAME], name="features")
+            try:
+                pool, spatial = tf.import_graph_def(graph_def, input_map={"ExpandDims:0": self.images},
+                                                    return_elements=[POOL_NAME, SPATIAL_NAME], name="features")
+                (matmul,) = tf.import_graph_def(graph_def, return_elements=[SOFTMAX_MATMUL], name="softmax")
+            except ValueError as err:  # a tensor ADM reads is missing
+                raise EvaluatorInputError(f"{graph_path}: {' '.join(str(err).split())}; this is not the 2015 "
+                                          f"Inception graph (download {INCEPTION_URL})") from None
             self.pool = tf.reshape(pool, [tf.shape(pool)[0], -1])
             spatial = spatial[..., :SPATIAL_CHANNELS]
             self.spatial = tf.reshape(spatial, [tf.shape(spatial)[0], -1])  # H, W, C order
 
-            (matmul,) = tf.import_graph_def(graph_def, return_elements=[SOFTMAX_MATMUL], name="softmax")
             self.pool_input = tf.placeholder(tf.float32, shape=[None, 2048])
             self.softmax = tf.nn.softmax(tf.matmul(self.pool_input, matmul.inputs[1]))
 

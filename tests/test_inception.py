@@ -16,6 +16,7 @@ import evaluator
 from conftest import ROOT
 from test_evaluator import REAL_GRAPH_OPS, build_stand_in_graph, images, write_npz
 from udit import inception
+from udit.cli import ActionableError
 from udit.inception import GraphError, InceptionTorch, TFGraph
 
 REL = 1e-4  # the parity bound for activations and FID / sFID / IS
@@ -209,10 +210,28 @@ def test_graph_without_the_needed_tensors_is_refused(tmp_path, capsys):
     path.write_bytes(graph.as_graph_def().SerializeToString())
     with pytest.raises(GraphError, match="no node 'mixed_6/conv'"):
         InceptionTorch(path, "cpu")
+    with pytest.raises(evaluator.EvaluatorInputError, match="this is not the 2015 Inception graph"):
+        evaluator.InceptionFeatures(path)  # the TensorFlow backend: a ValueError traceback before
     junk = tmp_path / "junk.pb"
     junk.write_bytes(b"\xff not a protobuf")
     with pytest.raises(GraphError, match="not a TensorFlow GraphDef"):
         InceptionTorch(junk, "cpu")
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "xpu"])
+def test_a_device_type_the_evaluator_cannot_use_is_one_line(device):
+    from udit.inception import resolve_device
+    with pytest.raises(ActionableError, match=f"--device {device}: the evaluator runs on cpu or cuda"):
+        resolve_device(device)
+
+
+def test_missing_or_wrong_encoder_weights_are_one_line(tmp_path):
+    from udit.encoders import EncoderError, load_dinov2
+    with pytest.raises(EncoderError, match="nope.safetensors: no such file; download"):
+        load_dinov2("dinov2-vits14", 224, tmp_path / "nope.safetensors")  # an IndexError before
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(EncoderError, match=r"junk.pth: not dinov2-vits14 weights \(\w+: .+\)"):
+        load_dinov2("dinov2-vits14", 224, tmp_path / "junk.pth")
 
 
 def test_tf_backend_without_tensorflow_is_one_line(stand_in_graph, tmp_path, monkeypatch, capsys):

@@ -120,14 +120,16 @@ def load_dinov2(name, image_size, weights=None, resolution=None, **options):
     input size (FD-DINOv2: 224 at every image size); options: PatchEncoder's tokens, antialias.
     """
     path = weights or cached_weights(name)
+    if not Path(path).is_file():
+        raise EncoderError(f"--encoder-weights {path}: no such file; download {weights_url(name)} there")
     resolution = resolution or dinov2_resolution(image_size)
     vit = timm.create_model(DINOV2[name], pretrained=False, img_size=resolution, num_classes=0)
     try:
         state = timm.models.load_state_dict(str(path), use_ema=False)
         missing, unexpected = vit.load_state_dict(checkpoint_filter_fn(state, vit), strict=False)
     except Exception as err:
-        raise EncoderError(f"--encoder-weights {path}: not {name} weights ({type(err).__name__}: "
-                           f"{str(err).splitlines()[0][:200]})")
+        reason = " ".join(str(err).split())[:300] or "unreadable"  # torch's messages span lines
+        raise EncoderError(f"--encoder-weights {path}: not {name} weights ({type(err).__name__}: {reason})")
     if missing:
         raise EncoderError(f"--encoder-weights {path}: not {name} weights ({len(missing)} tensors missing, e.g. "
                            f"{missing[0]}); download {weights_url(name)}")

@@ -452,6 +452,8 @@ def resolve_device(device=None):
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise ActionableError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
                               f"use --device cpu")
+    if device.type not in ("cpu", "cuda"):  # mps, xpu, meta...: not built into this torch, or hold no data
+        raise ActionableError(f"--device {device}: the evaluator runs on cpu or cuda; use --device cpu or cuda:N")
     return device
 
 
