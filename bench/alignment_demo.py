@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import sampling_front  # noqa: E402
 from objectives_demo import FRONT_STAGES, best_within, fd_against_minutes  # noqa: E402
+from udit.cli import ArgumentParser, positive_float, positive_int, seed  # noqa: E402
 from udit.monitor import read_scalars  # noqa: E402
 
 VARIANTS = ("flow", "repa", "u-repa")
@@ -84,17 +85,17 @@ def plot(curves, cosines, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+    p = ArgumentParser(prog="alignment_demo.py", description=__doc__.strip().splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--minutes", type=float, default=8.0, help="total minutes of each variant, encoder included")
+    p.add_argument("--minutes", type=positive_float, default=8.0, help="total minutes of each variant, encoder included")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--out", default="results/alignment", help="one folder per variant, the plot and summary")
     p.add_argument("--stages", nargs="+", choices=sampling_front.STAGES, default=FRONT_STAGES,
                    help="what bench/sampling_front.py measures on each checkpoint")
-    p.add_argument("--max-nfe", type=int, default=50, help="network evaluations per image allowed the best sampler")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one sampling run per seed")
-    p.add_argument("--samples", type=int, default=1000, help="samples per measurement")
-    p.add_argument("--workers", type=int, default=1, help="configurations measured at a time (one process each)")
+    p.add_argument("--max-nfe", type=positive_int, default=50, help="network evaluations per image allowed the best sampler")
+    p.add_argument("--seeds", type=seed, nargs="+", default=[0, 1], help="one sampling run per seed")
+    p.add_argument("--samples", type=positive_int, default=1000, help="samples per measurement")
+    p.add_argument("--workers", type=positive_int, default=1, help="configurations measured at a time (one process each)")
     args = p.parse_args(argv)
     out = ROOT / args.out
     encoder = encoder_minutes() if set(args.variants) - {"flow"} else 0.0

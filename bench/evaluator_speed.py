@@ -10,7 +10,6 @@ input, batch 64); rounds alternate between them and the median is reported. The 
 of the two are compared too (max relative error).
 """
 
-import argparse
 import json
 import platform
 import sys
@@ -21,6 +20,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from udit.cli import ArgumentParser, positive_int  # noqa: E402
 
 
 def build_full_size_stand_in(path, seed=0):
@@ -89,10 +90,10 @@ def build_full_size_stand_in(path, seed=0):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="evaluator_speed.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--graph", help="classify_image_graph_def.pb (default: a full-size stand-in, built once)")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--batches", type=int, default=2, help="batches of 64 per round and backend")
+    p.add_argument("--rounds", type=positive_int, default=3)
+    p.add_argument("--batches", type=positive_int, default=2, help="batches of 64 per round and backend")
     p.add_argument("--device", default="cpu", help="torch backend's device")
     p.add_argument("--skip-tf", action="store_true", help="torch backend only (e.g. a GPU machine without TF)")
     p.add_argument("--json", help="write the figures here")

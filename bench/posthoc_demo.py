@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import demo  # noqa: E402
 from sampling_front import Measurer, config, label  # noqa: E402
-from udit.ema import gamma_to_sigma_rel  # noqa: E402
+from udit.cli import ArgumentParser, positive_int, seed  # noqa: E402
+from udit.ema import gamma_to_sigma_rel, sigma_rel_flag  # noqa: E402
 
 SWEEP = (0.02, 0.03, 0.04, 0.05, 0.07, 0.09, 0.11, 0.13, 0.16, 0.19, 0.23, 0.26)
 CONFIGS = {"guided": config("dpm++2m-sde", 20, cfg=4.0, interval=(1.0, 5.0)),
@@ -105,14 +106,14 @@ def plot(summary, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+    p = ArgumentParser(prog="posthoc_demo.py", description=__doc__.strip().splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=1200, help="training steps (global batch 128, 2 processes)")
-    p.add_argument("--posthoc-every", type=int, default=50, help="snapshot spacing in steps")
-    p.add_argument("--sigma-rel", type=float, nargs="+", default=list(SWEEP), help="the widths swept")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one sampling run per seed")
-    p.add_argument("--samples", type=int, default=1000, help="samples per measurement")
-    p.add_argument("--workers", type=int, default=2, help="measurements at a time (one process each)")
+    p.add_argument("--steps", type=positive_int, default=1200, help="training steps (global batch 128, 2 processes)")
+    p.add_argument("--posthoc-every", type=positive_int, default=50, help="snapshot spacing in steps")
+    p.add_argument("--sigma-rel", type=sigma_rel_flag, nargs="+", default=list(SWEEP), help="the widths swept")
+    p.add_argument("--seeds", type=seed, nargs="+", default=[0, 1], help="one sampling run per seed")
+    p.add_argument("--samples", type=positive_int, default=1000, help="samples per measurement")
+    p.add_argument("--workers", type=positive_int, default=2, help="measurements at a time (one process each)")
     p.add_argument("--out", default="results/posthoc_demo")
     args = p.parse_args(argv)
     out = ROOT / args.out
