@@ -27,7 +27,9 @@ def run_guarded(prog, fn):
     try:
         fn()
     except (ActionableError, ValueError, OSError) as err:
-        print(f"{prog}: error: {error_message(err)}", file=sys.stderr, flush=True)
+        # One write: processes of one job share the stream, and print's two writes (text, newline) interleave.
+        sys.stderr.write(f"{prog}: error: {error_message(err)}\n")
+        sys.stderr.flush()
         if getattr(err, "raised_on_every_process", False):
             _meet_before_exit()
         if isinstance(err, ActionableError):

@@ -72,8 +72,9 @@ def parse_on_every_process(prog, parse):
     if refused:
         if not failed:
             where = ", ".join(f"rank {rank} on {host}" for rank, host in refused[:4])
-            print(f"{prog}: error: the command line was refused by {where} (its own line there says why: a path "
-                  f"missing on that node, say); fix it there and launch again", file=sys.stderr, flush=True)
+            sys.stderr.write(f"{prog}: error: the command line was refused by {where} (its own line there says why: "
+                             f"a path missing on that node, say); fix it there and launch again\n")
+            sys.stderr.flush()
         barrier()  # every line is out before the launcher sees a process exit
         cleanup()
         raise SystemExit(2)
