@@ -168,29 +168,32 @@ def batch_norm_affine(node, stats):
     return scale, beta - mean * scale
 
 
-@op("MaxPool")
-def max_pool_op(graph, node, inputs):
-    (x,) = inputs
+def pool_window(node, x):
+    """(x as NCHW, kernel, stride, pads (left, right, top, bottom), symmetric) of a MaxPool / AvgPool node.
+
+    symmetric: torch's own padding can do it (even on both sides, at most half the kernel).
+    """
     ksize = attr(node, "ksize")
     kernel = (ksize[1], ksize[2])
     stride, (top, bottom, left, right) = window(node, x, kernel)
-    x = nchw(x)
-    if top == bottom and left == right and 2 * top <= kernel[0] and 2 * left <= kernel[1]:
-        return nhwc(F.max_pool2d(x, kernel, stride, padding=(top, left)))  # torch pads with -inf too
-    return nhwc(F.max_pool2d(F.pad(x, (left, right, top, bottom), value=-math.inf), kernel, stride))
+    symmetric = top == bottom and left == right and 2 * top <= kernel[0] and 2 * left <= kernel[1]
+    return nchw(x), kernel, stride, (left, right, top, bottom), symmetric
+
+
+@op("MaxPool")
+def max_pool_op(graph, node, inputs):
+    x, kernel, stride, pads, symmetric = pool_window(node, inputs[0])
+    if symmetric:
+        return nhwc(F.max_pool2d(x, kernel, stride, padding=(pads[2], pads[0])))  # torch pads with -inf too
+    return nhwc(F.max_pool2d(F.pad(x, pads, value=-math.inf), kernel, stride))
 
 
 @op("AvgPool")
 def avg_pool_op(graph, node, inputs):
-    (x,) = inputs
-    ksize = attr(node, "ksize")
-    kernel = (ksize[1], ksize[2])
-    stride, (top, bottom, left, right) = window(node, x, kernel)
-    x = nchw(x)
-    if top == bottom and left == right and 2 * top <= kernel[0] and 2 * left <= kernel[1]:
-        return nhwc(F.avg_pool2d(x, kernel, stride, padding=(top, left), count_include_pad=False))
+    x, kernel, stride, pads, symmetric = pool_window(node, inputs[0])
+    if symmetric:
+        return nhwc(F.avg_pool2d(x, kernel, stride, padding=(pads[2], pads[0]), count_include_pad=False))
     # Uneven SAME padding: window sums over zero padding, divided by the count of real inputs.
-    pads = (left, right, top, bottom)
     sums = F.avg_pool2d(F.pad(x, pads), kernel, stride)
     counts = F.avg_pool2d(F.pad(torch.ones_like(x[:1, :1]), pads), kernel, stride)
     return nhwc(sums / counts)
