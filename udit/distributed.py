@@ -1,5 +1,6 @@
 """torch.distributed set-up that works for one process, one node or several nodes."""
 
+import hashlib
 import os
 import secrets
 import socket
@@ -117,6 +118,14 @@ def all_gather_objects(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def parameter_digest(module):
+    """SHA-256 of a module's parameters, bytes in order: equal on every rank iff the weights are bitwise equal."""
+    digest = hashlib.sha256()
+    for p in module.parameters():
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def broadcast_object(obj, src=0):

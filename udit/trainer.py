@@ -28,7 +28,7 @@ from udit.cli import (ActionableError, ArgumentParser, finite_float, given_flags
 from udit.data import DataError, ImageDataset, ResumableDistributedSampler, open_feature_folder
 from udit.cuda_graphs import GraphedTrainingStep
 from udit.distributed import (all_gather_objects, all_reduce_mean, barrier, broadcast_module, broadcast_object,
-                               configure_matmul_precision, init_distributed, open_shared_folder)
+                               configure_matmul_precision, init_distributed, open_shared_folder, parameter_digest)
 from udit.ema import TrainingEMAs, check_posthoc_args, sigma_rel_flag
 from udit.monitor import MONITOR_SETTINGS, Monitor, add_monitor_args, check_monitor_args, grid_labels
 from udit.objectives import OBJECTIVES, TIME_SAMPLINGS, create_objective
@@ -432,243 +432,380 @@ def load_initial_weights(model, args):
             f"{len(skipped)} tensors of another shape start fresh ({', '.join(skipped)})")
 
 
-def train(args, backend):
-    """Run (or resume) a training experiment. Returns the experiment folder.
+class TrainingInputs:
+    """Stage 1 of a run: data, VAE, network, encoder and projector, all opened and checked.
 
-    Everything that can fail on the user's settings (data, VAE, network, grid classes) is
-    opened or checked before the experiment folder is created, so a bad setting leaves
-    nothing behind (the flags' ranges and paths were checked when parsed).
+    Everything that can fail on the user's settings is opened here, before the experiment
+    folder exists, so a bad setting leaves nothing behind (the flags' ranges and paths were
+    checked when parsed). The random draws (network, projector initialisation) happen here,
+    in a fixed order after the per-rank seed: exact resume and the bitwise tests rely on it.
     """
-    device, rank, world = backend.device, backend.rank, backend.world_size
-    print(f"[rank {rank}/{world}] local rank {backend.local_rank}, device {device}", flush=True)
-    if args.global_batch_size % world:
-        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes")
-    local_batch = args.global_batch_size // world
-    torch.manual_seed(args.global_seed * world + rank)
 
-    encoder = open_encoder(args, device)  # before the data: missing weights must not wait for a data scan
-    dataset, vae, normalization, in_channels, latent_size = open_training_data(args, args.global_seed)
-    if vae is not None:
-        vae = load_vae(args.vae, args.vae_path, device)
-        in_channels, latent_size = latent_channels(vae), args.image_size // latent_factor(vae)
-        normalization = latent_normalization(vae)
-    trained_labels = dataset.labels_present()
-    steps_per_epoch = (len(dataset) // world) // local_batch
-    if steps_per_epoch == 0:
-        raise DataError(f"{len(dataset)} samples are fewer than one global batch of {args.global_batch_size}")
-    config = model_config(args, in_channels, latent_size, normalization, trained_labels)
-    grid_labels(args, config)  # --sample-classes against the data's classes
-    model = build_model(config).to(device)
-    initial_weights_note = None
-    if args.ckpt and not args.resume:
-        initial_weights_note = load_initial_weights(model, args)
-    aligner = build_aligner(args, model, encoder).to(device) if encoder is not None else None
-    if aligner is not None:
-        broadcast_module(aligner)  # drawn from each rank's seed: start all from rank 0's, as DDP does the network
+    def __init__(self, args, backend):
+        device, rank, world = backend.device, backend.rank, backend.world_size
+        print(f"[rank {rank}/{world}] local rank {backend.local_rank}, device {device}", flush=True)
+        if args.global_batch_size % world:
+            raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes")
+        self.local_batch = args.global_batch_size // world
+        torch.manual_seed(args.global_seed * world + rank)
 
+        self.encoder = open_encoder(args, device)  # before the data: missing weights must not wait for a data scan
+        self.dataset, vae, normalization, in_channels, latent_size = open_training_data(args, args.global_seed)
+        if vae is not None:
+            vae = load_vae(args.vae, args.vae_path, device)
+            in_channels, latent_size = latent_channels(vae), args.image_size // latent_factor(vae)
+            normalization = latent_normalization(vae)
+        self.vae = vae
+        self.trained_labels = self.dataset.labels_present()
+        self.steps_per_epoch = (len(self.dataset) // world) // self.local_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{len(self.dataset)} samples are fewer than one global batch of {args.global_batch_size}")
+        self.config = model_config(args, in_channels, latent_size, normalization, self.trained_labels)
+        grid_labels(args, self.config)  # --sample-classes against the data's classes
+        self.model = build_model(self.config).to(device)
+        self.initial_weights_note = None
+        if args.ckpt and not args.resume:
+            self.initial_weights_note = load_initial_weights(self.model, args)
+        self.aligner = None
+        if self.encoder is not None:
+            self.aligner = build_aligner(args, self.model, self.encoder).to(device)
+            broadcast_module(self.aligner)  # drawn from each rank's seed: start all from rank 0's, as DDP does
+
+    def notes(self, args):
+        """Log lines about the data and the initial weights, or nothing."""
+        coverage = class_coverage_warning(args, self.trained_labels, len(getattr(self.dataset, "classes", [])))
+        return [note for note in (coverage, self.initial_weights_note) if note]
+
+    def trained_parameters(self):
+        """The network's and the projector's: the projector trains with the network but stays out of its state dict
+        and EMA."""
+        return [*self.model.parameters(), *(self.aligner.parameters() if self.aligner is not None else ())]
+
+
+def open_experiment(args, rank):
+    """Stage 2: the experiment folder (a new numbered one, or --resume's), the same for every process."""
     # Every process reads the checkpoints on resume: the folder must be one folder for all nodes.
     if args.resume:
         exp_dir = Path(args.resume)
         open_shared_folder(exp_dir, "--resume", lambda: remove_stale_temporaries(exp_dir))
+        return exp_dir
+    open_shared_folder(args.results_dir, "--results-dir",
+                       lambda: Path(args.results_dir).mkdir(parents=True, exist_ok=True))
+    return Path(broadcast_object(str(new_experiment_dir(args.results_dir, args.model)) if rank == 0 else None))
+
+
+class Position:
+    """Where training stands: steps done, epoch, batches done in that epoch (what exact resume restores)."""
+
+    def __init__(self, step=0, epoch=0, batch=0):
+        self.step, self.epoch, self.batch = step, epoch, batch
+
+    def state_dict(self):
+        return {"step": self.step, "epoch": self.epoch, "position": self.batch}
+
+
+def resume_training(args, checkpoint, inputs, emas, opt, backend, logger):
+    """Stage 3 with --resume: weights, EMAs, projector, optimizer, random streams; returns the Position.
+
+    The random streams continue only with the process count that saved them.
+    """
+    path, world = args.resume_checkpoint, backend.world_size
+    load_weights(inputs.model, checkpoint["model"], path)
+    emas.load_state_dict(checkpoint, path)
+    if inputs.aligner is not None:
+        inputs.aligner.load_state_dict(checkpoint["aligner"])
+    opt.load_state_dict(checkpoint["opt"])
+    for group in opt.param_groups:
+        group["lr"] = args.lr  # the saved one unless --lr was given with --resume
+    position = Position(checkpoint["step"], checkpoint["epoch"], checkpoint["position"])
+    states = checkpoint.get("rng", [])
+    if len(states) == world:
+        set_rng_state(states[backend.rank], backend.device)
     else:
-        open_shared_folder(args.results_dir, "--results-dir", lambda: Path(args.results_dir).mkdir(parents=True,
-                                                                                                    exist_ok=True))
-        exp_dir = Path(broadcast_object(str(new_experiment_dir(args.results_dir, args.model)) if rank == 0 else None))
-    logger = create_logger(exp_dir, rank == 0)
-    for note in (class_coverage_warning(args, trained_labels, len(getattr(dataset, "classes", []))),
-                 initial_weights_note):
-        if note:
-            logger.info(note)
-    graphed = getattr(backend, "cuda_graph", False)  # train_accelerate's backend has no graphs
-    model.grad_checkpointing = args.grad_checkpointing
-    emas = TrainingEMAs(model, args, config, exp_dir, rank)
-    # The fused kernel exists for CPUs too, where it is 3x faster than the per-tensor loop.
-    # The projector is trained with the network but stays out of its state dict and EMA.
-    trained = [*model.parameters(), *(aligner.parameters() if aligner is not None else ())]
-    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0, fused=True)
+        logger.info("resuming with %d processes instead of %d: random streams restart", world, len(states))
+    backend.load_extra_state(checkpoint.get("backend", {}))
+    changed = [k for k in args.given if k != "resume" and checkpoint["args"].get(k) != getattr(args, k)]
+    logger.info("resumed from %s at step %d (epoch %d, batch %d)%s", path, position.step, position.epoch,
+                position.batch, "".join(f"; {k} {checkpoint['args'].get(k)!r} -> {getattr(args, k)!r}"
+                                        for k in changed))
+    return position
 
-    step, epoch, position = 0, 0, 0
-    if args.resume:
-        resume_ckpt = load_checkpoint(args.resume_checkpoint)
-        load_weights(model, resume_ckpt["model"], args.resume_checkpoint)
-        emas.load_state_dict(resume_ckpt, args.resume_checkpoint)
+
+class LogWindow:
+    """The steps since the last log line: device sums of the loss terms, counts of skipped and clipped steps."""
+
+    def __init__(self):
+        self.running, self.steps, self.clipped = None, 0, 0
+        self.start = time.time()
+
+    def add(self, terms):
+        self.running = terms if self.running is None else self.running + terms
+        self.steps += 1
+
+    def means(self, count):
+        return (self.running / self.steps).tolist() if self.steps else [math.nan] * count
+
+
+class NonFiniteGuard:
+    """--skip-nonfinite's bookkeeping: a non-finite loss stops the run, or skips its step up to a limit."""
+
+    def __init__(self, args, exp_dir, logger):
+        self.args, self.exp_dir, self.logger = args, exp_dir, logger
+        self.skipped, self.in_a_row = 0, 0
+
+    def finite(self):
+        self.in_a_row = 0
+
+    def non_finite(self, loss, step):
+        """Raises NonFiniteLoss unless the step may be skipped."""
+        if not self.args.skip_nonfinite:
+            advice = recovery_advice(self.exp_dir, "with a lower --lr or with --skip-nonfinite", step - 1)
+            raise NonFiniteLoss(f"loss is {loss} at step {step}: stopping; {advice}")
+        self.skipped += 1
+        self.in_a_row += 1
+        self.logger.info("step %d: non-finite loss, step skipped (%d so far)", step, self.skipped)
+        if self.in_a_row == MAX_SKIPPED_IN_A_ROW:
+            first = step - self.in_a_row + 1
+            advice = recovery_advice(self.exp_dir, "with a lower --lr", first - 1, skipping=True)
+            raise NonFiniteLoss(f"{self.in_a_row} non-finite losses in a row (steps {first}-{step}): the "
+                                f"weights have diverged, stopping; {advice}")
+
+    def check_run(self, steps_run, first_step):
+        if steps_run and self.skipped == steps_run:
+            advice = recovery_advice(self.exp_dir, "with a lower --lr", first_step, skipping=True)
+            raise NonFiniteLoss(f"every one of the {self.skipped} steps of this run had a non-finite loss: nothing "
+                                f"was trained; {advice}")
+
+
+class Trainer:
+    """Stages 3 to 5 of a run: optimiser and resume, the compiled or graphed step, the loop with its logs and
+    checkpoints. `train()` below is the whole run in order."""
+
+    def __init__(self, args, backend, inputs, exp_dir, logger):
+        self.args, self.backend, self.inputs, self.exp_dir, self.logger = args, backend, inputs, exp_dir, logger
+        self.device, self.rank, self.world = backend.device, backend.rank, backend.world_size
+        model, aligner = inputs.model, inputs.aligner
+        model.grad_checkpointing = args.grad_checkpointing
+        self.emas = TrainingEMAs(model, args, inputs.config, exp_dir, self.rank)
+        self.trained = inputs.trained_parameters()
+        # The fused kernel exists for CPUs too, where it is 3x faster than the per-tensor loop.
+        opt = torch.optim.AdamW(self.trained, lr=args.lr, weight_decay=0, fused=True)
+        self.position = Position()
+        if args.resume:
+            checkpoint = load_checkpoint(args.resume_checkpoint)
+            self.position = resume_training(args, checkpoint, inputs, self.emas, opt, backend, logger)
+            del checkpoint
+
+        model.train()
+        self.hooks = ExitStack()
+        if aligner is not None:  # registered before wrapping and compiling, after the EMA copy
+            captured = self.hooks.enter_context(capture_block_outputs(model, [aligner.block_name]))
+        self.train_model, self.opt = backend.prepare(model, opt)
+        if args.compile:
+            cache_rope_tables(model)  # before compiling: the compiled code reads them, not recomputes them
+            self.train_model = torch.compile(self.train_model)
+        self.objective = create_objective(inputs.config)
         if aligner is not None:
-            aligner.load_state_dict(resume_ckpt["aligner"])
-        opt.load_state_dict(resume_ckpt["opt"])
-        for group in opt.param_groups:
-            group["lr"] = args.lr  # the saved one unless --lr was given with --resume
-        step, epoch, position = resume_ckpt["step"], resume_ckpt["epoch"], resume_ckpt["position"]
-        states = resume_ckpt.get("rng", [])
-        if len(states) == world:
-            set_rng_state(states[rank], device)
-        else:
-            logger.info("resuming with %d processes instead of %d: random streams restart", world, len(states))
-        backend.load_extra_state(resume_ckpt.get("backend", {}))
-        changed = [k for k in args.given if k != "resume" and resume_ckpt["args"].get(k) != getattr(args, k)]
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)%s", args.resume_checkpoint, step, epoch,
-                    position, "".join(f"; {k} {resume_ckpt['args'].get(k)!r} -> {getattr(args, k)!r}"
-                                      for k in changed))
-        del resume_ckpt
+            self.objective = AlignedObjective(self.objective, aligner, captured, backend.autocast)
+        graphed = getattr(backend, "cuda_graph", False)  # train_accelerate's backend has no graphs
+        self.graphed_step = GraphedTrainingStep(self.loss_terms, self.trained) if graphed else None
 
-    model.train()
-    hooks = ExitStack()
-    if aligner is not None:  # registered before wrapping and compiling, after the EMA copy
-        captured = hooks.enter_context(capture_block_outputs(model, [aligner.block_name]))
-    train_model, opt = backend.prepare(model, opt)
-    if args.compile:
-        cache_rope_tables(model)  # before compiling: the compiled code reads them, not recomputes them
-        train_model = torch.compile(train_model)
-    objective = create_objective(config)
-    if aligner is not None:
-        objective = AlignedObjective(objective, aligner, captured, backend.autocast)
+        logger.info("experiment %s: %s (%s params), %d samples, %d processes x batch %d, %d steps/epoch",
+                    exp_dir, args.model, f"{sum(p.numel() for p in model.parameters()):,}", len(inputs.dataset),
+                    self.world, inputs.local_batch, inputs.steps_per_epoch)
+        self.monitor = Monitor(args, exp_dir, inputs.config, self.rank, self.world, self.device, inputs.vae,
+                               inputs.local_batch, self.position.step, logger)
+        if aligner is not None:
+            encoder = inputs.encoder
+            logger.info("alignment: %s (%dx%d tokens) -> %s (%dx%d x %d), align %g, manifold %g, projector %s "
+                        "params", aligner.block_name, aligner.grid, aligner.grid, encoder.name, encoder.grid,
+                        encoder.grid, encoder.width, aligner.align_coeff, aligner.manifold_coeff,
+                        f"{sum(p.numel() for p in aligner.parameters()):,}")
+        self.guard = NonFiniteGuard(args, exp_dir, logger)
+        self.window = LogWindow()
+        self.grad_norm = torch.tensor(math.nan)
+        self.skipped_images = 0
 
-    def model_fn(x, t, **kwargs):
-        with backend.autocast():
-            return train_model(x, t, **kwargs).float()
+    # ------------------------------------------------------------------ the step
 
-    def loss_fn(x, t, y, **features):
+    def model_fn(self, x, t, **kwargs):
+        with self.backend.autocast():
+            return self.train_model(x, t, **kwargs).float()
+
+    def loss_terms(self, x, t, y, **features):
         """Batch means of the objective's terms: "loss" (minimised) and its parts (e.g. "mse", "vb", "align")."""
-        return {name: value.mean() for name, value in objective.losses(model_fn, x, t, y, **features).items()}
-    graphed_step = GraphedTrainingStep(loss_fn, trained) if graphed else None
+        return {name: value.mean() for name, value in self.objective.losses(self.model_fn, x, t, y, **features).items()}
 
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info("experiment %s: %s (%s params), %d samples, %d processes x batch %d, %d steps/epoch",
-                exp_dir, args.model, f"{n_params:,}", len(dataset), world, local_batch, steps_per_epoch)
-    monitor = Monitor(args, exp_dir, config, rank, world, device, vae, local_batch, step, logger)
-    if aligner is not None:
-        logger.info("alignment: %s (%dx%d tokens) -> %s (%dx%d x %d), align %g, manifold %g, projector %s params",
-                    aligner.block_name, aligner.grid, aligner.grid, encoder.name, encoder.grid, encoder.grid,
-                    encoder.width, aligner.align_coeff, aligner.manifold_coeff,
-                    f"{sum(p.numel() for p in aligner.parameters()):,}")
+    def batch_inputs(self, x, y, images):
+        """Device latents, labels and, with alignment, the encoder's targets for the clean images of this batch."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        features = {}
+        if self.inputs.encoder is not None:  # the clean image of this very latent: the store's, or x before the VAE
+            clean = images[0].to(self.device, non_blocking=True) if images else x
+            features = {"target": encoder_targets(self.inputs.encoder, clean, self.backend.autocast)}
+        if self.inputs.vae is not None:
+            with self.backend.autocast():
+                x = encode(self.inputs.vae, x).float()
+        return x, y, features
 
-    def save_checkpoint():
-        states = all_gather_objects(rng_state(device))
-        if rank == 0:
-            unwrapped = backend.unwrap(train_model)
-            if not (all_finite(unwrapped) and all_finite(emas.fixed)):
+    def step(self, x, y, ok, images, run_start):
+        """One training step on a batch; returns True when the run must stop after it (max steps or minutes)."""
+        args = self.args
+        x, y, features = self.batch_inputs(x, y, images)
+        t = self.objective.sample_time(x.shape[0], self.device)
+        # Graphed: forward and backward (and the gradient all-reduce) happen here.
+        terms = (self.loss_terms(x, t, y, **features) if self.graphed_step is None else
+                 self.graphed_step(x, t, y, **features))
+        names = ["loss", *sorted(terms.keys() - {"loss"})]
+        # One all-reduce per step carries the loss terms, the unreadable images and every rank's out-of-time flag.
+        out_of_time = args.max_minutes is not None and time.time() - run_start > 60 * args.max_minutes
+        flags = torch.tensor([float((~ok).sum()), float(out_of_time)], device=self.device)
+        reduced = all_reduce_mean(torch.cat([torch.stack([terms[name].detach() for name in names]), flags]))
+        mean_loss, stop_now = reduced[0], bool(reduced[-1] > 0)
+        self.skipped_images += reduced[-2] * self.world
+        position = self.position
+        position.step += 1
+        position.batch += 1
+        stop_now = stop_now or position.step >= args.max_steps
+        log_now = position.step % args.log_every == 0 or stop_now
+        if not torch.isfinite(mean_loss):
+            self.guard.non_finite(mean_loss.item(), position.step)
+        else:
+            self.guard.finite()
+            self.update(terms["loss"], log_now)
+            self.window.add(reduced[:len(names)])
+        if log_now:
+            self.log(names, run_start)
+        self.emas.save_snapshots(position.step)
+        if position.step % args.ckpt_every == 0 or stop_now:
+            self.save_checkpoint()
+        self.window.start += self.monitor.after_step(position.step, self.emas.fixed)  # not training time
+        return stop_now
+
+    def update(self, loss, log_now):
+        """Backward (unless graphed), clipping, the optimiser step and the EMAs."""
+        if self.graphed_step is None:
+            self.opt.zero_grad(set_to_none=True)
+            self.backend.backward(loss)
+            if self.inputs.aligner is not None:
+                average_gradients(self.inputs.aligner.parameters())
+        # The norm costs a pass over the gradients: every step when clipping, else at log steps only.
+        if self.args.max_grad_norm is not None or log_now:
+            self.grad_norm = self.backend.clip_grad_norm(self.trained, self.args.max_grad_norm)
+            if self.args.max_grad_norm is not None:
+                self.window.clipped += self.grad_norm > self.args.max_grad_norm
+        self.opt.step()
+        self.emas.update(self.backend.unwrap(self.train_model), self.position.step)
+
+    # ------------------------------------------------------------------ logs and checkpoints
+
+    def log(self, names, run_start):
+        """The log line and the monitor's scalars for the window since the last one; starts a new window."""
+        args, step, window = self.args, self.position.step, self.window
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        steps_per_sec = window.steps / (time.time() - window.start) if window.steps else 0.0
+        means = window.means(len(names))
+        eta = (args.max_steps - step) / steps_per_sec if steps_per_sec else math.inf
+        if args.max_minutes is not None:
+            eta = min(eta, max(0.0, 60 * args.max_minutes - (time.time() - run_start)))
+        values = {**dict(zip(names, means)), "grad_norm": float(self.grad_norm), "lr": self.opt.param_groups[0]["lr"],
+                  "steps_per_sec": steps_per_sec, "images_per_sec": steps_per_sec * args.global_batch_size,
+                  "skipped_images": round(float(self.skipped_images)), "skipped_steps": self.guard.skipped}
+        extra = f", skipped images: {values['skipped_images']}" if values["skipped_images"] else ""
+        if args.max_grad_norm is not None:
+            values["clipped_fraction"] = float(window.clipped) / max(window.steps, 1)
+            extra += f", clipped: {values['clipped_fraction']:.0%}"
+        self.logger.info("(step=%07d) Train Loss: %.4f, Grad Norm: %.3g, Train Steps/Sec: %.2f, Images/Sec: %.1f, "
+                         "ETA: %s%s", step, means[0], values["grad_norm"], steps_per_sec, values["images_per_sec"],
+                         format_seconds(eta), extra)
+        self.monitor.log(step, values)
+        self.window = LogWindow()
+
+    def save_checkpoint(self):
+        """Every rank's random state, gathered; rank 0 writes the checkpoint atomically. Refuses non-finite weights."""
+        aligner = self.inputs.aligner
+        # The projector is outside DDP, whose gradient averaging keeps the network equal on every rank; its
+        # own averaging (average_gradients) is checked here, in the gather the random states need anyway.
+        gathered = all_gather_objects((rng_state(self.device),
+                                       parameter_digest(aligner) if aligner is not None else None))
+        states = [state for state, _ in gathered]
+        if len({digest for _, digest in gathered}) > 1:
+            raise RuntimeError(f"step {self.position.step}: the processes hold different projector weights "
+                               f"(--repa); this is a bug, please report it with the command line")
+        if self.rank == 0:
+            step, exp_dir = self.position.step, self.exp_dir
+            unwrapped = self.backend.unwrap(self.train_model)
+            if not (all_finite(unwrapped) and all_finite(self.emas.fixed)):
                 raise NonFiniteLoss(f"non-finite weights at step {step}: checkpoint not written; "
                                     f"{recovery_advice(exp_dir, 'with a lower --lr')}")
             path = exp_dir / "checkpoints" / f"{step:07d}.pt"
             try:
-                save_atomic({"model": unwrapped.state_dict(), **emas.state_dict(), "opt": opt.state_dict(),
-                             "step": step, "epoch": epoch, "position": position, "rng": states,
-                             "backend": backend.extra_state(), "args": {**vars(args), **config},
+                save_atomic({"model": unwrapped.state_dict(), **self.emas.state_dict(), "opt": self.opt.state_dict(),
+                             **self.position.state_dict(), "rng": states, "backend": self.backend.extra_state(),
+                             "args": {**vars(self.args), **self.inputs.config},
                              **({"aligner": aligner.state_dict()} if aligner is not None else {})}, path)
             except OSError as err:
                 if err.errno != errno.ENOSPC:
                     raise
                 raise OSError(errno.ENOSPC, f"{err.strerror}; {recovery_advice(exp_dir, 'after freeing space')}") \
                     from None
-            logger.info("saved checkpoint %s", path)
+            self.logger.info("saved checkpoint %s", path)
         barrier()
 
-    features = {}  # encoder targets of the batch, with --repa
-    running, grad_norm = None, torch.tensor(math.nan)  # device sums of the loss terms since the last log
-    log_steps, skipped_images, skipped_steps, clipped_steps, skipped_in_a_row = 0, 0, 0, 0, 0
-    first_step = step
-    start = run_start = time.time()
-    done = step >= args.max_steps or (args.epochs is not None and epoch >= args.epochs)
-    while not done:
-        dataset.set_epoch(epoch)
-        sampler = ResumableDistributedSampler(len(dataset), rank, world, args.global_seed, epoch,
-                                              start_index=position * local_batch)
+    # ------------------------------------------------------------------ the loop
+
+    def done(self):
+        return self.position.step >= self.args.max_steps or (self.args.epochs is not None and
+                                                              self.position.epoch >= self.args.epochs)
+
+    def loader(self):
+        """The data of the current epoch from the current batch on, this rank's share."""
+        args, inputs, position = self.args, self.inputs, self.position
+        inputs.dataset.set_epoch(position.epoch)
+        sampler = ResumableDistributedSampler(len(inputs.dataset), self.rank, self.world, args.global_seed,
+                                              position.epoch, start_index=position.batch * inputs.local_batch)
         # The loader gets its own generator: creating an iterator must not draw from the
         # global RNG, whose state the checkpoints carry for exact resume.
-        loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
-                            pin_memory=device.type == "cuda", drop_last=True,
-                            generator=torch.Generator().manual_seed(args.global_seed + epoch))
-        for x, y, ok, *images in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if encoder is not None:  # the clean image of this very latent: the store's, or x before the VAE
-                clean = images[0].to(device, non_blocking=True) if images else x
-                features = {"target": encoder_targets(encoder, clean, backend.autocast)}
-            if vae is not None:
-                with backend.autocast():
-                    x = encode(vae, x).float()
-            t = objective.sample_time(x.shape[0], device)
-            # Graphed: forward and backward (and the gradient all-reduce) happen here.
-            terms = loss_fn(x, t, y, **features) if graphed_step is None else graphed_step(x, t, y, **features)
-            names = ["loss", *sorted(terms.keys() - {"loss"})]
-            # One all-reduce per step carries the loss terms, the unreadable images and every rank's out-of-time flag.
-            out_of_time = args.max_minutes is not None and time.time() - run_start > 60 * args.max_minutes
-            flags = torch.tensor([float((~ok).sum()), float(out_of_time)], device=device)
-            reduced = all_reduce_mean(torch.cat([torch.stack([terms[name].detach() for name in names]), flags]))
-            mean_loss, stop_now = reduced[0], bool(reduced[-1] > 0)
-            skipped_images += reduced[-2] * world
-            step += 1
-            position += 1
-            stop_now = stop_now or step >= args.max_steps
-            log_now = step % args.log_every == 0 or stop_now
-            if not torch.isfinite(mean_loss):
-                if not args.skip_nonfinite:
-                    advice = recovery_advice(exp_dir, "with a lower --lr or with --skip-nonfinite", step - 1)
-                    raise NonFiniteLoss(f"loss is {mean_loss.item()} at step {step}: stopping; {advice}")
-                skipped_steps += 1
-                skipped_in_a_row += 1
-                logger.info("step %d: non-finite loss, step skipped (%d so far)", step, skipped_steps)
-                if skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:
-                    first = step - skipped_in_a_row + 1
-                    advice = recovery_advice(exp_dir, "with a lower --lr", first - 1, skipping=True)
-                    raise NonFiniteLoss(f"{skipped_in_a_row} non-finite losses in a row (steps {first}-{step}): the "
-                                        f"weights have diverged, stopping; {advice}")
-            else:
-                skipped_in_a_row = 0
-                if graphed_step is None:
-                    opt.zero_grad(set_to_none=True)
-                    backend.backward(terms["loss"])
-                    if aligner is not None:
-                        average_gradients(aligner.parameters())
-                # The norm costs a pass over the gradients: every step when clipping, else at log steps only.
-                if args.max_grad_norm is not None or log_now:
-                    grad_norm = backend.clip_grad_norm(trained, args.max_grad_norm)
-                    if args.max_grad_norm is not None:
-                        clipped_steps += grad_norm > args.max_grad_norm
-                opt.step()
-                emas.update(backend.unwrap(train_model), step)
-                running = reduced[:len(names)] if running is None else running + reduced[:len(names)]
-                log_steps += 1
+        return DataLoader(inputs.dataset, batch_size=inputs.local_batch, sampler=sampler,
+                          num_workers=args.num_workers, pin_memory=self.device.type == "cuda", drop_last=True,
+                          generator=torch.Generator().manual_seed(args.global_seed + position.epoch))
 
-            if log_now:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                elapsed = time.time() - start
-                steps_per_sec = log_steps / elapsed if log_steps else 0.0
-                means = (running / log_steps).tolist() if log_steps else [math.nan] * len(names)
-                eta = (args.max_steps - step) / steps_per_sec if steps_per_sec else math.inf
-                if args.max_minutes is not None:
-                    eta = min(eta, max(0.0, 60 * args.max_minutes - (time.time() - run_start)))
-                values = {**dict(zip(names, means)), "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
-                          "steps_per_sec": steps_per_sec, "images_per_sec": steps_per_sec * args.global_batch_size,
-                          "skipped_images": round(float(skipped_images)), "skipped_steps": skipped_steps}
-                extra = f", skipped images: {values['skipped_images']}" if values["skipped_images"] else ""
-                if args.max_grad_norm is not None:
-                    values["clipped_fraction"] = float(clipped_steps) / max(log_steps, 1)
-                    extra += f", clipped: {values['clipped_fraction']:.0%}"
-                logger.info("(step=%07d) Train Loss: %.4f, Grad Norm: %.3g, Train Steps/Sec: %.2f, Images/Sec: %.1f, "
-                            "ETA: %s%s", step, means[0], values["grad_norm"], steps_per_sec,
-                            values["images_per_sec"], format_seconds(eta), extra)
-                monitor.log(step, values)
-                running, log_steps, clipped_steps = None, 0, 0
-                start = time.time()
-            emas.save_snapshots(step)
-            if step % args.ckpt_every == 0 or stop_now:
-                save_checkpoint()
-            start += monitor.after_step(step, emas.fixed)  # grids and evaluations are not training time
-            if stop_now:
-                done = True
+    def run(self):
+        """Train to --max-steps / --epochs / --max-minutes; the last step is always checkpointed."""
+        first_step, run_start = self.position.step, time.time()
+        self.window.start = run_start
+        while not self.done():
+            stopped = False
+            for x, y, ok, *images in self.loader():
+                if self.step(x, y, ok, images, run_start):
+                    stopped = True
+                    break
+            if stopped:
                 break
-        else:
-            epoch += 1
-            position = 0
-            done = args.epochs is not None and epoch >= args.epochs
-            if done and step % args.ckpt_every:
-                save_checkpoint()
-    hooks.close()
-    if step > first_step and skipped_steps == step - first_step:
-        raise NonFiniteLoss(f"every one of the {skipped_steps} steps of this run had a non-finite loss: nothing was "
-                            f"trained; {recovery_advice(exp_dir, 'with a lower --lr', first_step, skipping=True)}")
-    monitor.close(step, emas.fixed)
-    logger.info("done: step %d, epoch %d", step, epoch)
+            self.position.epoch += 1
+            self.position.batch = 0
+            if self.args.epochs is not None and self.position.epoch >= self.args.epochs and \
+                    self.position.step % self.args.ckpt_every:
+                self.save_checkpoint()
+        self.hooks.close()
+        self.guard.check_run(self.position.step - first_step, first_step)
+        self.monitor.close(self.position.step, self.emas.fixed)
+        self.logger.info("done: step %d, epoch %d", self.position.step, self.position.epoch)
+
+
+def train(args, backend):
+    """Run (or resume) a training experiment. Returns the experiment folder.
+
+    Stages: the inputs, opened and checked before anything is created (TrainingInputs);
+    the experiment folder and its log; the optimiser, resume and the step (Trainer); the loop.
+    """
+    inputs = TrainingInputs(args, backend)
+    exp_dir = open_experiment(args, backend.rank)
+    logger = create_logger(exp_dir, backend.rank == 0)
+    for note in inputs.notes(args):
+        logger.info(note)
+    Trainer(args, backend, inputs, exp_dir, logger).run()
     return exp_dir
 
 
