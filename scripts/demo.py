@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from evaluator import compute_statistics, frechet_distance  # noqa: E402
 from udit.checkpoint import load_checkpoint  # noqa: E402
 from udit.cli import (ArgumentParser, non_negative_int, number, output_dir, output_file, positive_float,  # noqa: E402
-                      positive_int)
+                      positive_int, seed)
 from udit.monitor import read_scalars  # noqa: E402
 
 HELD_OUT = 297
@@ -363,6 +363,7 @@ def build_parser():
     p.add_argument("--alignment", choices=list(ALIGNMENTS),
                    help="train with representation alignment against a small digits encoder trained first")
     p.add_argument("--out", help="default: results/demo, results/demo_flow for --objective flow (+ _ALIGNMENT)")
+    p.add_argument("--seed", type=seed, default=0, help="the training run's seed (train.py --global-seed)")
     p.add_argument("--save-every", type=positive_int, default=1_000_000, help="also keep a checkpoint every N steps")
     p.add_argument("--score", metavar="CKPT", help="skip training: sample and score this checkpoint")
     p.add_argument("--eval-every", type=non_negative_int, default=300,
@@ -423,7 +424,8 @@ def main(argv=None):
             alignment = [*ALIGNMENTS[args.alignment], "--encoder", encoder]
         run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
              "--data-path", data, "--results-dir", out / "train", "--max-minutes", args.minutes,
-             *TRAIN_FLAGS, "--objective", args.objective, *alignment, *evaluation, "--ckpt-every", args.save_every,
+             *TRAIN_FLAGS, "--global-seed", args.seed, "--objective", args.objective, *alignment, *evaluation,
+             "--ckpt-every", args.save_every,
              *(["--max-steps", args.steps] if args.steps else [])], log)
         last = sorted((out / "train").glob("*/checkpoints/*.pt"))[-1]
         ckpt = out / "checkpoint.pt"
