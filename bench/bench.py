@@ -19,7 +19,9 @@ views included). Prints a table and writes JSON (--json).
 REPA at DiT's default block, U-REPA at U-DiT's middle stage with the manifold term) against
 a DINOv2-B/14 of random weights (the same cost as the real one): the step then includes
 the encoder's forward on the batch's images at 224 px (for 256), the projector and the
-alignment losses. GMACs and utilisation count the diffusion model only.
+alignment losses. GMACs and utilisation count the diffusion model only. Each model is
+then measured beside its aligned case, one pair at a time (alternating within the pair),
+so that memory holds two cases rather than all of them.
 """
 
 import json
@@ -277,12 +279,15 @@ def write_json(path, results):
         Path(path).write_text(json.dumps(results, indent=2) + "\n")
 
 
-def comparisons(name, models):
+def comparisons(name, models, pairs=False):
     """The measured models `name` is compared with: the DiT with the same MACs, and DiT-XL/2; a flow
-    case with the same model trained as the paper does; an aligned case with the same model unaligned."""
+    case with the same model trained as the paper does; an aligned case with the same model unaligned.
+    pairs (--alignment): only the latter, the only cases measured side by side (case_groups)."""
     for suffix in ALIGNED:
         if name.endswith(suffix):
             return [name.removesuffix(suffix)] if name.removesuffix(suffix) in models else []
+    if pairs:
+        return []
     if name.endswith(" flow"):
         return [name.removesuffix(" flow")] if name.removesuffix(" flow") in models else []
     return [other for other in (SAME_MACS.get(name), "DiT-XL/2") if other in models and other != name]
@@ -298,14 +303,14 @@ def print_table(results, args):
     models = results["models"]
     for name, r in models.items():
         ratios = [f"vs {other}: {r['train_step_s'] / models[other]['train_step_s']:.2f}x / "
-                  f"{r['infer_s'] / models[other]['infer_s']:.2f}x" for other in comparisons(name, models)]
+                  f"{r['infer_s'] / models[other]['infer_s']:.2f}x" for other in comparisons(name, models, args.alignment)]
         memory = f"{r['train_peak_memory_gib']:.1f}" if r["train_peak_memory_gib"] else "-"
         operators = r["train_ops_per_step"] or "-"
         print(f"{name:<18} {r['gmacs']:>7.2f} {r['train_step_s']:>9.4f} {r['train_steps_per_s']:>8.2f} "
               f"{r['infer_s']:>9.4f} {r['train_gflops']:>8.0f} {r['utilisation']:>6.0%} "
               f"{memory:>6} {operators:>8}  {'; '.join(ratios)}")
     if any(r["train_kernel_seconds"] for r in models.values()):
-        print_breakdown(models)
+        print_breakdown(models, args.alignment)
     for name, r in models.items():
         if "sampling_images_per_s" in r:
             print(f"{name:<10} sampling {args.sampling_steps} guided steps + VAE decode: "
@@ -313,7 +318,7 @@ def print_table(results, args):
                   f"{r['sampling_hours']:.2f} h on one device")
 
 
-def print_breakdown(models):
+def print_breakdown(models, pairs=False):
     """Step time by kernel kind; 'floor' leaves out 'other' (element-wise passes, copies, norms)."""
     kinds = [*KERNEL_KINDS, "other"]
     for mode, step, time_key in (("train", "training step", "train_step_s"), ("infer", "inference forward", "infer_s")):
@@ -322,7 +327,7 @@ def print_breakdown(models):
         for name, r in models.items():
             seconds = r[f"{mode}_kernel_seconds"]
             floor = sum(seconds[kind] for kind in KERNEL_KINDS)
-            others = [f"{other}: {floor / models[other][time_key]:.2f}x" for other in comparisons(name, models)]
+            others = [f"{other}: {floor / models[other][time_key]:.2f}x" for other in comparisons(name, models, pairs)]
             print(f"{name:<10} " + " ".join(f"{seconds[kind] * 1e3:>9.1f}" for kind in kinds)
                   + f" {floor * 1e3:>9.1f}  {'; '.join(others)}")
 
@@ -357,25 +362,22 @@ def build_parser():
     return p
 
 
-def main(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
-    args.latent_size = args.image_size // 8
-    if args.sampling_models and not set(args.sampling_models) <= set(args.models):
-        p.error("--sampling-models must be among --models")
-    if args.cuda_graph and not torch.cuda.is_available():
-        p.error("--cuda-graph needs a CUDA device")
-    if args.breakdown and args.compile != "none":
-        p.error("--breakdown profiles eager operators; compiled code runs fused kernels instead (drop --compile)")
+def case_groups(args):
+    """[[(model, objective, aligned)]]: the cases measured together, alternating round by round.
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    configure_matmul_precision(args.precision, device)
-    gemm_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    gemm_size = args.gemm_size or (8192 if device.type == "cuda" else 2048)
-    ceiling = gemm_ceiling(device, gemm_dtype, gemm_size)
-
-    cases = [Case(name, args, device, objective, align) for name in args.models for objective in args.objectives
+    Without --alignment every case is one group (U-DiT and DiT side by side). With it, each
+    model and objective is a group of its plain and its aligned case, measured and freed
+    before the next: the ratio that matters is aligned over plain, and all four cases of
+    U-DiT-B and DiT-B/2 at once (weights, gradients, AdamW state, two DINOv2-B) reached 17 GB
+    resident on the 24 GB development machine.
+    """
+    cases = [(name, objective, align) for name in args.models for objective in args.objectives
              for align in ((False, True) if args.alignment else (False,))]
+    return [cases[i:i + 2] for i in range(0, len(cases), 2)] if args.alignment else [cases]
+
+
+def measure(cases, args, device):
+    """Warm up, count operators (eager), capture graphs (--cuda-graph), then time --rounds rounds, alternating."""
     for _ in range(args.warmup):
         for case in cases:
             case.set_mode(True)
@@ -407,23 +409,44 @@ def main(argv=None):
             case.set_mode(False)
             case.times["infer"].append(timed(case.infer, device))
 
+
+def main(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    args.latent_size = args.image_size // 8
+    if args.sampling_models and not set(args.sampling_models) <= set(args.models):
+        p.error("--sampling-models must be among --models")
+    if args.cuda_graph and not torch.cuda.is_available():
+        p.error("--cuda-graph needs a CUDA device")
+    if args.breakdown and args.compile != "none":
+        p.error("--breakdown profiles eager operators; compiled code runs fused kernels instead (drop --compile)")
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    configure_matmul_precision(args.precision, device)
+    gemm_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    gemm_size = args.gemm_size or (8192 if device.type == "cuda" else 2048)
+    ceiling = gemm_ceiling(device, gemm_dtype, gemm_size)
+
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                "torch": torch.__version__, "precision": args.precision, "compile": args.compile,
                "cuda_graph": args.cuda_graph,
                "command": "python bench/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "batch_size": args.batch_size, "image_size": args.image_size,
                "gemm_ceiling_gflops": ceiling, "date": time.strftime("%Y-%m-%d"), "models": {}}
-    for case in cases:
-        train_s, infer_s = statistics.median(case.times["train"]), statistics.median(case.times["infer"])
-        train_gflops = 3 * 2 * case.gmacs * args.batch_size / train_s
-        results["models"][case.name] = {
-            "params": case.params, "gmacs": case.gmacs, "train_step_s": train_s, "infer_s": infer_s,
-            "train_steps_per_s": 1 / train_s, "train_gflops": train_gflops, "utilisation": train_gflops / ceiling,
-            "train_peak_memory_gib": case.peak_memory / 2**30 if case.peak_memory else None,
-            "train_ops_per_step": case.operators, "train_kernel_seconds": case.breakdown.get("train"),
-            "infer_kernel_seconds": case.breakdown.get("infer")}
-    write_json(args.json, results)
-    del cases
+    for group in case_groups(args):
+        cases = [Case(name, args, device, objective, align) for name, objective, align in group]
+        measure(cases, args, device)
+        for case in cases:
+            train_s, infer_s = statistics.median(case.times["train"]), statistics.median(case.times["infer"])
+            train_gflops = 3 * 2 * case.gmacs * args.batch_size / train_s
+            results["models"][case.name] = {
+                "params": case.params, "gmacs": case.gmacs, "train_step_s": train_s, "infer_s": infer_s,
+                "train_steps_per_s": 1 / train_s, "train_gflops": train_gflops, "utilisation": train_gflops / ceiling,
+                "train_peak_memory_gib": case.peak_memory / 2**30 if case.peak_memory else None,
+                "train_ops_per_step": case.operators, "train_kernel_seconds": case.breakdown.get("train"),
+                "infer_kernel_seconds": case.breakdown.get("infer")}
+        del cases
+        write_json(args.json, results)
     if args.sampling:
         for name in args.sampling_models or args.models:
             rate = sampling_rate(name, args, device)

@@ -43,6 +43,12 @@ def test_bench_measures_each_model_with_and_without_alignment(tmp_path, capsys):
     assert models["DiT-S/2 + REPA"]["train_ops_per_step"] > models["DiT-S/2"]["train_ops_per_step"]
     rows = {line.split("  ")[0]: line for line in capsys.readouterr().out.splitlines()}
     assert "vs U-DiT-S: " in rows["U-DiT-S + U-REPA"] and "vs DiT-S/2: " in rows["DiT-S/2 + REPA"]
+    assert "vs" not in rows["U-DiT-S"]  # measured in another pair than DiT-S/2: no ratio between them
+    # One pair in memory at a time: four cases of U-DiT-B / DiT-B/2 at once reached 17 GB on CPU.
+    args = bench.build_parser().parse_args(["--models", "U-DiT-S", "DiT-S/2", "--objectives", "ddpm", "flow",
+                                            "--alignment"])
+    assert bench.case_groups(args) == [[(m, o, False), (m, o, True)] for m in ("U-DiT-S", "DiT-S/2")
+                                       for o in ("ddpm", "flow")]
 
 
 def test_kernel_breakdown_sorts_operators_by_kind():
