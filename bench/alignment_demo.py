@@ -1,6 +1,8 @@
 """Flow matching with and without representation alignment on the digits, at equal minutes.
 
     python bench/alignment_demo.py --minutes 6 --train-seeds 0 1 --workers 2
+    python bench/alignment_demo.py --minutes 6 --train-seeds 0 1 --stages candidates --seeds 0 \
+        --reference-samples 200     # the measurement in bench/RESULTS.md (fixed candidates, no picks)
 
 For each variant (`flow`; `repa`: REPA's recipe at the early 4 x 4 stage, cosine only;
 `u-repa`: U-REPA at the 2 x 2 middle stage, upsampled, with the manifold loss) and each
@@ -10,7 +12,9 @@ The aligned variants train for --minutes less the minutes their encoder took to 
 (scripts/digits_encoder.py, once, shared), so every variant gets the same total minutes.
 All runs train first, one at a time, so that no measurement shares the machine with a
 timed run; then each checkpoint's front is measured with bench/sampling_front.py
-(--stages, as bench/objectives_demo.py), and each run's best configuration with at most
+(--stages, as bench/objectives_demo.py: about 60 configurations per checkpoint; `--stages
+candidates` measures the README's 12 fixed candidates of at most 50 NFE and the 250-step
+reference instead, a fifth of the time), and each run's best configuration with at most
 --max-nfe network evaluations per image is reported, with the mean over training seeds
 and its ratio to flow's. The plot (results/alignment/curves.png) shows the FD and class
 accuracy the runs measured while training against total minutes, and the aligned runs'
@@ -125,6 +129,8 @@ def main(argv=None):
     p.add_argument("--max-nfe", type=positive_int, default=50, help="network evaluations per image allowed the best sampler")
     p.add_argument("--seeds", type=seed, nargs="+", default=[0, 1], help="one sampling run per seed")
     p.add_argument("--samples", type=positive_int, default=1000, help="samples per measurement")
+    p.add_argument("--reference-samples", type=positive_int,
+                   help="samples of the candidates stage's 250-step reference (default: --samples)")
     p.add_argument("--workers", type=positive_int, default=1, help="configurations measured at a time (one process each)")
     p.add_argument("--train-seeds", type=seed, nargs="+", default=[0, 1], help="one training run per variant and seed")
     args = p.parse_args(argv)
@@ -142,7 +148,8 @@ def main(argv=None):
         front_json = run / "sampling_front.json"
         sampling_front.main(["--ckpt", str(run / "checkpoint.pt"), "--json", str(front_json), "--stages",
                              *args.stages, "--workers", str(args.workers), "--samples", str(args.samples),
-                             "--max-nfe", str(args.max_nfe), "--seeds", *map(str, args.seeds)])
+                             "--max-nfe", str(args.max_nfe), "--seeds", *map(str, args.seeds),
+                             *(["--reference-samples", str(args.reference_samples)] if args.reference_samples else [])])
         records = json.loads(front_json.read_text())
         summary = json.loads((run / "summary.json").read_text())
         run_dir = next((run / "train").glob("*/"))

@@ -246,6 +246,8 @@ def test_aligned_training_records_its_settings_and_samples_like_any_checkpoint(e
     assert set(ckpt["ema"]) == set(ckpt["model"]) and not any("projector" in k for k in ckpt["model"])
     log = next(tmp_path.glob("r/*/log.txt")).read_text()
     assert "alignment: " + ("latent.0" if family is UDIT else "blocks.0") in log
+    terms = [line for line in log.splitlines() if "Train Loss" in line]
+    assert terms and all("Align: " in line and ("Manifold: " in line) == (family is UDIT) for line in terms)
     scalars = read_scalars(next(tmp_path.glob("r/*/tensorboard")))
     assert len(scalars["train/align"]) == 2 and ("train/manifold" in scalars) == (family is UDIT)
     sampling = ["--ckpt", str(path), "--num-fid-samples", "4", "--per-proc-batch-size", "2",
@@ -310,6 +312,8 @@ def write_public(root):
     ("no --repa", "--align-coeff applies with --repa only"),
     ("ungridable encoder", "its 4x4 tokens cannot be resampled to the encoder's 3x3"),
     ("missing weights file", "--encoder-weights absent.safetensors: no such file"),
+    ("missing encoder file", "--encoder absent/encoder.pt: no such file; use one of dinov2-vits14"),
+    ("zero weights", "--align-coeff 0 and --manifold-coeff 0 align nothing"),
 ])
 def test_alignment_settings_that_cannot_work_exit_2_in_one_line(encoder_file, tiny_data, tmp_path, capsys, case,
                                                                 message):
@@ -326,6 +330,8 @@ def test_alignment_settings_that_cannot_work_exit_2_in_one_line(encoder_file, ti
         "ungridable encoder": [*data, *DIT, "--repa", "--encoder",
                                str(make_tiny_encoder(tmp_path / "e12.pt", img_size=12))],
         "missing weights file": [*data, *UDIT, "--repa", "--encoder-weights", "absent.safetensors"],
+        "missing encoder file": [*data, *UDIT, "--repa", "--encoder", "absent/encoder.pt"],
+        "zero weights": [*data, *UDIT, *repa, "--align-coeff", "0", "--manifold-coeff", "0"],
     }[case]
     pixel = PIXEL if case != "public features" else PIXEL[2:]
     try:
@@ -335,3 +341,21 @@ def test_alignment_settings_that_cannot_work_exit_2_in_one_line(encoder_file, ti
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and message in err[-1] and len([line for line in err if "error" in line]) == 1, err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("change", ["other weights", "other width"])
+def test_resuming_against_another_encoder_is_refused_in_one_line(tiny_data, tmp_path, capsys, change):
+    """The flag names a file; its content is what the projector was trained against (args.encoder_digest)."""
+    encoder = make_tiny_encoder(tmp_path / "encoder.pt")
+    assert train.main(["--data-path", str(tiny_data["small_images"]), *UDIT, *PIXEL, "--max-steps", "1", "--repa",
+                       "--encoder", str(encoder), "--projector-width", "32", "--results-dir", str(tmp_path / "r")]) == 0
+    (run,) = (tmp_path / "r").iterdir()
+    torch.manual_seed(1)  # the same file name, rewritten: new weights (and, for "other width", a new shape)
+    config = {**TINY_ENCODER, **({"embed_dim": 32} if change == "other width" else {})}
+    save_encoder(build_local_vit(**config), config, encoder)
+    # The width change used to be a state-dict traceback, the same width trained on silently.
+    assert train.main(["--resume", str(run), "--max-steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "not the weights this experiment was trained against" in err[-1], err
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["0000001.pt"]
+

@@ -234,10 +234,26 @@ def test_reconstruction_refuses_a_folder_without_snapshots_and_snapshots_of_anot
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "0000008_sigma0.1.pt is a snapshot of another model" in err
     assert "differ in model_kwargs" in err and not (mixed.parent / "phema").exists()
+    # Another run of the same model (its snapshots copied in) used to be combined silently.
+    run_id = load(posthoc_run / "checkpoints" / "0000006.pt")["args"]["run_id"]
+    assert run_id and all(load(path)["run_id"] == run_id for path in (posthoc_run / "posthoc").iterdir())
+    other = load(mixed / "0000006_sigma0.1.pt")
+    other["run_id"] = "0123456789abcdef"
+    torch.save(other, mixed / "0000008_sigma0.1.pt")
+    assert phema.main([str(mixed), "--sigma-rel", "0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a snapshot of another training run of this model" in err
+    # A file where a folder is expected: named as such, before anything is read or written.
+    assert phema.main([str(posthoc_run / "checkpoints" / "0000006.pt"), "--sigma-rel", "0.1"]) == 2
+    assert "0000006.pt is a file; give the experiment folder" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert exit_status(lambda: phema.main([str(posthoc_run), "--sigma-rel", "0.1", "--out-dir",
+                                           str(tmp_path / "a_file")])) == 2
+    assert "a_file is a file, expected a folder" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--posthoc-every", "5"], "--posthoc-every apply to post-hoc EMA only: add --posthoc-ema"),
+    (["--posthoc-every", "5"], "--posthoc-every applies to post-hoc EMA only: add --posthoc-ema"),
     (["--posthoc-ema", "0.3"], "must be in (0, 0.2887)"),
     (["--posthoc-ema", "0.05", "0.05"], "each width once"),
 ])
@@ -252,4 +268,20 @@ def test_posthoc_ema_cannot_start_on_resume(posthoc_run, tiny_data, tmp_path, ca
                        "--results-dir", str(tmp_path), *COMMON]) == 0
     with pytest.raises(SystemExit) as info:
         train.main(["--resume", str(run_dir(tmp_path)), "--max-steps", "2", "--posthoc-ema", "0.05", "0.1"])
-    assert info.value.code == 2 and "--posthoc-ema cannot change on resume" in capsys.readouterr().err
+    assert info.value.code == 2 and "--posthoc-ema cannot change on resume (the experiment was trained without " \
+        "it, given [0.05, 0.1])" in capsys.readouterr().err
+    # The switch is named, not the default of a setting that comes with it (it said: --encoder ... has
+    # 'dinov2-vitb14').
+    with pytest.raises(SystemExit) as info:
+        train.main(["--resume", str(run_dir(tmp_path)), "--max-steps", "2", "--encoder", "enc.pt", "--repa"])
+    assert info.value.code == 2 and "--repa cannot change on resume (the experiment was trained without it" in \
+        capsys.readouterr().err
+
+
+def test_a_snapshot_spacing_that_misses_the_last_step_is_warned_about():
+    from argparse import Namespace
+    from udit.ema import snapshot_schedule_note
+    assert snapshot_schedule_note(Namespace(posthoc_ema=[0.05], max_steps=6, posthoc_every=2)) is None
+    assert snapshot_schedule_note(Namespace(posthoc_ema=None, max_steps=6, posthoc_every=4)) is None
+    note = snapshot_schedule_note(Namespace(posthoc_ema=[0.05], max_steps=6, posthoc_every=4))
+    assert "--posthoc-every 4 does not divide --max-steps 6: the last snapshot is at step 4" in note

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from models import DiT, U_DiT, create_model
 from udit.cli import number, positive_int
+from udit.distributed import parameter_digest
 from udit.encoders import DINOV2, EncoderError, load_encoder
 
 U_DIT_STAGES = ("encoder_level_1", "encoder_level_2", "latent", "decoder_level_2", "decoder_level_1")
@@ -252,8 +253,10 @@ def check_alignment_args(parser, args):
             parser.error(f"--{given[0].replace('_', '-')} applies with --repa only")
         return
     if args.encoder not in DINOV2 and not Path(args.encoder).is_file():
-        parser.error(f"--encoder {args.encoder}: unknown encoder; use one of {', '.join(DINOV2)} or the path of a "
-                     f"file written by udit.encoders.save_encoder")
+        looks_like_a_path = "/" in args.encoder or Path(args.encoder).suffix in (".pt", ".pth", ".safetensors")
+        parser.error(f"--encoder {args.encoder}: " + ("no such file" if looks_like_a_path else "unknown encoder")
+                     + f"; use one of {', '.join(DINOV2)} or the path of a file written by "
+                       f"udit.encoders.save_encoder")
     if args.encoder_weights and not Path(args.encoder_weights).is_file():
         parser.error(f"--encoder-weights {args.encoder_weights}: no such file")
     family = "U-DiT" if args.model.startswith("U-DiT") else "DiT"
@@ -266,6 +269,9 @@ def check_alignment_args(parser, args):
     for flag in ("align_coeff", "manifold_coeff"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.align_coeff == 0 and args.manifold_coeff == 0:
+        parser.error("--align-coeff 0 and --manifold-coeff 0 align nothing (the encoder would run for no loss): "
+                     "drop --repa, or give one of them a positive weight")
     latent_size = args.image_size // (1 if args.vae == "none" else 8)
     try:
         with torch.device("meta"):
@@ -283,10 +289,27 @@ def check_alignment_args(parser, args):
 
 
 def open_encoder(args, device):
-    """The frozen encoder of --encoder on `device`, or None without --repa (EncoderError when unusable)."""
+    """The frozen encoder of --encoder on `device`, or None without --repa (EncoderError when unusable).
+
+    Records the SHA-256 of its weights as args.encoder_digest (saved with every checkpoint)
+    and, on resume, refuses weights other than those recorded: the flags name a file, not
+    its content, and the file behind --encoder or --encoder-weights (resumable, since it
+    may sit elsewhere on another machine) can change. Unchecked, another width failed in
+    the projector's state dict with a traceback, and the same width trained on silently
+    against another target.
+    """
     if not getattr(args, "repa", False):
         return None
-    return load_encoder(args.encoder, args.image_size, args.encoder_weights).to(device)
+    encoder = load_encoder(args.encoder, args.image_size, args.encoder_weights)
+    digest, recorded = parameter_digest(encoder), getattr(args, "encoder_digest", None)
+    if recorded and digest != recorded:
+        source = (f"--encoder-weights {args.encoder_weights}" if args.encoder_weights else
+                  f"--encoder {args.encoder}" + (" (its cached weights)" if args.encoder in DINOV2 else ""))
+        raise EncoderError(f"{source}: not the weights this experiment was trained against (SHA-256 {digest[:12]}, "
+                           f"the checkpoint records {recorded[:12]}); resume with the encoder file it was "
+                           f"trained with, or start a new experiment with --ckpt to change encoders")
+    args.encoder_digest = digest
+    return encoder.to(device)
 
 
 def build_aligner(args, model, encoder):

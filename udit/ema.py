@@ -167,7 +167,8 @@ class TrainingEMAs:
             weights = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.cpu()
                        for k, v in ema.module.state_dict().items()}
             save_atomic({"ema": weights, "step": step, "sigma_rel": ema.sigma_rel, "gamma": ema.gamma,
-                         "args": self.config}, self.folder / snapshot_name(step, ema.sigma_rel))
+                         "args": self.config, "run_id": getattr(self.args, "run_id", None)},
+                        self.folder / snapshot_name(step, ema.sigma_rel))
 
     def state_dict(self):
         """The checkpoint entries: "ema" (the fixed EMA) and, with --posthoc-ema, "posthoc_ema"."""
@@ -200,12 +201,26 @@ def sigma_rel_flag(text):
     return value
 
 
+def snapshot_schedule_note(args):
+    """A warning for the log when the last snapshot falls short of --max-steps, else None.
+
+    phema reconstructs at snapshot steps only: the steps after the last one are lost to it.
+    """
+    if not args.posthoc_ema or args.max_steps % args.posthoc_every == 0:
+        return None
+    last = args.max_steps - args.max_steps % args.posthoc_every
+    return (f"warning: --posthoc-every {args.posthoc_every} does not divide --max-steps {args.max_steps}: the last "
+            f"snapshot is at step {last}, so python -m udit.phema cannot make an EMA of the final weights; a "
+            f"--posthoc-every that divides {args.max_steps} keeps them")
+
+
 def check_posthoc_args(parser, args):
     """Exits 2 with one line on post-hoc EMA flags that cannot work together."""
     if not args.posthoc_ema:
         loose = [f"--{k.replace('_', '-')}" for k in ("posthoc_every", "posthoc_dtype") if k in args.given]
         if loose:
-            parser.error(f"{' and '.join(loose)} apply to post-hoc EMA only: add --posthoc-ema, e.g. "
+            parser.error(f"{' and '.join(loose)} appl{'y' if len(loose) > 1 else 'ies'} to post-hoc EMA only: add "
+                         f"--posthoc-ema, e.g. "
                          f"--posthoc-ema 0.05 0.10")
         return
     if len(set(args.posthoc_ema)) != len(args.posthoc_ema):

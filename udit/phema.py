@@ -16,7 +16,6 @@ The snapshots are read one at a time, once per group of --batch targets: memory 
 --batch + 1 models.
 """
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from udit.checkpoint import CheckpointError, load_checkpoint, save_atomic
-from udit.cli import ActionableError, positive_int, run_guarded
+from udit.cli import ActionableError, ArgumentParser, output_dir, positive_int, run_guarded
 from udit.ema import (SIGMA_REL_MAX, SNAPSHOT_FOLDER, sigma_rel_flag, sigma_rel_to_gamma, snapshot_name,
                       solve_coefficients)
 
@@ -49,6 +48,9 @@ def list_snapshots(folder):
     for a folder without snapshots and for snapshots of different networks or settings.
     """
     folder = Path(folder)
+    if folder.is_file():
+        raise ReconstructionError(f"{folder} is a file; give the experiment folder that holds {SNAPSHOT_FOLDER}/ "
+                                  f"(or that {SNAPSHOT_FOLDER}/ folder itself)")
     if not folder.is_dir():
         raise ReconstructionError(f"{folder}: no such folder")
     if (folder / SNAPSHOT_FOLDER).is_dir():
@@ -65,13 +67,16 @@ def list_snapshots(folder):
                                                 snapshot["ema"])
         except (CheckpointError, KeyError, TypeError) as err:
             raise ReconstructionError(f"{path}: not a post-hoc EMA snapshot ({err})") from None
-        shapes = {k: tuple(v.shape) for k, v in weights.items()}
+        shapes, run = {k: tuple(v.shape) for k, v in weights.items()}, snapshot.get("run_id")
         if first is None:
-            first = (path, config, shapes)
+            first = (path, config, shapes, run)
         elif config != first[1] or shapes != first[2]:
             differ = sorted(k for k in {*config, *first[1]} if config.get(k) != first[1].get(k)) or ["weights"]
             raise ReconstructionError(f"{path} is a snapshot of another model than {first[0]} (they differ in "
                                       f"{', '.join(differ)}); keep the snapshots of one run in a folder")
+        elif run and first[3] and run != first[3]:  # snapshots written before run ids existed carry None
+            raise ReconstructionError(f"{path} is a snapshot of another training run of this model than {first[0]} "
+                                      f"(run {run}, not {first[3]}); keep the snapshots of one run in a folder")
         snapshots.append((step, sigma_rel, path))
     return sorted(snapshots)
 
@@ -143,13 +148,13 @@ def reconstruct(snapshots, sigma_rels, step=None, batch=4, progress=True):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m udit.phema", description=__doc__.strip().splitlines()[0])
+    p = ArgumentParser(prog="python -m udit.phema", description=__doc__.strip().splitlines()[0])
     p.add_argument("experiment", help="an experiment folder trained with --posthoc-ema (or its posthoc/ folder)")
     p.add_argument("--sigma-rel", type=sigma_rel_flag, nargs="+", required=True,
                    help="relative widths of the EMAs to make (EDM2's best: 0.13 unguided, 0.025 guided FID)")
     p.add_argument("--step", type=positive_int, help="the training step to reconstruct at (default: the latest "
                                                       "snapshot step)")
-    p.add_argument("--out-dir", help=f"where the checkpoints go (default: EXPERIMENT/{OUTPUT_FOLDER})")
+    p.add_argument("--out-dir", type=output_dir, help=f"where the checkpoints go (default: EXPERIMENT/{OUTPUT_FOLDER})")
     p.add_argument("--batch", type=positive_int, default=4,
                    help="targets made per pass over the snapshots (memory: this many models plus one)")
     args = p.parse_args(argv)

@@ -9,6 +9,7 @@ import errno
 import logging
 import math
 import re
+import secrets
 import sys
 import time
 from contextlib import ExitStack, nullcontext
@@ -29,7 +30,7 @@ from udit.data import DataError, ImageDataset, ResumableDistributedSampler, open
 from udit.cuda_graphs import GraphedTrainingStep
 from udit.distributed import (all_gather_objects, all_reduce_mean, barrier, broadcast_module, broadcast_object,
                                configure_matmul_precision, init_distributed, open_shared_folder, parameter_digest)
-from udit.ema import TrainingEMAs, check_posthoc_args, sigma_rel_flag
+from udit.ema import TrainingEMAs, check_posthoc_args, sigma_rel_flag, snapshot_schedule_note
 from udit.monitor import MONITOR_SETTINGS, Monitor, add_monitor_args, check_monitor_args, grid_labels
 from udit.objectives import OBJECTIVES, TIME_SAMPLINGS, create_objective
 from udit.vae import (check_latent_normalization, encode, latent_channels, latent_factor, latent_normalization,
@@ -44,6 +45,8 @@ RESUMABLE = ("max_steps", "max_minutes", "epochs", "log_every", "ckpt_every", "n
              "ema_warmup", "precision", "cuda_graph", "resume", "max_grad_norm", "encoder_weights",
              "posthoc_every", "posthoc_dtype",
              *MONITOR_SETTINGS)
+# Flags that switch a feature on, reported first when they change with its settings.
+SWITCHES = ("repa", "posthoc_ema")
 # Flags whose change can change a tensor's shape, so that the old weights may not load.
 NETWORK_SHAPING = ("model", "model_kwargs", "num_classes", "class_dropout_prob", "vae", "image_size")
 
@@ -178,14 +181,17 @@ def resumed_args(parser, args):
                      f"its weights")
     changed = [k for k in args.given if k not in RESUMABLE and saved.get(k, parser.get_default(k)) != getattr(args, k)]
     if changed:
-        k = changed[0]
+        # A switch first: adding --repa to a run without it is the change, not the default --encoder it has.
+        k = min(changed, key=lambda k: k not in SWITCHES)
         if k == "objective":
             restart = f"with --ckpt {path} --allow-objective-change to start from its weights"
         elif k in NETWORK_SHAPING:  # the weights may no longer fit: say so rather than promise they load
             restart = f"--ckpt {path} starts it from these weights if the network keeps every tensor's shape"
         else:
             restart = f"with --ckpt {path} to start from its weights"
-        parser.error(f"--{k.replace('_', '-')} cannot change on resume (the experiment has {saved.get(k)!r}, given "
+        had = saved.get(k, parser.get_default(k))
+        had = "was trained without it" if had in (None, False) else f"has {had!r}"
+        parser.error(f"--{k.replace('_', '-')} cannot change on resume (the experiment {had}, given "
                      f"{getattr(args, k)!r}); start a new experiment (without --resume), {restart}")
     merged = {**{k: v for k, v in vars(args).items() if k not in args.given}, **saved,
               **{k: getattr(args, k) for k in args.given}}
@@ -474,7 +480,7 @@ class TrainingInputs:
     def notes(self, args):
         """Log lines about the data and the initial weights, or nothing."""
         coverage = class_coverage_warning(args, self.trained_labels, len(getattr(self.dataset, "classes", [])))
-        return [note for note in (coverage, self.initial_weights_note) if note]
+        return [note for note in (coverage, self.initial_weights_note, snapshot_schedule_note(args)) if note]
 
     def trained_parameters(self):
         """The network's and the projector's: the projector trains with the network but stays out of its state dict
@@ -483,7 +489,12 @@ class TrainingInputs:
 
 
 def open_experiment(args, rank):
-    """Stage 2: the experiment folder (a new numbered one, or --resume's), the same for every process."""
+    """Stage 2: the experiment folder (a new numbered one, or --resume's), the same for every process.
+
+    A new experiment draws args.run_id, which its checkpoints and post-hoc snapshots carry
+    and a resumed run keeps: python -m udit.phema refuses to combine the snapshots of two
+    runs of one network (copied into one folder), which nothing else tells apart.
+    """
     # Every process reads the checkpoints on resume: the folder must be one folder for all nodes.
     if args.resume:
         exp_dir = Path(args.resume)
@@ -491,7 +502,9 @@ def open_experiment(args, rank):
         return exp_dir
     open_shared_folder(args.results_dir, "--results-dir",
                        lambda: Path(args.results_dir).mkdir(parents=True, exist_ok=True))
-    return Path(broadcast_object(str(new_experiment_dir(args.results_dir, args.model)) if rank == 0 else None))
+    exp_dir, args.run_id = broadcast_object((str(new_experiment_dir(args.results_dir, args.model)),
+                                             secrets.token_hex(8)) if rank == 0 else None)
+    return Path(exp_dir)
 
 
 class Position:
@@ -712,7 +725,9 @@ class Trainer:
         values = {**dict(zip(names, means)), "grad_norm": float(self.grad_norm), "lr": self.opt.param_groups[0]["lr"],
                   "steps_per_sec": steps_per_sec, "images_per_sec": steps_per_sec * args.global_batch_size,
                   "skipped_images": round(float(self.skipped_images)), "skipped_steps": self.guard.skipped}
-        extra = f", skipped images: {values['skipped_images']}" if values["skipped_images"] else ""
+        # The alignment terms beside the total: whether the projection is learned shows here first.
+        extra = "".join(f", {name.capitalize()}: {values[name]:.4f}" for name in ("align", "manifold") if name in values)
+        extra += f", skipped images: {values['skipped_images']}" if values["skipped_images"] else ""
         if args.max_grad_norm is not None:
             values["clipped_fraction"] = float(window.clipped) / max(window.steps, 1)
             extra += f", clipped: {values['clipped_fraction']:.0%}"
