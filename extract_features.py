@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from udit.cli import ArgumentParser, given_flags, inside, non_negative_int, output_dir, positive_int, run_guarded
 from udit.data import COMPACT_LAYOUT, DataError, ImageDataset, open_feature_folder
-from udit.distributed import barrier, cleanup, init_distributed, open_shared_folder, parse_on_every_process
+from udit.distributed import (barrier, cleanup, init_distributed, open_shared_folder, parameter_digest,
+                              parse_on_every_process)
 from udit.vae import SD_VAE_SCALE, encode_moments, latent_channels, latent_factor, latent_normalization, load_vae
 
 
@@ -44,6 +45,10 @@ class FeatureStore:
             old = json.loads(self.meta_path.read_text())
             keys = ("layout", "count", "flips", "latent_shape", "source", "image_size", "vae", "scaling_factor",
                     "shift_factor", "images")
+            if "vae_digest" in old and "vae_digest" in meta:
+                # The VAE's weights, not its path: a moved copy may finish the store, other weights may not
+                # (their latents, mixed in, were silent before).
+                keys = tuple(k for k in keys if k != "vae") + ("vae_digest",)
             # Stores from before these were recorded.
             old = {"scaling_factor": SD_VAE_SCALE, "shift_factor": 0.0, "images": False, **old}
             diffs = [f"{k}: {old.get(k)} vs {meta[k]}" for k in keys if old.get(k) != meta[k]]
@@ -209,7 +214,8 @@ def extract_all(args, ctx):
         latent_shape = [latent_channels(vae), args.image_size // factor, args.image_size // factor]
         to_moments, flips = image_moments(vae, args.flips), args.flips
         meta = {"source": str(Path(args.data_path).resolve()), "vae": args.vae_path or args.vae,
-                "image_size": args.image_size, "classes": dataset.classes, "images": args.keep_images}
+                "vae_digest": parameter_digest(vae), "image_size": args.image_size, "classes": dataset.classes,
+                "images": args.keep_images}
         normalization = latent_normalization(vae)
     meta.update(scaling_factor=normalization[0], shift_factor=normalization[1])
     meta.update(layout=COMPACT_LAYOUT, count=len(dataset), flips=flips, latent_shape=latent_shape)

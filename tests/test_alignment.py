@@ -356,6 +356,6 @@ def test_resuming_against_another_encoder_is_refused_in_one_line(tiny_data, tmp_
     # The width change used to be a state-dict traceback, the same width trained on silently.
     assert train.main(["--resume", str(run), "--max-steps", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert "not the weights this experiment was trained against" in err[-1], err
+    assert "not the weights this experiment was trained with" in err[-1], err
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["0000001.pt"]
 

@@ -60,6 +60,22 @@ def test_extracted_features_record_only_the_real_classes(tiny_data, tmp_path):
     assert np.load(tmp_path / "f" / "labels.npy").tolist() == [0, 1, 1]
 
 
+def test_an_extraction_resumes_with_the_vae_moved_but_not_with_other_vae_weights(tiny_data, tmp_path, capsys):
+    import shutil
+    from diffusers.models import AutoencoderKL
+    root = make_image_folder(tmp_path / "images", classes=2, per_class=1, size=8)
+    moved = shutil.copytree(tiny_data["vae"], tmp_path / "vae")
+    common = ["--data-path", str(root), "--features-path", str(tmp_path / "f"), "--num-workers", "0", "--vae-path"]
+    assert extract_features.main([*common, str(tiny_data["vae"])]) == 0
+    assert extract_features.main([*common, str(moved)]) == 0  # refused before: "vae: PATH vs PATH"
+    vae = AutoencoderKL.from_pretrained(moved)
+    with torch.no_grad():
+        vae.encoder.conv_in.bias.add_(0.01)  # same config, other latents: they were mixed into the store silently
+    vae.save_pretrained(moved)
+    assert extract_features.main([*common, str(moved)]) == 2
+    assert "holds features of another job (vae_digest: " in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("layout", ["fast-DiT", "U-DiT"])
 def test_hidden_files_in_feature_folders_are_ignored(tmp_path, layout):
     root = write_release(tmp_path / "f", 4, processes=1 if layout == "fast-DiT" else 2, layout=layout)

@@ -128,6 +128,26 @@ def test_resume_is_bitwise_exact(tiny_data, tmp_path, alignment):
             assert torch.equal(value, resumed[key][name]), f"{key}.{name} differs after resume"
 
 
+def test_resume_accepts_the_vae_moved_and_refuses_other_vae_weights(tiny_data, tmp_path, capsys):
+    """--vae-path may change on resume (another machine); the weights behind it may not (they make the latents)."""
+    import shutil
+    from diffusers.models import AutoencoderKL
+    moved = shutil.copytree(tiny_data["vae"], tmp_path / "vae")
+    args = ["--data-path", str(tiny_data["images"]), "--image-size", "64", "--ckpt-every", "100", *COMMON]
+    assert train.main([*args, "--vae-path", str(tiny_data["vae"]), "--max-steps", "1",
+                       "--results-dir", str(tmp_path / "r")]) == 0
+    (run,) = (tmp_path / "r").iterdir()
+    assert train.main(["--resume", str(run), "--vae-path", str(moved), "--max-steps", "2"]) == 0
+    vae = AutoencoderKL.from_pretrained(moved)
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.01)  # another VAE with the same config: silently other latents before
+    vae.save_pretrained(moved)
+    assert train.main(["--resume", str(run), "--vae-path", str(moved), "--max-steps", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"--vae-path {moved}: not the weights this experiment was trained with" in err[-1], err
+    assert [p.name for p in checkpoints(tmp_path / "r")] == ["0000001.pt", "0000002.pt"]  # step 3 never ran
+
+
 def test_two_nodes_on_localhost_use_local_rank(tiny_data, tmp_path):
     import os
     import socket

@@ -39,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import DiT, U_DiT, create_model
+from udit.checkpoint import check_recorded_weights
 from udit.cli import number, positive_int
-from udit.distributed import parameter_digest
 from udit.encoders import DINOV2, EncoderError, load_encoder
 
 U_DIT_STAGES = ("encoder_level_1", "encoder_level_2", "latent", "decoder_level_2", "decoder_level_1")
@@ -291,24 +291,16 @@ def check_alignment_args(parser, args):
 def open_encoder(args, device):
     """The frozen encoder of --encoder on `device`, or None without --repa (EncoderError when unusable).
 
-    Records the SHA-256 of its weights as args.encoder_digest (saved with every checkpoint)
-    and, on resume, refuses weights other than those recorded: the flags name a file, not
-    its content, and the file behind --encoder or --encoder-weights (resumable, since it
-    may sit elsewhere on another machine) can change. Unchecked, another width failed in
-    the projector's state dict with a traceback, and the same width trained on silently
-    against another target.
+    Records the SHA-256 of its weights and, on resume, refuses others (check_recorded_weights):
+    unchecked, a rewritten encoder file of another width failed in the projector's state dict
+    with a traceback, and one of the same width trained on silently against another target.
     """
     if not getattr(args, "repa", False):
         return None
     encoder = load_encoder(args.encoder, args.image_size, args.encoder_weights)
-    digest, recorded = parameter_digest(encoder), getattr(args, "encoder_digest", None)
-    if recorded and digest != recorded:
-        source = (f"--encoder-weights {args.encoder_weights}" if args.encoder_weights else
-                  f"--encoder {args.encoder}" + (" (its cached weights)" if args.encoder in DINOV2 else ""))
-        raise EncoderError(f"{source}: not the weights this experiment was trained against (SHA-256 {digest[:12]}, "
-                           f"the checkpoint records {recorded[:12]}); resume with the encoder file it was "
-                           f"trained with, or start a new experiment with --ckpt to change encoders")
-    args.encoder_digest = digest
+    source = (f"--encoder-weights {args.encoder_weights}" if args.encoder_weights else
+              f"--encoder {args.encoder}" + (" (its cached weights)" if args.encoder in DINOV2 else ""))
+    check_recorded_weights(args, "encoder_digest", encoder, source)
     return encoder.to(device)
 
 

@@ -17,6 +17,26 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
 
 
+def check_recorded_weights(args, key, module, source):
+    """Record the SHA-256 of a frozen network's weights as args.<key>; on resume, refuse other weights.
+
+    For the networks a run reads through a path it may change on resume (--vae-path,
+    --encoder-weights: the file may sit elsewhere on another machine) or through a file
+    that can be rewritten (--encoder FILE): a flag names a file, not its content, and other
+    weights would change the latents or the alignment target without a word. args is saved
+    with every checkpoint, so a resumed run compares against what the experiment recorded
+    (runs from before the digest was recorded are not checked). Raises CheckpointError (exit
+    2) naming `source`, the flag to fix.
+    """
+    from udit.distributed import parameter_digest
+    digest, recorded = parameter_digest(module), getattr(args, key, None)
+    if recorded and digest != recorded:
+        raise CheckpointError(f"{source}: not the weights this experiment was trained with (SHA-256 {digest[:12]}, "
+                              f"the checkpoint records {recorded[:12]}); resume with the files it was trained with, "
+                              f"or start a new experiment with --ckpt to change them")
+    setattr(args, key, digest)
+
+
 def save_atomic(obj, path):
     """torch.save to a temporary file beside `path`, fsync, then rename over it.
 

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 from models import DiT_models, cache_rope_tables, capture_block_outputs
 from udit.alignment import (AlignedObjective, add_alignment_args, average_gradients, build_aligner,
                             check_alignment_args, encoder_targets, open_encoder)
-from udit.checkpoint import (CheckpointError, build_model, check_model_kwargs, load_checkpoint, load_weights,
-                             model_state_dict, recorded_objective, save_atomic)
+from udit.checkpoint import (CheckpointError, build_model, check_model_kwargs, check_recorded_weights,
+                             load_checkpoint, load_weights, model_state_dict, recorded_objective, save_atomic)
 from udit.cli import (ActionableError, ArgumentParser, finite_float, given_flags, inside, json_object,
                       non_negative_int, number, output_dir, positive_float, positive_int, seed)
 from udit.data import DataError, ImageDataset, ResumableDistributedSampler, open_feature_folder
@@ -459,6 +459,8 @@ class TrainingInputs:
         self.dataset, vae, normalization, in_channels, latent_size = open_training_data(args, args.global_seed)
         if vae is not None:
             vae = load_vae(args.vae, args.vae_path, device)
+            check_recorded_weights(args, "vae_digest", vae, f"--vae-path {args.vae_path}" if args.vae_path else
+                                   f"--vae {args.vae} (its cached weights)")
             in_channels, latent_size = latent_channels(vae), args.image_size // latent_factor(vae)
             normalization = latent_normalization(vae)
         self.vae = vae
