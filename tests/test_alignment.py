@@ -14,7 +14,7 @@ from conftest import ROOT, TINY_UDIT_KWARGS, make_image_folder, tiny_udit, torch
 from udit.alignment import (AlignedObjective, Aligner, Projector, average_gradients, manifold_loss,
                             negative_cosine, resample_grid)
 from udit.checkpoint import load_checkpoint
-from udit.encoders import (EncoderError, PatchEncoder, build_local_vit, dinov2_resolution, load_encoder,
+from udit.encoders import (EncoderError, build_local_vit, dinov2_resolution, load_encoder,
                            save_encoder)
 from udit.monitor import read_scalars
 from udit.objectives import FlowObjective
