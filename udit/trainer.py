@@ -459,8 +459,9 @@ class TrainingInputs:
         self.dataset, vae, normalization, in_channels, latent_size = open_training_data(args, args.global_seed)
         if vae is not None:
             vae = load_vae(args.vae, args.vae_path, device)
-            check_recorded_weights(args, "vae_digest", vae, f"--vae-path {args.vae_path}" if args.vae_path else
-                                   f"--vae {args.vae} (its cached weights)")
+            if vae is not None:  # None in pixel space (--vae none)
+                check_recorded_weights(args, "vae_digest", vae, f"--vae-path {args.vae_path}" if args.vae_path
+                                       else f"--vae {args.vae} (its cached weights)")
             in_channels, latent_size = latent_channels(vae), args.image_size // latent_factor(vae)
             normalization = latent_normalization(vae)
         self.vae = vae
