@@ -350,12 +350,21 @@ def test_resuming_against_another_encoder_is_refused_in_one_line(tiny_data, tmp_
     assert train.main(["--data-path", str(tiny_data["small_images"]), *UDIT, *PIXEL, "--max-steps", "1", "--repa",
                        "--encoder", str(encoder), "--projector-width", "32", "--results-dir", str(tmp_path / "r")]) == 0
     (run,) = (tmp_path / "r").iterdir()
+    if change == "other weights":  # the same weights moved: found by their digest, refused before by path
+        moved = encoder.rename(tmp_path / "moved.pt")
+        with pytest.raises(SystemExit) as info:  # refused while parsing
+            train.main(["--resume", str(run), "--max-steps", "2"])
+        assert info.value.code == 2 and "no such file, where the experiment's encoder was; if it moved, resume with --encoder NEW_PATH" in \
+            capsys.readouterr().err.strip().splitlines()[-1]
+        assert train.main(["--resume", str(run), "--max-steps", "2", "--encoder", str(moved)]) == 0
+        encoder = moved  # the checkpoint of that resumed run records the new path
     torch.manual_seed(1)  # the same file name, rewritten: new weights (and, for "other width", a new shape)
     config = {**TINY_ENCODER, **({"embed_dim": 32} if change == "other width" else {})}
     save_encoder(build_local_vit(**config), config, encoder)
     # The width change used to be a state-dict traceback, the same width trained on silently.
-    assert train.main(["--resume", str(run), "--max-steps", "2"]) == 2
+    last = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert train.main(["--resume", str(run), "--max-steps", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "not the weights this experiment was trained with" in err[-1], err
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["0000001.pt"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == last  # nothing trained
 

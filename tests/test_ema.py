@@ -250,6 +250,11 @@ def test_reconstruction_refuses_a_folder_without_snapshots_and_snapshots_of_anot
     assert exit_status(lambda: phema.main([str(posthoc_run), "--sigma-rel", "0.1", "--out-dir",
                                            str(tmp_path / "a_file")])) == 2
     assert "a_file is a file, expected a folder" in capsys.readouterr().err.strip().splitlines()[-1]
+    # The snapshots' own folder: a reconstruction has a snapshot's name and replaced it, for good.
+    before = (posthoc_run / "posthoc" / "0000006_sigma0.1.pt").read_bytes()
+    assert phema.main([str(posthoc_run), "--sigma-rel", "0.1", "--out-dir", str(posthoc_run / "posthoc")]) == 2
+    assert "the folder of the snapshots themselves" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert (posthoc_run / "posthoc" / "0000006_sigma0.1.pt").read_bytes() == before
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -254,6 +254,9 @@ def check_alignment_args(parser, args):
         return
     if args.encoder not in DINOV2 and not Path(args.encoder).is_file():
         looks_like_a_path = "/" in args.encoder or Path(args.encoder).suffix in (".pt", ".pth", ".safetensors")
+        if looks_like_a_path and getattr(args, "encoder_digest", None) and "encoder" not in args.given:
+            parser.error(f"--encoder {args.encoder}: no such file, where the experiment's encoder was; if it moved, "
+                         f"resume with --encoder NEW_PATH (its weights are checked against the recorded SHA-256)")
         parser.error(f"--encoder {args.encoder}: " + ("no such file" if looks_like_a_path else "unknown encoder")
                      + f"; use one of {', '.join(DINOV2)} or the path of a file written by "
                        f"udit.encoders.save_encoder")

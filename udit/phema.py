@@ -166,6 +166,10 @@ def main(argv=None):
         experiment = Path(args.experiment)
         experiment = experiment.parent if experiment.name == SNAPSHOT_FOLDER else experiment
         out_dir = Path(args.out_dir) if args.out_dir else experiment / OUTPUT_FOLDER
+        if out_dir.resolve() == used[0][2].parent.resolve():  # the names coincide: it overwrote snapshots
+            raise ReconstructionError(f"--out-dir {args.out_dir}: the folder of the snapshots themselves; a "
+                                      f"reconstruction there would replace the snapshot of its name, lost for good. "
+                                      f"Choose another folder (default: EXPERIMENT/{OUTPUT_FOLDER})")
         print(f"step {step}: {len(used)} snapshots -> sigma_rel "
               + ", ".join(f"{s:g} (profile within {e:.1%})" for s, e in zip(sigma_rels, errors)), flush=True)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,8 @@ RESUMABLE = ("max_steps", "max_minutes", "epochs", "log_every", "ckpt_every", "n
              "ema_warmup", "precision", "cuda_graph", "resume", "max_grad_norm", "encoder_weights",
              "posthoc_every", "posthoc_dtype",
              *MONITOR_SETTINGS)
+# Flags naming a file of weights whose SHA-256 the experiment records: {flag: args key of the digest}.
+DIGEST_CHECKED = {"encoder": "encoder_digest"}
 # Flags that switch a feature on, reported first when they change with its settings.
 SWITCHES = ("repa", "posthoc_ema")
 # Flags whose change can change a tensor's shape, so that the old weights may not load.
@@ -179,7 +181,11 @@ def resumed_args(parser, args):
         parser.error(f"--resume {args.resume}: {path} was written by another trainer (DiT's, SiT's, ...), which "
                      f"saves no state to resume from; start a new experiment with --ckpt {path} to train from "
                      f"its weights")
-    changed = [k for k in args.given if k not in RESUMABLE and saved.get(k, parser.get_default(k)) != getattr(args, k)]
+    # A flag naming weights the experiment recorded the digest of may point elsewhere (the file moved); the
+    # digest decides whether they are the same weights (check_recorded_weights, when they are loaded).
+    movable = [k for k, digest in DIGEST_CHECKED.items() if saved.get(digest)]
+    changed = [k for k in args.given if k not in (*RESUMABLE, *movable)
+               and saved.get(k, parser.get_default(k)) != getattr(args, k)]
     if changed:
         # A switch first: adding --repa to a run without it is the change, not the default --encoder it has.
         k = min(changed, key=lambda k: k not in SWITCHES)
