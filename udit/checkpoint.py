@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from udit.distributed import parameter_digest
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
@@ -28,7 +30,6 @@ def check_recorded_weights(args, key, module, source):
     (runs from before the digest was recorded are not checked). Raises CheckpointError (exit
     2) naming `source`, the flag to fix.
     """
-    from udit.distributed import parameter_digest
     digest, recorded = parameter_digest(module), getattr(args, key, None)
     if recorded and digest != recorded:
         raise CheckpointError(f"{source}: not the weights this experiment was trained with (SHA-256 {digest[:12]}, "

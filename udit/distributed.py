@@ -124,7 +124,7 @@ def parameter_digest(module):
     """SHA-256 of a module's parameters, bytes in order: equal on every rank iff the weights are bitwise equal."""
     digest = hashlib.sha256()
     for p in module.parameters():
-        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy())  # hashed in place, no copy
     return digest.hexdigest()
 
 

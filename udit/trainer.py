@@ -196,7 +196,7 @@ def resumed_args(parser, args):
         else:
             restart = f"with --ckpt {path} to start from its weights"
         had = saved.get(k, parser.get_default(k))
-        had = "was trained without it" if had in (None, False) else f"has {had!r}"
+        had = "was trained without it" if had is None or had is False else f"has {had!r}"  # 0.0 is a value
         parser.error(f"--{k.replace('_', '-')} cannot change on resume (the experiment {had}, given "
                      f"{getattr(args, k)!r}); start a new experiment (without --resume), {restart}")
     merged = {**{k: v for k, v in vars(args).items() if k not in args.given}, **saved,
